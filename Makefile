@@ -1,0 +1,44 @@
+# loraplex: `make serve` runs the server, `make test` runs the suite. Both set themselves up.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU wheel keeps CI fast; on a GPU machine use e.g. `make serve TORCH=torch`.
+TORCH ?= torch==2.13.0
+HOST ?= 127.0.0.1
+PORT ?= 8000
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: serve test demo lint format bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(VENV)/.dev-installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $@ $(VENV)/.installed
+
+serve: $(VENV)/.installed
+	$(BIN)/loraplex serve --host $(HOST) --port $(PORT) $(ARGS)
+
+demo: $(VENV)/.installed
+	$(BIN)/loraplex demo $(ARGS)
+
+test: $(VENV)/.dev-installed
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(VENV)/.dev-installed
+	$(BIN)/ruff check server adapters bench tests
+	$(BIN)/ruff format --check server adapters bench tests
+
+format: $(VENV)/.dev-installed
+	$(BIN)/ruff format server adapters bench tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Benchmarks: workloads, baselines, runners. Results go to docs/benchmarks.md."""

@@ -1,0 +1,76 @@
+"""Engine configuration, validated once at start-up and passed down."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+QUANTIZE_CHOICES = ("nf4", "none")
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+DEFAULT_CPU_POOL_MB = 1024
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work, named with the flag that sets it."""
+
+
+@dataclass
+class EngineConfig:
+    model: str | None = None  # a local Hugging Face directory; None means the demo model
+    quantize: str = "nf4"
+    dtype: str = "auto"
+    device: str = "auto"
+    max_model_len: int | None = None  # default: the model's max_position_embeddings
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    block_size: int = 16  # minimum tokens per KV block; grown so a page fits an adapter matrix
+    pool_mb: int | None = None  # default: a fraction of free GPU memory, or 1 GiB on CPU
+    pool_fraction: float = 0.85
+    max_lora_rank: int = 64
+    max_loras: int = 32  # adapters resident on the device at once
+    host_cache_mb: int = 2048
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _choice("--quantize", self.quantize, QUANTIZE_CHOICES)
+        _choice("--dtype", self.dtype, DTYPE_CHOICES)
+        _choice("--device", self.device, DEVICE_CHOICES)
+        for flag, value in (
+            ("--max-num-seqs", self.max_num_seqs),
+            ("--max-num-batched-tokens", self.max_num_batched_tokens),
+            ("--block-size", self.block_size),
+            ("--max-lora-rank", self.max_lora_rank),
+            ("--max-loras", self.max_loras),
+            ("--host-cache-mb", self.host_cache_mb),
+        ):
+            if value < 1:
+                raise ConfigError(f"{flag} must be >= 1, got {value}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ConfigError(f"--max-model-len must be >= 2, got {self.max_model_len}")
+        if self.pool_mb is not None and self.pool_mb < 1:
+            raise ConfigError(f"--pool-mb must be >= 1, got {self.pool_mb}")
+        if not 0 < self.pool_fraction <= 1:
+            raise ConfigError(f"pool fraction must be in (0, 1], got {self.pool_fraction}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("--device cuda was asked for but CUDA is not available")
+
+    @property
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype != "auto":
+            return getattr(torch, self.dtype)
+        if self.torch_device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+
+
+def _choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{flag} must be one of {', '.join(choices)}; got {value!r}")

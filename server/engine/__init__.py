@@ -1,0 +1,1 @@
+"""The engine: sequences, sampling, scheduling, the step loop."""

@@ -1,0 +1,172 @@
+"""AsyncLLMEngine: the engine's step loop on a background thread, per-request async streams.
+
+The LLMEngine is single-threaded: only the step thread touches it. Callers validate their
+request (tokenize, check parameters) on their own thread, then hand the sequence over through
+a locked inbox; outputs come back to the event loop with call_soon_threadsafe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from server.engine.llm_engine import LLMEngine, Prompt
+from server.engine.outputs import RequestOutput
+from server.engine.sampling_params import InvalidRequestError, SamplingParams
+from server.engine.sequence import Sequence
+
+logger = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The step loop stopped; the engine serves no more requests."""
+
+
+class EngineStepError(RuntimeError):
+    """A step failed; the requests in it were ended."""
+
+
+@dataclass
+class _Inbox:
+    adds: list[Sequence] = field(default_factory=list)
+    aborts: list[str] = field(default_factory=list)
+
+
+class AsyncLLMEngine:
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self._inbox = _Inbox()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.dead_reason: BaseException | None = None
+        # Called on the step thread after every step (metrics).
+        self.step_hooks: list[Callable[[LLMEngine, list[RequestOutput]], None]] = []
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="loraplex-engine", daemon=True)
+        self._thread.start()
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+
+    async def generate(
+        self,
+        prompt: Prompt,
+        params: SamplingParams,
+        request_id: str | None = None,
+        adapter_name: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs. Leaving the iteration early aborts the request."""
+        seq = self.prepare(prompt, params, request_id, adapter_name)
+        async for out in self.stream(seq):
+            yield out
+
+    def prepare(
+        self,
+        prompt: Prompt,
+        params: SamplingParams,
+        request_id: str | None = None,
+        adapter_name: str | None = None,
+    ) -> Sequence:
+        """Validate a request (raises InvalidRequestError) without queuing it."""
+        if not self.running:
+            raise EngineDeadError(f"the engine is not running: {self.dead_reason or 'stopped'}")
+        return self.engine.make_sequence(prompt, params, request_id, adapter_name)
+
+    async def stream(self, seq: Sequence) -> AsyncIterator[RequestOutput]:
+        """Queue a prepared sequence and yield its outputs until it finishes."""
+        rid = seq.request_id
+        if rid in self._streams:
+            raise InvalidRequestError(f"request id {rid!r} is already running")
+        queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self._streams[rid] = queue
+        with self._lock:
+            self._inbox.adds.append(seq)
+        self._wake.set()
+        finished = False
+        try:
+            while not finished:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            self._streams.pop(rid, None)
+            if not finished:
+                self.abort(rid)
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            self._inbox.aborts.append(request_id)
+        self._wake.set()
+
+    # ---- the step thread ------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping:
+                self._drain_inbox()
+                if not self.engine.has_unfinished_requests():
+                    self._wake.wait(timeout=0.5)
+                    self._wake.clear()
+                    continue
+                try:
+                    outputs = self.engine.step()
+                except Exception as exc:
+                    logger.exception("engine step failed; ending the requests in flight")
+                    self._fail_all(EngineStepError(f"engine step failed: {exc}"))
+                    continue
+                for hook in self.step_hooks:
+                    hook(self.engine, outputs)
+                if outputs:
+                    self._deliver(outputs)
+        except BaseException as exc:  # pragma: no cover - a bug in the loop itself
+            logger.exception("engine loop died")
+            self.dead_reason = exc
+            self._fail_all(EngineDeadError(f"engine loop died: {exc}"))
+            raise
+
+    def _drain_inbox(self) -> None:
+        with self._lock:
+            adds, aborts = self._inbox.adds, self._inbox.aborts
+            self._inbox = _Inbox()
+        for seq in adds:
+            self.engine.add_sequence(seq)
+        for rid in aborts:
+            self.engine.abort_request(rid)
+
+    def _deliver(self, items: list[RequestOutput]) -> None:
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._put, items)
+
+    def _put(self, items: list[RequestOutput]) -> None:
+        for out in items:
+            queue = self._streams.get(out.request_id)
+            if queue is not None:
+                queue.put_nowait(out)
+
+    def _fail_all(self, error: BaseException) -> None:
+        self.engine.abort_all()
+        assert self._loop is not None
+
+        def fail() -> None:
+            for queue in self._streams.values():
+                queue.put_nowait(error)
+
+        self._loop.call_soon_threadsafe(fail)

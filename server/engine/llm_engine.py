@@ -1,0 +1,309 @@
+"""LLMEngine: add requests, step, abort. The offline API and the core of the server."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+import uuid
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from server.config import ConfigError, EngineConfig
+from server.engine.model_runner import ModelRunner
+from server.engine.outputs import OutputText, RequestOutput
+from server.engine.sampler import sample
+from server.engine.sampling_params import InvalidRequestError, SamplingParams
+from server.engine.scheduler import Scheduler, SchedulerOutput
+from server.engine.sequence import Sequence, SequenceStatus
+from server.memory.kv_cache import KVCacheManager
+from server.memory.page_pool import PageGeometry, PagePool
+from server.model.llama import LlamaForCausalLM
+from server.model.loader import load_model, module_bytes
+from server.model.quant import quantize_nf4
+from server.model.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+Prompt = str | list[int]
+
+
+@dataclass
+class _Request:
+    seq: Sequence
+    text: OutputText
+
+
+def _generation_eos_ids(model_dir: Path) -> tuple[int, ...]:
+    path = model_dir / "generation_config.json"
+    if not path.is_file():
+        return ()
+    value = json.loads(path.read_text()).get("eos_token_id")
+    if value is None:
+        return ()
+    return tuple(value) if isinstance(value, list) else (int(value),)
+
+
+def build_model(config: EngineConfig, model_dir: Path) -> LlamaForCausalLM:
+    """Load the checkpoint, quantize it if asked, and put it on the device."""
+    start = time.perf_counter()
+    model = load_model(model_dir, config.torch_dtype)
+    if config.quantize == "nf4":
+        quantize_nf4(model, config.torch_dtype, config.torch_device)
+    model.to(config.torch_device)
+    cfg = model.config
+    logger.info(
+        "loaded %s from %s in %.1fs: %d layers, %.1fM parameters, weights %.1f MiB (%s, %s, %s)",
+        cfg.architecture,
+        model_dir,
+        time.perf_counter() - start,
+        cfg.num_layers,
+        cfg.num_params / 1e6,
+        module_bytes(model) / 2**20,
+        config.quantize,
+        str(config.torch_dtype).removeprefix("torch."),
+        config.torch_device,
+    )
+    return model
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        if config.model is None:
+            raise ConfigError("LLMEngine needs a model directory (the CLI supplies the demo)")
+        self.config = config
+        model_dir = Path(config.model)
+        self.device = config.torch_device
+        self.model = build_model(config, model_dir)
+        self.model_config = cfg = self.model.config
+        self.model_name = model_dir.name
+        self.tokenizer = Tokenizer(
+            model_dir, extra_eos_token_ids=cfg.eos_token_ids + _generation_eos_ids(model_dir)
+        )
+        self.max_model_len = config.max_model_len or cfg.max_position_embeddings
+        if self.max_model_len > cfg.max_position_embeddings:
+            logger.warning(
+                "--max-model-len %d exceeds the model's max_position_embeddings %d",
+                self.max_model_len,
+                cfg.max_position_embeddings,
+            )
+        self.pool = self._make_pool()
+        self.kv = KVCacheManager(self.pool)
+        if self.kv.max_blocks_per_seq(self.max_model_len) > self.pool.num_pages:
+            raise ConfigError(
+                f"the page pool ({self.pool.num_pages} pages of "
+                f"{self.pool.geometry.block_size} tokens) cannot hold one sequence of "
+                f"--max-model-len {self.max_model_len}; raise --pool-mb or lower --max-model-len"
+            )
+        self.scheduler = Scheduler(
+            self.kv, config.max_num_seqs, max(config.max_num_batched_tokens, 1)
+        )
+        self.runner = ModelRunner(self.model, self.pool, self.device)
+        self._requests: dict[str, _Request] = {}
+        self._seed_rng = random.Random(config.seed)
+
+    def _make_pool(self) -> PagePool:
+        cfg, config = self.model_config, self.config
+        geometry = PageGeometry.for_model(cfg, config.block_size, config.max_lora_rank)
+        page_bytes = geometry.page_numel * torch.finfo(config.torch_dtype).bits // 8
+        if config.pool_mb is not None:
+            pool_bytes = config.pool_mb * 2**20
+        elif self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            pool_bytes = int(free * config.pool_fraction)
+        else:
+            pool_bytes = 1024 * 2**20
+        num_pages = pool_bytes // page_bytes
+        pool = PagePool(num_pages, geometry, config.torch_dtype, self.device)
+        logger.info(
+            "page pool: %d pages x %.2f MiB (%d-token KV blocks) = %.1f MiB",
+            num_pages,
+            page_bytes / 2**20,
+            geometry.block_size,
+            num_pages * page_bytes / 2**20,
+        )
+        return pool
+
+    # ---- requests -------------------------------------------------------------------------
+
+    def make_sequence(
+        self,
+        prompt: Prompt,
+        params: SamplingParams,
+        request_id: str | None = None,
+        adapter_name: str | None = None,
+    ) -> Sequence:
+        """Validate a request and build its sequence, without queuing it (any thread)."""
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = list(prompt)
+            vocab = self.model_config.vocab_size
+            bad = [i for i in ids if not isinstance(i, int) or not 0 <= i < vocab]
+            if bad:
+                raise InvalidRequestError(
+                    f"prompt token ids must be integers in [0, {vocab}); got {bad[0]!r}", "prompt"
+                )
+        if not ids:
+            raise InvalidRequestError("prompt is empty", "prompt")
+        if len(ids) >= self.max_model_len:
+            raise InvalidRequestError(
+                f"prompt is {len(ids)} tokens; this model's maximum context length is "
+                f"{self.max_model_len} tokens",
+                "prompt",
+            )
+        if len(ids) + params.max_tokens > self.max_model_len:
+            raise InvalidRequestError(
+                f"this model's maximum context length is {self.max_model_len} tokens; the "
+                f"prompt has {len(ids)} and max_tokens asks for {params.max_tokens} more",
+                "max_tokens",
+            )
+        seq = Sequence(
+            request_id=request_id or uuid.uuid4().hex,
+            prompt_token_ids=ids,
+            params=params,
+            adapter_name=adapter_name,
+        )
+        if not params.greedy:
+            seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(63)
+            seq.generator = torch.Generator(device=self.device).manual_seed(seed)
+        return seq
+
+    def add_sequence(self, seq: Sequence) -> None:
+        if seq.request_id in self._requests:
+            raise InvalidRequestError(f"request id {seq.request_id!r} is already running")
+        decoder = self.tokenizer.decode_stream(seq.params.skip_special_tokens)
+        self._requests[seq.request_id] = _Request(seq, OutputText(decoder, seq.params.stop))
+        self.scheduler.add(seq)
+
+    def add_request(
+        self,
+        prompt: Prompt,
+        params: SamplingParams,
+        request_id: str | None = None,
+        adapter_name: str | None = None,
+    ) -> str:
+        seq = self.make_sequence(prompt, params, request_id, adapter_name)
+        self.add_sequence(seq)
+        return seq.request_id
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Stop a request and free what it holds; its final output, or None if unknown."""
+        req = self._requests.pop(request_id, None)
+        if req is None:
+            return None
+        self.scheduler.finish(req.seq, "abort")
+        return self._output(req, [], [], finished=True)
+
+    def abort_all(self) -> None:
+        for request_id in list(self._requests):
+            self.abort_request(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    @property
+    def num_requests(self) -> int:
+        return len(self._requests)
+
+    # ---- the step -------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run one forward pass, sample, and report what changed."""
+        sched = self.scheduler.schedule()
+        if not sched.scheduled:
+            return []
+        now = time.monotonic()
+        for s in sched.scheduled:
+            if s.seq.first_scheduled_time is None:
+                s.seq.first_scheduled_time = now
+        logits = self.runner.execute(sched.scheduled)
+        self.scheduler.advance(sched)
+        return self._process(sched, logits)
+
+    def _process(self, sched: SchedulerOutput, logits: torch.Tensor) -> list[RequestOutput]:
+        sampling = [s.seq for s in sched.scheduled if s.samples]
+        results = sample(logits, sampling) if sampling else []
+        now = time.monotonic()
+        outputs = []
+        for seq, (token, logprob) in zip(sampling, results, strict=True):
+            req = self._requests[seq.request_id]
+            seq.append_token(token)
+            seq.first_token_time = seq.first_token_time or now
+            seq.last_token_time = now
+            reason = self._finish_reason(req, token)
+            if reason is not None:
+                self.scheduler.finish(seq, reason)
+                del self._requests[seq.request_id]
+            outputs.append(
+                self._output(req, [token], [logprob] if logprob else [], reason is not None)
+            )
+        return outputs
+
+    def _finish_reason(self, req: _Request, token: int) -> str | None:
+        seq, p = req.seq, req.seq.params
+        if token in self.tokenizer.eos_token_ids and not p.ignore_eos:
+            return "stop"
+        if token in p.stop_token_ids:
+            seq.stop_reason = token
+            return "stop"
+        stop = req.text.append(token)
+        if stop is not None:
+            seq.stop_reason = stop
+            return "stop"
+        if seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def _output(
+        self, req: _Request, new_ids: list[int], logprobs: list, finished: bool
+    ) -> RequestOutput:
+        seq = req.seq
+        return RequestOutput(
+            request_id=seq.request_id,
+            new_token_ids=new_ids,
+            new_text=req.text.take(finished),
+            token_ids=seq.output_token_ids,
+            text=req.text.text[: req.text.released],
+            finished=finished,
+            num_prompt_tokens=seq.num_prompt_tokens,
+            finish_reason=seq.finish_reason if finished else None,
+            stop_reason=seq.stop_reason,
+            logprobs=logprobs,
+            adapter_name=seq.adapter_name,
+        )
+
+    # ---- offline --------------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompts: Seq[Prompt],
+        params: SamplingParams | Seq[SamplingParams],
+        adapter_names: Seq[str | None] | None = None,
+    ) -> list[RequestOutput]:
+        """Run prompts to completion together; final outputs in prompt order."""
+        if isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        names = adapter_names or [None] * len(prompts)
+        ids = [
+            self.add_request(p, sp, adapter_name=a)
+            for p, sp, a in zip(prompts, params, names, strict=True)
+        ]
+        final: dict[str, RequestOutput] = {}
+        logprobs: dict[str, list] = {i: [] for i in ids}
+        while self.has_unfinished_requests():
+            for out in self.step():
+                logprobs[out.request_id].extend(out.logprobs)
+                if out.finished:
+                    final[out.request_id] = out
+        for rid, out in final.items():
+            out.logprobs = logprobs[rid]
+        return [final[i] for i in ids]
+
+    def sequence_status(self, request_id: str) -> SequenceStatus | None:
+        req = self._requests.get(request_id)
+        return req.seq.status if req else None

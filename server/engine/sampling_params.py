@@ -1,0 +1,120 @@
+"""SamplingParams: how one request's tokens are chosen and when it stops, validated up front."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+MAX_LOGPROBS = 20
+
+
+class InvalidRequestError(ValueError):
+    """A request the engine refuses before queuing it; `param` names the offending field."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+@dataclass
+class SamplingParams:
+    """Per-request sampling. temperature 0 is greedy; top_k <= 0 and top_p 1 disable those."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    stop: Any = field(default_factory=list)
+    stop_token_ids: Any = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        self.stop = _normalize_stop(self.stop)
+        self.stop_token_ids = _normalize_stop_token_ids(self.stop_token_ids)
+        _check(isinstance(self.max_tokens, int), "max_tokens must be an integer", "max_tokens")
+        _check(
+            self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}", "max_tokens"
+        )
+        _check(
+            self.temperature >= 0,
+            f"temperature must be >= 0, got {self.temperature}",
+            "temperature",
+        )
+        _check(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}", "top_p")
+        _check(isinstance(self.top_k, int), "top_k must be an integer", "top_k")
+        _check(
+            self.repetition_penalty > 0,
+            f"repetition_penalty must be > 0, got {self.repetition_penalty}",
+            "repetition_penalty",
+        )
+        _check(
+            -2 <= self.presence_penalty <= 2,
+            f"presence_penalty must be in [-2, 2], got {self.presence_penalty}",
+            "presence_penalty",
+        )
+        _check(
+            -2 <= self.frequency_penalty <= 2,
+            f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}",
+            "frequency_penalty",
+        )
+        if self.logprobs is not None:
+            _check(
+                0 <= self.logprobs <= MAX_LOGPROBS,
+                f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}",
+                "logprobs",
+            )
+        if self.seed is not None:
+            _check(
+                isinstance(self.seed, int) and 0 <= self.seed < 2**63,
+                f"seed must be an integer in [0, 2**63), got {self.seed!r}",
+                "seed",
+            )
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def has_penalties(self) -> bool:
+        return (
+            self.repetition_penalty != 1.0
+            or self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+        )
+
+
+def _check(ok: bool, message: str, param: str) -> None:
+    if not ok:
+        raise InvalidRequestError(message, param)
+
+
+def _normalize_stop(stop: Any) -> list[str]:
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list | tuple) or not all(isinstance(s, str) for s in stop):
+        got = type(stop).__name__ if not isinstance(stop, list | tuple) else "a list with "
+        if isinstance(stop, list | tuple):
+            got += ", ".join(sorted({type(s).__name__ for s in stop if not isinstance(s, str)}))
+        raise InvalidRequestError(f"stop must be a string or a list of strings, got {got}", "stop")
+    if any(s == "" for s in stop):
+        raise InvalidRequestError("stop strings must not be empty", "stop")
+    return list(stop)
+
+
+def _normalize_stop_token_ids(ids: Any) -> list[int]:
+    if ids is None:
+        return []
+    if not isinstance(ids, list | tuple) or not all(
+        isinstance(i, int) and not isinstance(i, bool) for i in ids
+    ):
+        raise InvalidRequestError("stop_token_ids must be a list of integers", "stop_token_ids")
+    return list(ids)

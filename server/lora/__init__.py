@@ -1,0 +1,1 @@
+"""Batched LoRA: per-step metadata, torch reference ops, Triton kernels, layer wrappers."""

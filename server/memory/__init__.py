@@ -1,0 +1,1 @@
+"""Device memory: the unified page pool, KV-cache tables, adapter residency."""

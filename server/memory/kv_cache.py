@@ -1,0 +1,39 @@
+"""KV-cache bookkeeping: which pages hold each sequence's keys and values."""
+
+from __future__ import annotations
+
+from server.engine.sequence import Sequence
+from server.memory.page_pool import KV, PagePool
+
+
+class KVCacheManager:
+    """Block tables over the page pool: check with can_allocate, then allocate."""
+
+    def __init__(self, pool: PagePool) -> None:
+        self.pool = pool
+        self.block_size = pool.geometry.block_size
+
+    def blocks_needed(self, seq: Sequence, num_new_tokens: int) -> int:
+        total = seq.num_computed_tokens + num_new_tokens
+        return max(0, -(-total // self.block_size) - len(seq.block_table))
+
+    def can_allocate(self, seq: Sequence, num_new_tokens: int, reserve: int = 0) -> bool:
+        return self.blocks_needed(seq, num_new_tokens) + reserve <= self.pool.available()
+
+    def allocate(self, seq: Sequence, num_new_tokens: int) -> None:
+        needed = self.blocks_needed(seq, num_new_tokens)
+        if needed:
+            seq.block_table.extend(self.pool.allocate(needed, KV))
+
+    def free(self, seq: Sequence) -> None:
+        if seq.block_table:
+            self.pool.free(seq.block_table, KV)
+            seq.block_table = []
+
+    def max_blocks_per_seq(self, max_model_len: int) -> int:
+        return -(-max_model_len // self.block_size)
+
+    @property
+    def usage(self) -> float:
+        """Fraction of the pool's pages holding KV blocks."""
+        return self.pool.used_by_kind[KV] / self.pool.num_pages

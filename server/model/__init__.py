@@ -1,0 +1,1 @@
+"""The Llama-family model, its loader, quantization and tokenizer."""

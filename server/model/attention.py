@@ -1,0 +1,74 @@
+"""Attention over the paged KV cache (serving) or over the whole sequence (training)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from server.model.context import get_context
+
+# (q, k, v) as [B, heads, S, head_dim] -> [B, heads, S, head_dim]; LongLoRA swaps in S2-Attn.
+DenseAttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+
+def sliding_window_mask(seq_len: int, window: int, device: torch.device) -> torch.Tensor:
+    """[S, S] bool: causal, and each query sees only the last `window` keys."""
+    pos = torch.arange(seq_len, device=device)
+    dist = pos[:, None] - pos[None, :]
+    return (dist >= 0) & (dist < window)
+
+
+class Attention(nn.Module):
+    """Scaled dot-product attention for one layer; owns views of that layer's KV cache."""
+
+    def __init__(
+        self, num_heads: int, num_kv_heads: int, head_dim: int, sliding_window: int | None
+    ) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.sliding_window = sliding_window
+        # Set by the model runner once the page pool exists: [num_pages, block, kv_heads, dim].
+        self.k_cache: torch.Tensor | None = None
+        self.v_cache: torch.Tensor | None = None
+        self.dense_attention: DenseAttentionFn = causal_attention
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q: [..., heads, dim]  k, v: [..., kv_heads, dim]  ->  [..., heads * dim]."""
+        ctx = get_context()
+        if ctx is not None and ctx.attn is not None:
+            return self._paged(q, k, v, ctx.attn)
+        return self._dense(q, k, v)
+
+    def _dense(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        # q: [B, S, heads, dim]
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        seq_len = q.shape[2]
+        if self.sliding_window is not None and seq_len > self.sliding_window:
+            mask = sliding_window_mask(seq_len, self.sliding_window, q.device)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        else:
+            out = self.dense_attention(q, k, v)
+        return out.transpose(1, 2).flatten(-2)
+
+    def _paged(self, q, k, v, meta) -> torch.Tensor:  # type: ignore[no-untyped-def]
+        # q: [T, heads, dim]  k, v: [T, kv_heads, dim]
+        assert self.k_cache is not None and self.v_cache is not None, "KV cache not bound"
+        self.k_cache[meta.slot_pages, meta.slot_offsets] = k
+        self.v_cache[meta.slot_pages, meta.slot_offsets] = v
+        out = torch.empty_like(q)
+        for g in meta.groups:
+            qg = q[g.q_index].transpose(1, 2)  # [B, heads, max_q, dim]
+            kg = self.k_cache[g.kv_pages, g.kv_offsets].transpose(1, 2)  # [B, kv, max_ctx, dim]
+            vg = self.v_cache[g.kv_pages, g.kv_offsets].transpose(1, 2)
+            og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=g.mask, enable_gqa=True)
+            out[g.out_index] = og.transpose(1, 2)[g.q_valid]
+        return out.flatten(-2)

@@ -1,0 +1,58 @@
+"""Per-step forward metadata, set once by the model runner and read by the layers.
+
+Serving passes flat token batches ([T, hidden]) through the model; what each layer needs to
+know about the batch (where each token's KV goes, which keys each query sees, which adapter
+each token uses) travels in one ForwardContext instead of through every forward signature.
+Training runs the model without a context: dense [B, S, hidden] batches, causal attention.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass
+class AttentionGroup:
+    """Sequences whose attention runs as one padded SDPA call (decodes apart from prefills)."""
+
+    q_index: torch.Tensor  # [B, max_q] flat token index of each query (padding -> 0)
+    q_valid: torch.Tensor  # [B, max_q] bool, real queries
+    out_index: torch.Tensor  # [N] flat token index of each real query, == q_index[q_valid]
+    kv_pages: torch.Tensor  # [B, max_ctx] page holding each key
+    kv_offsets: torch.Tensor  # [B, max_ctx] offset of each key within its page's block
+    mask: torch.Tensor  # [B, 1, max_q, max_ctx] bool, True = may attend
+
+
+@dataclass
+class AttentionMetadata:
+    slot_pages: torch.Tensor  # [T] page receiving each new token's K/V
+    slot_offsets: torch.Tensor  # [T] offset within that page's block
+    groups: list[AttentionGroup]
+
+
+@dataclass
+class ForwardContext:
+    attn: AttentionMetadata | None = None
+    lora: Any = None  # server.lora.metadata.LoRABatch when adapters are active
+
+
+_context: ContextVar[ForwardContext | None] = ContextVar("loraplex_forward_context", default=None)
+
+
+def get_context() -> ForwardContext | None:
+    return _context.get()
+
+
+@contextmanager
+def forward_context(ctx: ForwardContext) -> Iterator[ForwardContext]:
+    token = _context.set(ctx)
+    try:
+        yield ctx
+    finally:
+        _context.reset(token)

@@ -1,0 +1,1 @@
+"""Fine-tuning: jobs, worker process, QLoRA and LongLoRA trainers."""
