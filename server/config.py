@@ -28,6 +28,7 @@ class EngineConfig:
     block_size: int = 16  # minimum tokens per KV block; grown so a page fits an adapter matrix
     pool_mb: int | None = None  # default: a fraction of free GPU memory, or 1 GiB on CPU
     pool_fraction: float = 0.85
+    num_pages: int | None = None  # exact pool size in pages; overrides --pool-mb (tests, bench)
     max_lora_rank: int = 64
     max_loras: int = 32  # adapters resident on the device at once
     host_cache_mb: int = 2048
@@ -51,6 +52,8 @@ class EngineConfig:
             raise ConfigError(f"--max-model-len must be >= 2, got {self.max_model_len}")
         if self.pool_mb is not None and self.pool_mb < 1:
             raise ConfigError(f"--pool-mb must be >= 1, got {self.pool_mb}")
+        if self.num_pages is not None and self.num_pages < 1:
+            raise ConfigError(f"--num-pages must be >= 1, got {self.num_pages}")
         if not 0 < self.pool_fraction <= 1:
             raise ConfigError(f"pool fraction must be in (0, 1], got {self.pool_fraction}")
         if self.device == "cuda" and not torch.cuda.is_available():

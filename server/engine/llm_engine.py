@@ -10,6 +10,7 @@ import uuid
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -20,12 +21,17 @@ from server.engine.sampler import sample
 from server.engine.sampling_params import InvalidRequestError, SamplingParams
 from server.engine.scheduler import Scheduler, SchedulerOutput
 from server.engine.sequence import Sequence, SequenceStatus
+from server.lora.layers import enable_lora
+from server.memory.adapter_cache import DeviceAdapterCache
 from server.memory.kv_cache import KVCacheManager
 from server.memory.page_pool import PageGeometry, PagePool
 from server.model.llama import LlamaForCausalLM
 from server.model.loader import load_model, module_bytes
 from server.model.quant import quantize_nf4
 from server.model.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from adapters.registry import AdapterRegistry
 
 logger = logging.getLogger(__name__)
 
@@ -71,8 +77,24 @@ def build_model(config: EngineConfig, model_dir: Path) -> LlamaForCausalLM:
     return model
 
 
+class AdapterNotFoundError(InvalidRequestError):
+    """A request names an adapter that is not registered."""
+
+
+def lora_backend(device: torch.device) -> str:
+    """Triton kernels on CUDA when Triton is installed, the torch reference otherwise."""
+    if device.type != "cuda":
+        return "torch"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        logger.warning("Triton is not installed; batched LoRA falls back to the torch path")
+        return "torch"
+    return "triton"
+
+
 class LLMEngine:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, registry: AdapterRegistry | None = None) -> None:
         if config.model is None:
             raise ConfigError("LLMEngine needs a model directory (the CLI supplies the demo)")
         self.config = config
@@ -99,8 +121,15 @@ class LLMEngine:
                 f"{self.pool.geometry.block_size} tokens) cannot hold one sequence of "
                 f"--max-model-len {self.max_model_len}; raise --pool-mb or lower --max-model-len"
             )
+        self.registry = registry
+        self.adapter_cache: DeviceAdapterCache | None = None
+        if registry is not None:
+            enable_lora(self.model)
+            self.adapter_cache = DeviceAdapterCache(
+                self.pool, registry, cfg, config.max_loras, lora_backend(self.device)
+            )
         self.scheduler = Scheduler(
-            self.kv, config.max_num_seqs, max(config.max_num_batched_tokens, 1)
+            self.kv, config.max_num_seqs, config.max_num_batched_tokens, self.adapter_cache
         )
         self.runner = ModelRunner(self.model, self.pool, self.device)
         self._requests: dict[str, _Request] = {}
@@ -110,7 +139,9 @@ class LLMEngine:
         cfg, config = self.model_config, self.config
         geometry = PageGeometry.for_model(cfg, config.block_size, config.max_lora_rank)
         page_bytes = geometry.page_numel * torch.finfo(config.torch_dtype).bits // 8
-        if config.pool_mb is not None:
+        if config.num_pages is not None:
+            pool_bytes = config.num_pages * page_bytes
+        elif config.pool_mb is not None:
             pool_bytes = config.pool_mb * 2**20
         elif self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
@@ -168,6 +199,12 @@ class LLMEngine:
             params=params,
             adapter_name=adapter_name,
         )
+        if adapter_name is not None:
+            reg = self.registry.get(adapter_name) if self.registry is not None else None
+            if reg is None:
+                raise AdapterNotFoundError(f"adapter {adapter_name!r} does not exist", "model")
+            seq.adapter_id = reg.adapter_id
+            seq.rope_scale = reg.spec.rope_scaling_factor
         if not params.greedy:
             seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(63)
             seq.generator = torch.Generator(device=self.device).manual_seed(seed)
@@ -221,7 +258,10 @@ class LLMEngine:
         for s in sched.scheduled:
             if s.seq.first_scheduled_time is None:
                 s.seq.first_scheduled_time = now
-        logits = self.runner.execute(sched.scheduled)
+        # Grouped by adapter, each adapter's tokens form one run for the batched LoRA ops.
+        sched.scheduled.sort(key=lambda s: s.seq.adapter_id)
+        lora = self.adapter_cache.build_batch(sched.scheduled) if self.adapter_cache else None
+        logits = self.runner.execute(sched.scheduled, lora)
         self.scheduler.advance(sched)
         return self._process(sched, logits)
 

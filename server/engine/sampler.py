@@ -44,6 +44,7 @@ def _filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.
     logits.scatter_(1, order, sorted_logits.masked_fill(drop, float("-inf")))
 
 
+@torch.inference_mode()
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[tuple[int, TokenLogprob | None]]:
     """logits: [S, vocab] float32, one row per sequence -> (token id, logprob info) per row."""
     want_logprobs = [s.params.logprobs is not None for s in seqs]

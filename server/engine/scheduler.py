@@ -29,6 +29,8 @@ class AdapterGate(Protocol):
 
     def can_admit(self, seq: Sequence, kv_blocks: int) -> bool: ...
 
+    def is_resident(self, seq: Sequence) -> bool: ...
+
     def admit(self, seq: Sequence) -> None: ...
 
     def release(self, seq: Sequence) -> None: ...
@@ -114,16 +116,30 @@ class Scheduler:
         return True
 
     def _admit_waiting(self, budget: int, out: SchedulerOutput) -> int:
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
+        """First come, first served, except that a request waiting for room for its adapter
+        lets requests whose adapters are already resident (or that use none) go ahead; no
+        later request may bring in a new adapter past it."""
+        adapter_blocked = False
+        i = 0
+        while (
+            i < len(self.waiting)
+            and i < self.max_num_seqs
+            and budget > 0
+            and len(self.running) < self.max_num_seqs
+        ):
+            seq = self.waiting[i]
             n = min(seq.num_uncomputed_tokens, budget)
             if not self.kv.can_allocate(seq, n, reserve=self.watermark_pages):
                 break
             if self.adapters is not None:
-                if not self.adapters.can_admit(seq, self.kv.blocks_needed(seq, n)):
-                    break
+                if not self.adapters.can_admit(seq, self.kv.blocks_needed(seq, n)) or (
+                    adapter_blocked and not self.adapters.is_resident(seq)
+                ):
+                    adapter_blocked = True
+                    i += 1
+                    continue
                 self.adapters.admit(seq)
-            self.waiting.popleft()
+            del self.waiting[i]
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             self.kv.allocate(seq, n)
