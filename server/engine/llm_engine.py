@@ -77,7 +77,7 @@ def build_model(config: EngineConfig, model_dir: Path) -> LlamaForCausalLM:
     return model
 
 
-class AdapterNotFoundError(InvalidRequestError):
+class UnknownAdapterError(InvalidRequestError):
     """A request names an adapter that is not registered."""
 
 
@@ -202,7 +202,7 @@ class LLMEngine:
         if adapter_name is not None:
             reg = self.registry.get(adapter_name) if self.registry is not None else None
             if reg is None:
-                raise AdapterNotFoundError(f"adapter {adapter_name!r} does not exist", "model")
+                raise UnknownAdapterError(f"adapter {adapter_name!r} does not exist", "model")
             seq.adapter_id = reg.adapter_id
             seq.rope_scale = reg.spec.rope_scaling_factor
         if not params.greedy:

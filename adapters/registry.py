@@ -1,0 +1,249 @@
+"""Registered adapters by name and id, and their weights through a bounded host-memory cache."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from adapters.base import BaseModelInfo
+from adapters.config import AdapterSpec
+from adapters.errors import AdapterError, AdapterExistsError, AdapterNotFoundError
+from adapters.format import (
+    PICKLE_REFUSED,
+    PICKLED_WEIGHTS_FILE,
+    WEIGHTS_FILE,
+    AdapterWeights,
+    check_adapter_dir,
+    read_adapter,
+    read_adapter_spec,
+    write_adapter,
+)
+from adapters.host_cache import HostCache
+from adapters.store import AdapterRecord, AdapterStore, check_adapter_name
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RegisteredAdapter:
+    """An adapter the server can serve: its internal id, public name, spec and index row."""
+
+    adapter_id: int  # unique within the process, never reused while it runs
+    name: str
+    spec: AdapterSpec
+    record: AdapterRecord
+
+
+@dataclass(frozen=True)
+class HostCacheStats:
+    """A snapshot of the host cache's size and traffic."""
+
+    host_bytes: int
+    num_host_resident: int
+    host_loads: int  # reads from disk
+    host_evictions: int
+    disk_load_seconds: float
+
+
+class AdapterRegistry:
+    """Name -> adapter for everything in the store, with weights cached in host memory."""
+
+    def __init__(
+        self,
+        store: AdapterStore,
+        base: BaseModelInfo,
+        max_lora_rank: int,
+        host_cache_bytes: int,
+        pin_memory: bool = False,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.store = store
+        self.base = base
+        self.max_lora_rank = max_lora_rank
+        self.dtype = dtype
+        self.pin_memory = pin_memory
+        if pin_memory and not torch.cuda.is_available():
+            logger.warning("pinned host memory needs CUDA; caching adapters unpinned")
+            self.pin_memory = False
+        self._lock = threading.Lock()
+        self._by_name: dict[str, RegisteredAdapter] = {}
+        self._by_id: dict[int, RegisteredAdapter] = {}
+        self._ids = itertools.count()
+        self._cache = HostCache(host_cache_bytes)
+        self._loading: dict[int, threading.Event] = {}
+        self._host_loads = 0
+        self._disk_load_seconds = 0.0
+
+    # ---- registration -------------------------------------------------------------------
+
+    def load_index(self) -> int:
+        """Register every stored adapter (header checks only), skipping invalid ones; the count."""
+        start = time.perf_counter()
+        count = 0
+        for record in self.store.list():
+            if record.name in self._by_name:
+                continue
+            try:
+                spec = read_adapter_spec(
+                    self.store.path(record.name), self.base, self.max_lora_rank
+                )
+            except (AdapterError, OSError) as e:
+                logger.warning("skipping stored adapter %s: %s", record.name, e)
+                continue
+            self._add(record, spec)
+            count += 1
+        logger.info("registered %d stored adapters in %.2f s", count, time.perf_counter() - start)
+        return count
+
+    def register_files(
+        self, name: str, files: Mapping[str, bytes], source: str = "upload"
+    ) -> RegisteredAdapter:
+        """Validate uploaded files fully, then store and register them."""
+        self._check_new(name)
+        if WEIGHTS_FILE not in files and PICKLED_WEIGHTS_FILE in files:
+            raise AdapterError(PICKLE_REFUSED)
+        record = self.store.add(name, source, self._validate, files=files)
+        return self._add(record, record.spec)
+
+    def register_dir(self, name: str, path: Path, source: str = "path") -> RegisteredAdapter:
+        """Validate a PEFT adapter directory fully, then copy it into the store and register it."""
+        self._check_new(name)
+        check_adapter_dir(path)
+        record = self.store.add(name, source, self._validate, source_dir=path)
+        return self._add(record, record.spec)
+
+    def register_weights(
+        self,
+        name: str,
+        config: Mapping[str, Any],
+        weights: AdapterWeights,
+        source: str = "training",
+    ) -> RegisteredAdapter:
+        """Store and register in-memory weights (e.g. a fine-tuning result) in PEFT format."""
+        self._check_new(name)
+        record = self.store.add(
+            name, source, self._validate, writer=lambda d: write_adapter(d, config, weights)
+        )
+        return self._add(record, record.spec)
+
+    def unregister(self, name: str) -> bool:
+        """Remove an adapter from the index, the host cache and the store."""
+        with self._lock:
+            reg = self._by_name.pop(name, None)
+            if reg is not None:
+                del self._by_id[reg.adapter_id]
+                self._cache.pop(reg.adapter_id)
+        stored = self.store.delete(name)
+        return reg is not None or stored
+
+    def _check_new(self, name: str) -> None:
+        check_adapter_name(name)
+        if name in self._by_name:
+            raise AdapterExistsError(f"adapter {name!r} already exists")
+
+    def _validate(self, adapter_dir: Path) -> AdapterSpec:
+        spec, _ = read_adapter(adapter_dir, self.base, self.max_lora_rank)
+        return spec
+
+    def _add(self, record: AdapterRecord, spec: AdapterSpec) -> RegisteredAdapter:
+        with self._lock:
+            reg = RegisteredAdapter(next(self._ids), record.name, spec, record)
+            self._by_name[reg.name] = reg
+            self._by_id[reg.adapter_id] = reg
+        return reg
+
+    # ---- lookup -------------------------------------------------------------------------
+
+    def get(self, name: str) -> RegisteredAdapter | None:
+        """The adapter registered under name, or None."""
+        return self._by_name.get(name)
+
+    def by_id(self, adapter_id: int) -> RegisteredAdapter | None:
+        """The adapter with this internal id, or None."""
+        return self._by_id.get(adapter_id)
+
+    def list(self) -> list[RegisteredAdapter]:
+        """Every registered adapter, in registration order."""
+        with self._lock:
+            return list(self._by_name.values())
+
+    def __len__(self) -> int:
+        return len(self._by_name)
+
+    # ---- host cache ---------------------------------------------------------------------
+
+    def weights(self, adapter_id: int) -> AdapterWeights:
+        """The adapter's weights in self.dtype: from the host cache, or read from disk."""
+        while True:
+            with self._lock:
+                reg = self._by_id.get(adapter_id)
+                if reg is None:
+                    raise AdapterNotFoundError(f"adapter id {adapter_id} is not registered")
+                cached = self._cache.get(adapter_id)
+                if cached is not None:
+                    return cached
+                pending = self._loading.get(adapter_id)
+                if pending is None:
+                    self._loading[adapter_id] = threading.Event()
+                    break
+            # Another thread is reading this adapter; use its result rather than read twice.
+            pending.wait()
+        try:
+            return self._load(reg)
+        finally:
+            with self._lock:
+                self._loading.pop(adapter_id).set()
+
+    def _load(self, reg: RegisteredAdapter) -> AdapterWeights:
+        start = time.perf_counter()
+        _, weights = read_adapter(self.store.path(reg.name), self.base, self.max_lora_rank)
+        weights = weights.to(self.dtype)
+        if self.pin_memory:
+            weights = weights.pin_memory()
+        elapsed = time.perf_counter() - start
+        with self._lock:
+            self._host_loads += 1
+            self._disk_load_seconds += elapsed
+            if self._by_id.get(reg.adapter_id) is not reg:
+                return weights  # unregistered while loading: serve this caller, cache nothing
+            if not self._cache.can_hold(weights):
+                logger.debug(
+                    "adapter %s (%d bytes) exceeds the host cache; not cached",
+                    reg.name,
+                    weights.nbytes,
+                )
+                return weights
+            evicted = self._cache.put(reg.adapter_id, weights)
+        logger.debug(
+            "loaded adapter %s from disk in %.3f s; evicted %d", reg.name, elapsed, len(evicted)
+        )
+        return weights
+
+    def is_host_resident(self, adapter_id: int) -> bool:
+        """Whether the adapter's weights are in the host cache now."""
+        with self._lock:
+            return adapter_id in self._cache
+
+    def warm(self, adapter_id: int) -> None:
+        """Load an adapter into the host cache if absent (for background prefetch)."""
+        self.weights(adapter_id)
+
+    @property
+    def stats(self) -> HostCacheStats:
+        """A consistent snapshot of the host cache counters."""
+        with self._lock:
+            return HostCacheStats(
+                host_bytes=self._cache.num_bytes,
+                num_host_resident=len(self._cache),
+                host_loads=self._host_loads,
+                host_evictions=self._cache.evictions,
+                disk_load_seconds=self._disk_load_seconds,
+            )

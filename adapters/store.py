@@ -1,0 +1,307 @@
+"""Persistent adapter store: files under data_dir/adapters/<name>/, an index in SQLite.
+
+An add writes into a temp dir inside the store, validates, fsyncs, renames into place, and
+only then inserts the index row. A crash before the insert leaves a temp or unindexed dir,
+which the next start-up removes; so an adapter is either fully registered or absent.
+"""
+
+from __future__ import annotations
+
+import builtins
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import sqlite3
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, unquote
+
+from adapters.config import AdapterSpec
+from adapters.errors import AdapterError, AdapterExistsError
+from adapters.format import ADAPTER_FILES, WEIGHTS_FILE
+
+logger = logging.getLogger(__name__)
+
+DB_FILE = "loraplex.db"
+BLOBS_DIR = "adapters"
+SOURCES = ("upload", "path", "training", "preload")
+MAX_NAME_LENGTH = 128
+_NAME = re.compile(r"[A-Za-z0-9._\-/:]+")
+_TEMP_PREFIX = ".tmp-"  # adapter names cannot start with ".", so temp dirs never collide
+_HASH_CHUNK = 1 << 20
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS adapters (
+    name TEXT PRIMARY KEY,
+    sha256 TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    size_bytes INTEGER NOT NULL,
+    rank INTEGER NOT NULL,
+    alpha REAL NOT NULL,
+    target_modules TEXT NOT NULL,
+    rope_scaling_factor REAL NOT NULL,
+    source TEXT NOT NULL,
+    spec_json TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS adapters_by_created_at ON adapters (created_at, name);
+"""
+_COLUMNS = (
+    "name, sha256, created_at, size_bytes, rank, alpha, target_modules, "
+    "rope_scaling_factor, source, spec_json"
+)
+
+Validator = Callable[[Path], AdapterSpec]
+
+
+@dataclass(frozen=True)
+class AdapterRecord:
+    """One row of the adapter index."""
+
+    name: str
+    sha256: str  # of adapter_model.safetensors
+    created_at: int  # unix seconds
+    size_bytes: int  # both files together
+    rank: int  # the config's r
+    alpha: float
+    target_modules: tuple[str, ...]
+    rope_scaling_factor: float
+    source: str  # one of SOURCES
+    spec_json: str  # AdapterSpec.to_dict() as JSON
+
+    @property
+    def spec(self) -> AdapterSpec:
+        """The spec recorded when the adapter was validated."""
+        return AdapterSpec.from_dict(json.loads(self.spec_json))
+
+
+def check_adapter_name(name: str) -> None:
+    """Refuse a name that is not 1-128 of letters, digits and ._-/: (no leading / or ., no ..)."""
+    if not isinstance(name, str) or not 1 <= len(name) <= MAX_NAME_LENGTH:
+        raise AdapterError(f"adapter name must be 1 to {MAX_NAME_LENGTH} characters")
+    if not _NAME.fullmatch(name):
+        raise AdapterError(
+            f"adapter name {name!r} may only contain letters, digits and the characters ._-/:"
+        )
+    if name.startswith(("/", ".")) or ".." in name:
+        raise AdapterError(f"adapter name {name!r} must not start with '/' or '.' nor hold '..'")
+
+
+class AdapterStore:
+    """Adapters on disk plus their SQLite index; safe to share between threads."""
+
+    def __init__(self, data_dir: Path, durable: bool = True) -> None:
+        # durable=False skips fsync, for throwaway data dirs (tests, benchmarks).
+        self.data_dir = data_dir
+        self.durable = durable
+        self.blobs = data_dir / BLOBS_DIR
+        self.blobs.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(data_dir / DB_FILE, check_same_thread=False, timeout=30.0)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'OFF'}")
+        with self._db:
+            self._db.executescript(_SCHEMA)
+        self.recover()
+
+    def close(self) -> None:
+        """Close the index connection."""
+        with self._lock:
+            self._db.close()
+
+    def path(self, name: str) -> Path:
+        """Directory holding an adapter's files ('/' and ':' in names are percent-encoded)."""
+        check_adapter_name(name)
+        return self.blobs / quote(name, safe="._-")
+
+    def get(self, name: str) -> AdapterRecord | None:
+        """The record of one adapter, or None."""
+        with self._lock:
+            row = self._db.execute(
+                f"SELECT {_COLUMNS} FROM adapters WHERE name = ?", (name,)
+            ).fetchone()
+        return None if row is None else _record(row)
+
+    def list(self) -> list[AdapterRecord]:
+        """Every record, oldest first (ties by name)."""
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {_COLUMNS} FROM adapters ORDER BY created_at, name"
+            ).fetchall()
+        return [_record(row) for row in rows]
+
+    def add(
+        self,
+        name: str,
+        source: str,
+        validate: Validator,
+        *,
+        files: Mapping[str, bytes] | None = None,
+        source_dir: Path | None = None,
+        writer: Callable[[Path], None] | None = None,
+    ) -> AdapterRecord:
+        """Store an adapter atomically from one of files, source_dir, writer, if validate passes."""
+        # validate(staged_dir) returns the spec the row records; if it raises, nothing stays.
+        check_adapter_name(name)
+        if source not in SOURCES:
+            raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
+        if sum(x is not None for x in (files, source_dir, writer)) != 1:
+            raise ValueError("pass exactly one of files, source_dir, writer")
+        if self.get(name) is not None:
+            raise AdapterExistsError(f"adapter {name!r} already exists")
+        staging = Path(tempfile.mkdtemp(prefix=_TEMP_PREFIX, dir=self.blobs))
+        try:
+            if files is not None:
+                _write_files(staging, files)
+            elif source_dir is not None:
+                for file in ADAPTER_FILES:
+                    if (source_dir / file).is_file():
+                        shutil.copyfile(source_dir / file, staging / file)
+            else:
+                assert writer is not None
+                writer(staging)
+            spec = validate(staging)
+            self._sync_dir_contents(staging)
+            record = AdapterRecord(
+                name=name,
+                sha256=_sha256(staging / WEIGHTS_FILE),
+                created_at=int(time.time()),
+                size_bytes=sum(f.stat().st_size for f in staging.iterdir()),
+                rank=spec.rank,
+                alpha=spec.alpha,
+                target_modules=spec.target_modules,
+                rope_scaling_factor=spec.rope_scaling_factor,
+                source=source,
+                spec_json=json.dumps(spec.to_dict()),
+            )
+            self._commit(staging, record)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        logger.info("stored adapter %s (%s, %d bytes)", name, source, record.size_bytes)
+        return record
+
+    def delete(self, name: str) -> bool:
+        """Remove an adapter's row, then its files; False if it did not exist."""
+        final = self.path(name)
+        with self._lock:
+            with self._db:
+                deleted = self._db.execute("DELETE FROM adapters WHERE name = ?", (name,)).rowcount
+            if not deleted:
+                return False
+            # Moved aside under the lock so a re-add of the name never meets the old files.
+            doomed = None
+            if final.exists():
+                doomed = Path(tempfile.mkdtemp(prefix=_TEMP_PREFIX, dir=self.blobs))
+                final.rename(doomed / "old")
+        if doomed is not None:
+            shutil.rmtree(doomed, ignore_errors=True)
+        logger.info("deleted adapter %s", name)
+        return True
+
+    def recover(self) -> builtins.list[Path]:
+        """Remove temp dirs and unindexed adapter dirs left by a crash; returns what went."""
+        with self._lock:
+            names = {row[0] for row in self._db.execute("SELECT name FROM adapters")}
+            removed = []
+            for entry in sorted(self.blobs.iterdir()):
+                leftover = entry.name.startswith(_TEMP_PREFIX) or (
+                    entry.is_dir() and unquote(entry.name) not in names
+                )
+                if leftover:
+                    shutil.rmtree(entry, ignore_errors=True)
+                    removed.append(entry)
+                    logger.warning("removed leftover %s from an interrupted write", entry)
+            for name in sorted(names):
+                if not self.path(name).is_dir():
+                    logger.warning("adapter %s is indexed but its files are missing", name)
+        return removed
+
+    def _commit(self, staging: Path, record: AdapterRecord) -> None:
+        final = self.path(record.name)
+        with self._lock:
+            if self.get(record.name) is not None:
+                raise AdapterExistsError(f"adapter {record.name!r} already exists")
+            if final.exists():
+                logger.warning("replacing unindexed leftover %s", final)
+                shutil.rmtree(final)
+            staging.rename(final)
+            try:
+                self._fsync(self.blobs)
+                with self._db:
+                    self._db.execute(
+                        f"INSERT INTO adapters ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        _row(record),
+                    )
+            except BaseException:
+                shutil.rmtree(final, ignore_errors=True)
+                raise
+
+    def _sync_dir_contents(self, directory: Path) -> None:
+        for file in directory.iterdir():
+            self._fsync(file)
+        self._fsync(directory)
+
+    def _fsync(self, path: Path) -> None:
+        if not self.durable:
+            return
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _write_files(directory: Path, files: Mapping[str, bytes]) -> None:
+    for file, data in files.items():
+        if file not in ADAPTER_FILES:
+            raise AdapterError(
+                f"unexpected adapter file {file!r}; expected {' and '.join(ADAPTER_FILES)}"
+            )
+        (directory / file).write_bytes(data)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _row(r: AdapterRecord) -> tuple[object, ...]:
+    return (
+        r.name,
+        r.sha256,
+        r.created_at,
+        r.size_bytes,
+        r.rank,
+        r.alpha,
+        json.dumps(list(r.target_modules)),
+        r.rope_scaling_factor,
+        r.source,
+        r.spec_json,
+    )
+
+
+def _record(row: tuple[Any, ...]) -> AdapterRecord:
+    name, sha, created, size, rank, alpha, targets, rope, source, spec_json = row
+    return AdapterRecord(
+        name=name,
+        sha256=sha,
+        created_at=created,
+        size_bytes=size,
+        rank=rank,
+        alpha=alpha,
+        target_modules=tuple(json.loads(targets)),
+        rope_scaling_factor=rope,
+        source=source,
+        spec_json=spec_json,
+    )
