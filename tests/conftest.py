@@ -16,7 +16,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Intra-op threads; set LORAPLEX_TEST_THREADS=1 when other processes share the cores, since
+# spinning OpenMP threads on a busy machine slow small matmuls down by orders of magnitude.
+torch.set_num_threads(int(os.environ.get("LORAPLEX_TEST_THREADS", min(2, os.cpu_count() or 1))))
 
 from server.config import EngineConfig  # noqa: E402
 from server.engine.llm_engine import LLMEngine  # noqa: E402

@@ -93,6 +93,24 @@ def lora_backend(device: torch.device) -> str:
     return "triton"
 
 
+def open_registry(data_dir: str | Path, config: EngineConfig) -> AdapterRegistry:
+    """The adapter store under data_dir, indexed and validated against the engine's model."""
+    from adapters import AdapterRegistry, AdapterStore, BaseModelInfo
+
+    assert config.model is not None
+    raw = json.loads((Path(config.model) / "config.json").read_text())
+    registry = AdapterRegistry(
+        AdapterStore(Path(data_dir)),
+        BaseModelInfo.from_hf_config(raw),
+        config.max_lora_rank,
+        config.host_cache_mb * 2**20,
+        pin_memory=config.torch_device.type == "cuda",
+        dtype=config.torch_dtype,
+    )
+    registry.load_index()
+    return registry
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig, registry: AdapterRegistry | None = None) -> None:
         if config.model is None:

@@ -1,0 +1,113 @@
+"""Module swaps that make the plain model adapter-aware for serving.
+
+Each wrapper runs the base module, then applies whatever the step's LoRABatch says about the
+tokens' adapters. Without a LoRABatch in the forward context (no adapter in the step, or
+training) they cost one context lookup.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from server.lora.layout import LORA_MODULES
+from server.model.config import ModelConfig
+from server.model.context import get_context
+from server.model.layers import RMSNorm
+from server.model.llama import LlamaForCausalLM
+
+
+def _lora_batch():  # type: ignore[no-untyped-def]
+    ctx = get_context()
+    return ctx.lora if ctx is not None else None
+
+
+class LoRALinear(nn.Module):
+    """A packed linear (q/k/v, o, gate/up or down) plus the batched LoRA of its slices."""
+
+    def __init__(
+        self, base: nn.Module, layer: int, module: int, slice_widths: tuple[int, ...]
+    ) -> None:
+        super().__init__()
+        self.base = base
+        self.layer = layer
+        self.module = module
+        self.slice_widths = slice_widths
+        self.slice_offsets = tuple(sum(slice_widths[:i]) for i in range(len(slice_widths)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        lora = _lora_batch()
+        if lora is not None:
+            lora.add_lora(x, out, self.layer, self.module, self.slice_offsets, self.slice_widths)
+        return out
+
+
+class AdapterRMSNorm(nn.Module):
+    """RMSNorm whose weight an adapter may replace (LongLoRA trains norms)."""
+
+    def __init__(self, base: RMSNorm, name: str) -> None:
+        super().__init__()
+        self.base = base
+        self.name = name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lora = _lora_batch()
+        runs = lora.norm_runs(self.name) if lora is not None else []
+        if not runs:
+            return self.base(x)
+        normed = self.base.normalize(x)  # x: [T, hidden]
+        out = self.base.weight * normed
+        hidden = x.shape[-1]
+        for start, length, offset in runs:
+            weight = lora.pool[offset : offset + hidden]
+            out[start : start + length] = weight * normed[start : start + length]
+        return out
+
+
+class AdapterEmbedding(nn.Module):
+    """Token embedding whose table an adapter may replace (LongLoRA trains embeddings)."""
+
+    def __init__(self, base: nn.Embedding) -> None:
+        super().__init__()
+        self.base = base
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        out = self.base(ids)  # ids: [T] -> [T, hidden]
+        lora = _lora_batch()
+        if lora is None:
+            return out
+        hidden = out.shape[-1]
+        cols = torch.arange(hidden, device=ids.device)
+        for run in lora.embed_runs():
+            a = run.adapter
+            chunks = torch.tensor(a.embed_chunks, device=ids.device)
+            tok = ids[run.start : run.end]
+            rows = chunks[tok // a.embed_rows_per_chunk] + (tok % a.embed_rows_per_chunk) * hidden
+            out[run.start : run.end] = lora.pool[rows[:, None] + cols[None, :]]
+        return out
+
+
+def enable_lora(model: LlamaForCausalLM) -> None:
+    """Swap in the adapter-aware wrappers, in place."""
+    cfg: ModelConfig = model.config
+    widths = {
+        "qkv_proj": (cfg.q_size, cfg.kv_size, cfg.kv_size),
+        "o_proj": (cfg.hidden_size,),
+        "gate_up_proj": (cfg.intermediate_size, cfg.intermediate_size),
+        "down_proj": (cfg.hidden_size,),
+    }
+    inner = model.model
+    for i, layer in enumerate(inner.layers):
+        for m, (name, _) in enumerate(LORA_MODULES):
+            parent = layer.self_attn if name in ("qkv_proj", "o_proj") else layer.mlp
+            setattr(parent, name, LoRALinear(getattr(parent, name), i, m, widths[name]))
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            wrapped = AdapterRMSNorm(getattr(layer, norm), f"model.layers.{i}.{norm}")
+            setattr(layer, norm, wrapped)
+    inner.norm = AdapterRMSNorm(inner.norm, "model.norm")
+    inner.embed_tokens = AdapterEmbedding(inner.embed_tokens)

@@ -1,0 +1,68 @@
+"""Where an adapter's tensors go in its pool pages, and which packed slice each LoRA feeds.
+
+Every LoRA matrix (A: [rank, in], Bt: [rank, out]) lands whole inside one page, so kernels and
+the torch path read it as one contiguous block at a known offset; different matrices of one
+adapter sit on different, non-adjacent pages. Pages are the pool's own (shared with KV blocks),
+so an adapter's cost in pages grows with its rank, never padded to a maximum rank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Packed linear (module index) -> the checkpoint modules feeding its slices, in column order.
+LORA_MODULES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("qkv_proj", ("q_proj", "k_proj", "v_proj")),
+    ("o_proj", ("o_proj",)),
+    ("gate_up_proj", ("gate_proj", "up_proj")),
+    ("down_proj", ("down_proj",)),
+)
+MAX_SLICES = 3
+# Checkpoint module -> (module index, slice index).
+SLICE_OF: dict[str, tuple[int, int]] = {
+    name: (m, s) for m, (_, names) in enumerate(LORA_MODULES) for s, name in enumerate(names)
+}
+ALIGN = 64  # elements; keeps every matrix start aligned for vectorized loads
+
+
+@dataclass(frozen=True)
+class Placement:
+    key: tuple  # ("A"|"B", layer, module) | ("norm", name) | ("embed", chunk)
+    page: int  # index into the adapter's own page list
+    offset: int  # element offset within that page
+    numel: int
+
+
+@dataclass(frozen=True)
+class Layout:
+    num_pages: int
+    placements: tuple[Placement, ...]
+    embed_rows_per_chunk: int = 0
+
+
+def _aligned(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+def plan_layout(
+    tensors: list[tuple[tuple, int]], page_numel: int, embed_rows: int = 0, hidden: int = 0
+) -> Layout:
+    """Pack (key, numel) tensors, plus an optional [embed_rows, hidden] embedding split into
+    page-sized row chunks, into as few pages as first-fit decreasing finds."""
+    items = list(tensors)
+    rows_per_chunk = 0
+    if embed_rows:
+        rows_per_chunk = min(embed_rows, page_numel // hidden)
+        for c, start in enumerate(range(0, embed_rows, rows_per_chunk)):
+            items.append((("embed", c), min(rows_per_chunk, embed_rows - start) * hidden))
+    items.sort(key=lambda kv: -kv[1])
+    free: list[int] = []  # next free offset per page
+    placements = []
+    for key, numel in items:
+        assert numel <= page_numel, f"{key} ({numel} elements) does not fit a page ({page_numel})"
+        page = next((i for i, used in enumerate(free) if used + numel <= page_numel), len(free))
+        if page == len(free):
+            free.append(0)
+        placements.append(Placement(key, page, free[page], numel))
+        free[page] = min(page_numel, _aligned(free[page] + numel))
+    return Layout(len(free), tuple(placements), rows_per_chunk)

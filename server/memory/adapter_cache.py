@@ -1,0 +1,312 @@
+"""Device residency of adapters: which adapters have weights in the page pool, in which slot.
+
+An adapter becomes resident when a request for it is admitted (or ahead of time, by prefetch
+for waiting requests); it stays while any running request uses it, and afterwards sits idle in
+LRU order until its pages are wanted, by KV blocks or by another adapter. Residency is
+bookkeeping plus one copy of the host weights into the pool; kernels then read them in place.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from server.engine.scheduler import ScheduledSeq
+from server.engine.sequence import NO_ADAPTER, Sequence
+from server.lora.batch import LoRABatch, Run, SlotTables
+from server.lora.layout import LORA_MODULES, SLICE_OF, Layout, plan_layout
+from server.lora.ops import SliceWeights
+from server.memory.page_pool import ADAPTER, PagePool
+from server.model.config import ModelConfig
+
+if TYPE_CHECKING:
+    from adapters.format import AdapterWeights
+    from adapters.registry import AdapterRegistry, RegisteredAdapter
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ResidentAdapter:
+    """An adapter whose weights sit in the pool, and where each of its tensors is."""
+
+    adapter_id: int
+    name: str
+    slot: int
+    pages: list[int]
+    slices: dict[tuple[int, int], list[SliceWeights | None]]  # (layer, module) -> per slice
+    norms: dict[str, int] = field(default_factory=dict)  # norm module name -> flat offset
+    embed_chunks: list[int] = field(default_factory=list)  # flat offset of each row chunk
+    embed_rows_per_chunk: int = 0
+    refcount: int = 0
+
+
+@dataclass
+class ResidencyStats:
+    loads: int = 0
+    evictions: int = 0
+    load_seconds: float = 0.0
+    prefetches: int = 0
+
+
+class DeviceAdapterCache:
+    """Adapters resident in the page pool: admission, LRU eviction, prefetch, per-step batch."""
+
+    def __init__(
+        self,
+        pool: PagePool,
+        registry: AdapterRegistry,
+        cfg: ModelConfig,
+        max_loras: int,
+        backend: str = "torch",
+        prefetch_depth: int = 8,
+    ) -> None:
+        self.pool = pool
+        self.registry = registry
+        self.cfg = cfg
+        self.max_loras = max_loras
+        self.backend = backend
+        self.prefetch_depth = prefetch_depth
+        self.tables = SlotTables(cfg.num_layers, max_loras, pool.buffer.device)
+        self.stats = ResidencyStats()
+        self._resident: OrderedDict[int, ResidentAdapter] = OrderedDict()  # LRU first
+        self._free_slots = list(range(max_loras - 1, -1, -1))
+        self._layouts: dict[int, Layout] = {}
+        self._warming: set[int] = set()
+        self._warmer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loraplex-prefetch")
+        pool.reclaimer = self
+
+    # ---- queries ------------------------------------------------------------------------
+
+    def get(self, adapter_id: int) -> ResidentAdapter | None:
+        return self._resident.get(adapter_id)
+
+    def resident_ids(self) -> list[int]:
+        return list(self._resident)
+
+    @property
+    def num_resident(self) -> int:
+        return len(self._resident)
+
+    def pages_needed(self, adapter_id: int) -> int:
+        return self._layout(adapter_id).num_pages
+
+    def _idle(self) -> list[ResidentAdapter]:
+        return [r for r in self._resident.values() if r.refcount == 0]
+
+    # ---- Reclaimer ----------------------------------------------------------------------
+
+    def reclaimable_pages(self) -> int:
+        return sum(len(r.pages) for r in self._idle())
+
+    def reclaim(self, num_pages: int) -> int:
+        """Evict idle adapters, least recently used first, until num_pages are free."""
+        freed = 0
+        for r in self._idle():
+            if freed >= num_pages:
+                break
+            freed += len(r.pages)
+            self._evict(r)
+        return freed
+
+    # ---- AdapterGate --------------------------------------------------------------------
+
+    def is_resident(self, seq: Sequence) -> bool:
+        """True when the sequence needs no adapter load (none, or already in the pool)."""
+        return seq.adapter_id == NO_ADAPTER or seq.adapter_id in self._resident
+
+    def can_admit(self, seq: Sequence, kv_blocks: int) -> bool:
+        if seq.adapter_id == NO_ADAPTER or seq.adapter_id in self._resident:
+            return True
+        if not self._free_slots and not self._idle():
+            return False
+        return self.pages_needed(seq.adapter_id) + kv_blocks <= self.pool.available()
+
+    def admit(self, seq: Sequence) -> None:
+        if seq.adapter_id == NO_ADAPTER:
+            return
+        r = self._ensure_resident(seq.adapter_id)
+        r.refcount += 1
+        self._resident.move_to_end(r.adapter_id)
+
+    def release(self, seq: Sequence) -> None:
+        r = self._resident.get(seq.adapter_id)
+        if r is not None:
+            assert r.refcount > 0, f"adapter {r.name} released more often than admitted"
+            r.refcount -= 1
+
+    def prefetch(self, waiting: Iterable[Sequence]) -> None:
+        """Ready the adapters of the next waiting requests: host cache in the background,
+        device pool now if a slot and free pages (no eviction) allow."""
+        seen = 0
+        for seq in waiting:
+            if seen >= self.prefetch_depth:
+                break
+            aid = seq.adapter_id
+            if aid == NO_ADAPTER or aid in self._resident:
+                continue
+            seen += 1
+            if not self.registry.is_host_resident(aid):
+                self._warm_in_background(aid)
+            elif self._free_slots and self.pages_needed(aid) <= self.pool.num_free:
+                self._ensure_resident(aid)
+                self.stats.prefetches += 1
+
+    def _warm_in_background(self, adapter_id: int) -> None:
+        if adapter_id in self._warming:
+            return
+        self._warming.add(adapter_id)
+
+        def warm() -> None:
+            try:
+                self.registry.warm(adapter_id)
+            except Exception:  # the admission path reports the error to the request
+                logger.exception("prefetching adapter %d failed", adapter_id)
+            finally:
+                self._warming.discard(adapter_id)
+
+        self._warmer.submit(warm)
+
+    # ---- loading and eviction -----------------------------------------------------------
+
+    def _layout(self, adapter_id: int) -> Layout:
+        layout = self._layouts.get(adapter_id)
+        if layout is None:
+            reg = self.registry.by_id(adapter_id)
+            assert reg is not None, f"adapter {adapter_id} is not registered"
+            tensors = []
+            for t in reg.spec.targets:
+                tensors.append((("A", t.layer, t.module), t.rank * t.in_features))
+                tensors.append((("B", t.layer, t.module), t.rank * t.out_features))
+            embed_rows = 0
+            for name in reg.spec.saved_modules:
+                if name.endswith("embed_tokens"):
+                    embed_rows = self.cfg.vocab_size
+                else:
+                    tensors.append((("norm", name), self.cfg.hidden_size))
+            layout = plan_layout(tensors, self.pool.page_numel, embed_rows, self.cfg.hidden_size)
+            self._layouts[adapter_id] = layout
+        return layout
+
+    def _take_slot(self) -> int:
+        if not self._free_slots:
+            idle = self._idle()
+            assert idle, "no adapter slot free or evictable; can_admit should have refused"
+            self._evict(idle[0])
+        return self._free_slots.pop()
+
+    def _ensure_resident(self, adapter_id: int) -> ResidentAdapter:
+        r = self._resident.get(adapter_id)
+        if r is not None:
+            return r
+        start = time.perf_counter()
+        reg = self.registry.by_id(adapter_id)
+        assert reg is not None, f"adapter {adapter_id} is not registered"
+        weights = self.registry.weights(adapter_id)
+        layout = self._layout(adapter_id)
+        slot = self._take_slot()
+        try:
+            pages = self.pool.allocate(layout.num_pages, ADAPTER)
+        except Exception:
+            self._free_slots.append(slot)
+            raise
+        r = self._place(reg, weights, layout, slot, pages)
+        self.tables.fill(slot, r.slices)
+        self._resident[adapter_id] = r
+        self.stats.loads += 1
+        self.stats.load_seconds += time.perf_counter() - start
+        logger.debug("adapter %s resident in slot %d (%d pages)", reg.name, slot, len(pages))
+        return r
+
+    def _place(
+        self,
+        reg: RegisteredAdapter,
+        weights: AdapterWeights,
+        layout: Layout,
+        slot: int,
+        pages: list[int],
+    ) -> ResidentAdapter:
+        """Copy host weights into their pages and record where each one went."""
+        page_numel = self.pool.page_numel
+        offsets = {p.key: pages[p.page] * page_numel + p.offset for p in layout.placements}
+        flat = self.pool.buffer.view(-1)
+        rows = layout.embed_rows_per_chunk
+        embed = next((w for n, w in weights.saved.items() if n.endswith("embed_tokens")), None)
+        for p in layout.placements:
+            kind, *where = p.key
+            if kind == "A":
+                src = weights.lora[tuple(where)][0]  # [rank, in]
+            elif kind == "B":
+                src = weights.lora[tuple(where)][1].T  # [out, rank] stored as [rank, out]
+            elif kind == "norm":
+                src = weights.saved[where[0]]
+            else:
+                assert embed is not None
+                src = embed[where[0] * rows : (where[0] + 1) * rows]
+            dest = flat[offsets[p.key] : offsets[p.key] + p.numel]
+            dest.view(src.shape).copy_(src, non_blocking=True)
+        r = ResidentAdapter(reg.adapter_id, reg.name, slot, pages, {})
+        for t in reg.spec.targets:
+            m, s = SLICE_OF[t.module]
+            per_slice = r.slices.setdefault((t.layer, m), [None] * len(LORA_MODULES[m][1]))
+            per_slice[s] = SliceWeights(
+                offsets[("A", t.layer, t.module)],
+                offsets[("B", t.layer, t.module)],
+                t.rank,
+                t.scaling,
+            )
+        r.norms = {k[1]: off for k, off in offsets.items() if k[0] == "norm"}
+        chunks = sorted((k[1], off) for k, off in offsets.items() if k[0] == "embed")
+        r.embed_chunks = [off for _, off in chunks]
+        r.embed_rows_per_chunk = rows
+        return r
+
+    def _evict(self, r: ResidentAdapter) -> None:
+        assert r.refcount == 0, f"evicting adapter {r.name} while in use"
+        del self._resident[r.adapter_id]
+        self.pool.free(r.pages, ADAPTER)
+        self.tables.clear(r.slot)
+        self._free_slots.append(r.slot)
+        self.stats.evictions += 1
+        logger.debug("evicted adapter %s from slot %d", r.name, r.slot)
+
+    def evict_if_idle(self, adapter_id: int) -> bool:
+        """Drop an adapter's device copy (it was unregistered); False while requests use it."""
+        self._layouts.pop(adapter_id, None)
+        r = self._resident.get(adapter_id)
+        if r is None:
+            return True
+        if r.refcount:
+            return False
+        self._evict(r)
+        return True
+
+    def is_in_use(self, adapter_id: int) -> bool:
+        r = self._resident.get(adapter_id)
+        return r is not None and r.refcount > 0
+
+    # ---- per step -----------------------------------------------------------------------
+
+    def build_batch(self, batch: list[ScheduledSeq]) -> LoRABatch | None:
+        """Runs of consecutive tokens sharing an adapter (batch must be grouped by adapter)."""
+        runs: list[Run] = []
+        start = 0
+        for s in batch:
+            aid = s.seq.adapter_id
+            if aid != NO_ADAPTER:
+                if runs and runs[-1].adapter.adapter_id == aid and runs[-1].end == start:
+                    runs[-1].length += s.num_new_tokens
+                else:
+                    runs.append(Run(start, s.num_new_tokens, self._resident[aid]))
+            start += s.num_new_tokens
+        if not runs:
+            return None
+        return LoRABatch(runs, self.pool.buffer.view(-1), self.tables, self.backend)
+
+    def shutdown(self) -> None:
+        self._warmer.shutdown(wait=False, cancel_futures=True)
