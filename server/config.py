@@ -77,3 +77,28 @@ class EngineConfig:
 def _choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(f"{flag} must be one of {', '.join(choices)}; got {value!r}")
+
+
+@dataclass
+class ServerConfig:
+    """HTTP-side settings; the engine's are in EngineConfig."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    data_dir: str = "./data"
+    served_model_name: str | None = None  # default: the model directory's name
+    api_key: str | None = None  # inference routes
+    admin_api_key: str | None = None  # adapter and job mutations
+    preload_adapters: tuple[str, ...] = ()  # directories of adapters, or folders of them
+    adapter_roots: tuple[str, ...] = ()  # where /v1/load_lora_adapter may read from
+    max_upload_mb: int = 512
+    max_waiting: int = 1024  # queued requests before 429
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"--port must be in 1..65535, got {self.port}")
+        if self.max_upload_mb < 1:
+            raise ConfigError(f"--max-upload-mb must be >= 1, got {self.max_upload_mb}")
+        if self.max_waiting < 1:
+            raise ConfigError(f"--max-waiting must be >= 1, got {self.max_waiting}")

@@ -12,6 +12,7 @@ import logging
 import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from server.engine.llm_engine import LLMEngine, Prompt
 from server.engine.outputs import RequestOutput
@@ -19,6 +20,8 @@ from server.engine.sampling_params import InvalidRequestError, SamplingParams
 from server.engine.sequence import Sequence
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class EngineDeadError(RuntimeError):
@@ -33,6 +36,10 @@ class EngineStepError(RuntimeError):
 class _Inbox:
     adds: list[Sequence] = field(default_factory=list)
     aborts: list[str] = field(default_factory=list)
+    calls: list[tuple[Callable[[], Any], asyncio.Future]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.adds) + len(self.aborts) + len(self.calls)
 
 
 class AsyncLLMEngine:
@@ -111,6 +118,20 @@ class AsyncLLMEngine:
             if not finished:
                 self.abort(rid)
 
+    @property
+    def num_waiting(self) -> int:
+        """Requests queued in the engine or on their way to it."""
+        return len(self._inbox.adds) + len(self.engine.scheduler.waiting)
+
+    async def call(self, fn: Callable[[], T]) -> T:
+        """Run fn on the step thread between steps (for changes to engine state)."""
+        assert self._loop is not None
+        future: asyncio.Future[T] = self._loop.create_future()
+        with self._lock:
+            self._inbox.calls.append((fn, future))
+        self._wake.set()
+        return await future
+
     def abort(self, request_id: str) -> None:
         with self._lock:
             self._inbox.aborts.append(request_id)
@@ -121,7 +142,8 @@ class AsyncLLMEngine:
     def _run(self) -> None:
         try:
             while not self._stopping:
-                self._drain_inbox()
+                if self._drain_inbox():
+                    self._run_hooks([])
                 if not self.engine.has_unfinished_requests():
                     self._wake.wait(timeout=0.5)
                     self._wake.clear()
@@ -132,8 +154,7 @@ class AsyncLLMEngine:
                     logger.exception("engine step failed; ending the requests in flight")
                     self._fail_all(EngineStepError(f"engine step failed: {exc}"))
                     continue
-                for hook in self.step_hooks:
-                    hook(self.engine, outputs)
+                self._run_hooks(outputs)
                 if outputs:
                     self._deliver(outputs)
         except BaseException as exc:  # pragma: no cover - a bug in the loop itself
@@ -142,14 +163,54 @@ class AsyncLLMEngine:
             self._fail_all(EngineDeadError(f"engine loop died: {exc}"))
             raise
 
-    def _drain_inbox(self) -> None:
+    def _run_hooks(self, outputs: list[RequestOutput]) -> None:
+        for hook in self.step_hooks:
+            try:
+                hook(self.engine, outputs)
+            except Exception:
+                logger.exception("step hook failed")
+
+    def _drain_inbox(self) -> bool:
         with self._lock:
-            adds, aborts = self._inbox.adds, self._inbox.aborts
-            self._inbox = _Inbox()
-        for seq in adds:
-            self.engine.add_sequence(seq)
-        for rid in aborts:
-            self.engine.abort_request(rid)
+            inbox, self._inbox = self._inbox, _Inbox()
+        for seq in inbox.adds:
+            try:
+                self.engine.add_sequence(seq)
+            except Exception as exc:
+                self._fail(seq.request_id, exc)
+        aborted = [out for rid in inbox.aborts if (out := self.engine.abort_request(rid))]
+        if aborted:
+            self._deliver(aborted)
+        for fn, future in inbox.calls:
+            try:
+                result = fn()
+            except Exception as exc:
+                self._settle(future, exc=exc)
+            else:
+                self._settle(future, result=result)
+        return len(inbox) > 0
+
+    def _settle(self, future: asyncio.Future, result: Any = None, exc: Exception | None = None):  # type: ignore[no-untyped-def]
+        def settle() -> None:
+            if future.cancelled():
+                return
+            if exc is not None:
+                future.set_exception(exc)
+            else:
+                future.set_result(result)
+
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(settle)
+
+    def _fail(self, request_id: str, error: BaseException) -> None:
+        assert self._loop is not None
+
+        def fail() -> None:
+            queue = self._streams.get(request_id)
+            if queue is not None:
+                queue.put_nowait(error)
+
+        self._loop.call_soon_threadsafe(fail)
 
     def _deliver(self, items: list[RequestOutput]) -> None:
         assert self._loop is not None

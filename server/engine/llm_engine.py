@@ -21,6 +21,7 @@ from server.engine.sampler import sample
 from server.engine.sampling_params import InvalidRequestError, SamplingParams
 from server.engine.scheduler import Scheduler, SchedulerOutput
 from server.engine.sequence import Sequence, SequenceStatus
+from server.engine.stats import StepStats
 from server.lora.layers import enable_lora
 from server.memory.adapter_cache import DeviceAdapterCache
 from server.memory.kv_cache import KVCacheManager
@@ -79,6 +80,15 @@ def build_model(config: EngineConfig, model_dir: Path) -> LlamaForCausalLM:
 
 class UnknownAdapterError(InvalidRequestError):
     """A request names an adapter that is not registered."""
+
+
+class AdapterBusyError(RuntimeError):
+    """An adapter cannot be removed while requests use it."""
+
+    def __init__(self, name: str, num_requests: int) -> None:
+        super().__init__(
+            f"adapter {name!r} is in use by {num_requests} request(s); retry when they finish"
+        )
 
 
 def lora_backend(device: torch.device) -> str:
@@ -152,6 +162,7 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, self.pool, self.device)
         self._requests: dict[str, _Request] = {}
         self._seed_rng = random.Random(config.seed)
+        self._stats = StepStats()
 
     def _make_pool(self) -> PagePool:
         cfg, config = self.model_config, self.config
@@ -231,9 +242,15 @@ class LLMEngine:
     def add_sequence(self, seq: Sequence) -> None:
         if seq.request_id in self._requests:
             raise InvalidRequestError(f"request id {seq.request_id!r} is already running")
+        if seq.adapter_name is not None and (
+            self.registry is None or self.registry.by_id(seq.adapter_id) is None
+        ):
+            raise UnknownAdapterError(f"adapter {seq.adapter_name!r} was deleted", "model")
         decoder = self.tokenizer.decode_stream(seq.params.skip_special_tokens)
         self._requests[seq.request_id] = _Request(seq, OutputText(decoder, seq.params.stop))
         self.scheduler.add(seq)
+        if seq.adapter_name is not None:
+            self._stats.adapter_requests[seq.adapter_name] += 1
 
     def add_request(
         self,
@@ -252,11 +269,29 @@ class LLMEngine:
         if req is None:
             return None
         self.scheduler.finish(req.seq, "abort")
+        self._record_finish(req.seq, time.monotonic())
         return self._output(req, [], [], finished=True)
 
     def abort_all(self) -> None:
         for request_id in list(self._requests):
             self.abort_request(request_id)
+
+    def requests_for_adapter(self, adapter_id: int) -> int:
+        """Running and waiting requests using an adapter (engine thread)."""
+        return sum(1 for r in self._requests.values() if r.seq.adapter_id == adapter_id)
+
+    def remove_adapter(self, name: str) -> None:
+        """Unregister an adapter and drop its device copy; refused while requests use it."""
+        reg = self.registry.get(name) if self.registry is not None else None
+        if reg is None:
+            raise UnknownAdapterError(f"adapter {name!r} does not exist", "name")
+        busy = self.requests_for_adapter(reg.adapter_id)
+        if busy:
+            raise AdapterBusyError(name, busy)
+        assert self.adapter_cache is not None and self.registry is not None
+        evicted = self.adapter_cache.evict_if_idle(reg.adapter_id)
+        assert evicted, "an adapter with no requests must be idle"
+        self.registry.unregister(name)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -269,7 +304,9 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Schedule, run one forward pass, sample, and report what changed."""
+        preemptions = self.scheduler.num_preemptions
         sched = self.scheduler.schedule()
+        self._stats.num_preemptions += self.scheduler.num_preemptions - preemptions
         if not sched.scheduled:
             return []
         now = time.monotonic()
@@ -291,16 +328,44 @@ class LLMEngine:
         for seq, (token, logprob) in zip(sampling, results, strict=True):
             req = self._requests[seq.request_id]
             seq.append_token(token)
-            seq.first_token_time = seq.first_token_time or now
-            seq.last_token_time = now
+            self._record_token(seq, now)
             reason = self._finish_reason(req, token)
             if reason is not None:
                 self.scheduler.finish(seq, reason)
+                self._record_finish(seq, now)
                 del self._requests[seq.request_id]
             outputs.append(
                 self._output(req, [token], [logprob] if logprob else [], reason is not None)
             )
         return outputs
+
+    def _record_token(self, seq: Sequence, now: float) -> None:
+        stats = self._stats
+        stats.num_generation_tokens += 1
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+            stats.num_prompt_tokens += seq.num_prompt_tokens
+            stats.time_to_first_token.append(now - seq.arrival_time)
+        else:
+            assert seq.last_token_time is not None
+            stats.inter_token_latency.append(now - seq.last_token_time)
+        seq.last_token_time = now
+
+    def _record_finish(self, seq: Sequence, now: float) -> None:
+        stats = self._stats
+        stats.finished[seq.finish_reason or "abort"] += 1
+        stats.e2e_latency.append(now - seq.arrival_time)
+        if seq.first_scheduled_time is not None:
+            stats.queue_time.append(seq.first_scheduled_time - seq.arrival_time)
+        stats.prompt_lengths.append(seq.num_prompt_tokens)
+        stats.generation_lengths.append(seq.num_output_tokens)
+
+    def take_stats(self) -> StepStats:
+        """What happened since the last call (engine thread only)."""
+        stats, self._stats = self._stats, StepStats()
+        if self.adapter_cache is not None:
+            stats.adapter_load_seconds = self.adapter_cache.take_load_times()
+        return stats
 
     def _finish_reason(self, req: _Request, token: int) -> str | None:
         seq, p = req.seq, req.seq.params

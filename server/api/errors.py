@@ -1,0 +1,153 @@
+"""Typed API errors and the two wire shapes they take.
+
+/v1 routes answer in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, which
+the openai SDK turns into typed exceptions; the LoRAX/TGI routes answer `{"error",
+"error_type"}`, which the LoRAX client reads.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from adapters import AdapterError, AdapterExistsError
+from server.engine.async_engine import EngineDeadError, EngineStepError
+from server.engine.llm_engine import AdapterBusyError, UnknownAdapterError
+from server.engine.sampling_params import InvalidRequestError
+
+logger = logging.getLogger(__name__)
+
+LORAX_PATHS = ("/generate", "/generate_stream")
+
+
+class APIError(Exception):
+    """An error with an HTTP status, an OpenAI error type, and optionally the bad field."""
+
+    status = 400
+    type = "invalid_request_error"
+    code: str | None = None
+    lorax_type = "validation"
+
+    def __init__(
+        self, message: str, param: str | None = None, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.headers = headers
+
+
+class BadRequest(APIError):
+    pass
+
+
+class Unauthorized(APIError):
+    status, type, code, lorax_type = 401, "authentication_error", "invalid_api_key", "unauthorized"
+
+
+class Forbidden(APIError):
+    status, type, code, lorax_type = 403, "permission_error", "forbidden", "forbidden"
+
+
+class NotFound(APIError):
+    status, type, code, lorax_type = 404, "not_found_error", "model_not_found", "not_found"
+
+
+class Conflict(APIError):
+    status, type, code, lorax_type = 409, "conflict_error", "conflict", "conflict"
+
+
+class PayloadTooLarge(APIError):
+    status, type, code, lorax_type = 413, "invalid_request_error", "payload_too_large", "validation"
+
+
+class Overloaded(APIError):
+    status, type, code, lorax_type = 429, "rate_limit_error", "overloaded", "overloaded"
+
+
+class Unavailable(APIError):
+    status, type, code, lorax_type = 503, "service_unavailable", "not_ready", "unavailable"
+
+
+class GenerationError(APIError):
+    status, type, code, lorax_type = 500, "server_error", "generation_failed", "generation"
+
+
+def _is_lorax(request: Request) -> bool:
+    return request.url.path == "/" or request.url.path.startswith(LORAX_PATHS)
+
+
+def error_body(err: APIError, lorax: bool) -> dict:
+    if lorax:
+        return {"error": err.message, "error_type": err.lorax_type}
+    return {
+        "error": {"message": err.message, "type": err.type, "param": err.param, "code": err.code}
+    }
+
+
+def error_response(request: Request, err: APIError) -> JSONResponse:
+    lorax = _is_lorax(request)
+    status = err.status
+    if lorax and isinstance(err, BadRequest):
+        status = 422  # LoRAX answers validation errors with 422
+    if lorax and isinstance(err, GenerationError):
+        status = 424
+    return JSONResponse(error_body(err, lorax), status_code=status, headers=err.headers)
+
+
+def translate(exc: Exception) -> APIError:
+    """Domain exceptions from the engine and the adapter store, as API errors."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, UnknownAdapterError):
+        return NotFound(exc.message, exc.param)
+    if isinstance(exc, InvalidRequestError):
+        return BadRequest(exc.message, exc.param)
+    if isinstance(exc, AdapterBusyError):
+        return Conflict(str(exc), headers={"Retry-After": "1"})
+    if isinstance(exc, AdapterExistsError):
+        return Conflict(str(exc).strip("'\""), "name")
+    if isinstance(exc, AdapterError):
+        return BadRequest(str(exc))
+    if isinstance(exc, EngineDeadError):
+        return Unavailable(str(exc))
+    if isinstance(exc, EngineStepError):
+        return GenerationError(str(exc))
+    logger.exception("unexpected error", exc_info=exc)
+    return GenerationError(f"internal error: {type(exc).__name__}")
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    first = exc.errors()[0]
+    loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
+    param = ".".join(loc) or None
+    where = f" ({param})" if param else ""
+    return f"{first.get('msg', 'invalid request')}{where}", param
+
+
+def install_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return error_response(request, exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _validation_message(exc)
+        err = BadRequest(message, param)
+        lorax = _is_lorax(request)
+        return JSONResponse(error_body(err, lorax), status_code=422 if lorax else 400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        err = APIError(str(exc.detail))
+        err.status = exc.status_code
+        err.type = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return error_response(request, err)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        return error_response(request, translate(exc))

@@ -1,0 +1,1 @@
+"""Thin routers: parse, authorize, delegate to a service, shape the reply."""

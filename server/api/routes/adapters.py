@@ -1,0 +1,201 @@
+"""Adapter management: /v1/adapters, and vLLM's /v1/load_lora_adapter and unload."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from fastapi import APIRouter, Depends, Request, UploadFile, status
+from fastapi.responses import PlainTextResponse
+from starlette.datastructures import FormData
+
+from adapters import RegisteredAdapter, extract_adapter_files
+from adapters.format import CONFIG_FILE, WEIGHTS_FILE
+from server.api.auth import require_admin_key, require_api_key
+from server.api.errors import BadRequest, Forbidden, NotFound
+from server.api.schemas.admin import (
+    AdapterInfo,
+    AdapterList,
+    DeletedAdapter,
+    LoadLoraAdapterRequest,
+    Residency,
+    UnloadLoraAdapterRequest,
+)
+from server.api.state import ServerState
+
+router = APIRouter(tags=["adapters"])
+ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
+
+
+def _state(request: Request) -> ServerState:
+    return request.app.state.server
+
+
+def adapter_info(state: ServerState, reg: RegisteredAdapter, active: int | None) -> AdapterInfo:
+    spec, rec = reg.spec, reg.record
+    cache = state.llm.adapter_cache
+    residency = None
+    if active is not None:
+        residency = Residency(
+            host=state.registry.is_host_resident(reg.adapter_id),
+            device=cache is not None and cache.get(reg.adapter_id) is not None,
+            active_requests=active,
+        )
+    return AdapterInfo(
+        id=reg.name,
+        rank=spec.rank,
+        max_rank=spec.max_rank,
+        alpha=spec.alpha,
+        use_rslora=spec.use_rslora,
+        target_modules=list(spec.target_modules),
+        saved_modules=list(spec.saved_modules),
+        rope_scaling_factor=spec.rope_scaling_factor,
+        size_bytes=rec.size_bytes,
+        sha256=rec.sha256,
+        created=int(rec.created_at),
+        source=rec.source,
+        parent=state.model_name,
+        residency=residency,
+    )
+
+
+async def _files_from_form(form: FormData, max_bytes: int) -> dict[str, bytes]:
+    uploads = [v for v in form.values() if isinstance(v, UploadFile)]
+    if not uploads:
+        raise BadRequest(
+            f"upload {CONFIG_FILE} and {WEIGHTS_FILE} as files, or one .tar.gz/.zip archive",
+            "files",
+        )
+    archives = [u for u in uploads if (u.filename or "").endswith(ARCHIVE_SUFFIXES)]
+    if archives:
+        if len(uploads) != 1:
+            raise BadRequest("send either one archive or the adapter files, not both", "files")
+        data = await archives[0].read()
+        return await asyncio.to_thread(
+            extract_adapter_files, data, archives[0].filename or "", max_bytes
+        )
+    files: dict[str, bytes] = {}
+    for upload in uploads:
+        name = Path(upload.filename or "").name
+        files[name] = await upload.read()
+    return files
+
+
+@router.post(
+    "/v1/adapters",
+    status_code=status.HTTP_201_CREATED,
+    response_model=AdapterInfo,
+    dependencies=[Depends(require_admin_key)],
+    openapi_extra={
+        "requestBody": {
+            "content": {
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["name"],
+                        "properties": {
+                            "name": {"type": "string"},
+                            "files": {
+                                "type": "array",
+                                "items": {"type": "string", "format": "binary"},
+                            },
+                        },
+                    }
+                }
+            },
+            "required": True,
+        }
+    },
+)
+async def upload_adapter(request: Request) -> AdapterInfo:
+    """Register an adapter from adapter_config.json + adapter_model.safetensors, or an archive."""
+    state = _state(request)
+    state.llm  # noqa: B018 - 503 while the model loads
+    form = await request.form()
+    name = form.get("name")
+    if not isinstance(name, str) or not name:
+        raise BadRequest("the form field 'name' is required", "name")
+    files = await _files_from_form(form, state.config.max_upload_mb * 2**20)
+    reg = await asyncio.to_thread(state.registry.register_files, name, files, "upload")
+    return adapter_info(state, reg, 0)
+
+
+@router.get("/v1/adapters", response_model=AdapterList, dependencies=[Depends(require_api_key)])
+async def list_adapters(request: Request) -> AdapterList:
+    state = _state(request)
+    state.llm  # noqa: B018
+    return AdapterList(data=[adapter_info(state, r, None) for r in state.registry.list()])
+
+
+@router.get(
+    "/v1/adapters/{name:path}", response_model=AdapterInfo, dependencies=[Depends(require_api_key)]
+)
+async def get_adapter(name: str, request: Request) -> AdapterInfo:
+    state = _state(request)
+    reg = state.registry.get(name)
+    if reg is None:
+        raise NotFound(f"adapter {name!r} does not exist", "name")
+    assert state.engine is not None
+    active = await state.engine.call(lambda: state.llm.requests_for_adapter(reg.adapter_id))
+    return adapter_info(state, reg, active)
+
+
+@router.delete(
+    "/v1/adapters/{name:path}",
+    response_model=DeletedAdapter,
+    dependencies=[Depends(require_admin_key)],
+)
+async def delete_adapter(name: str, request: Request) -> DeletedAdapter:
+    """Remove an adapter; 409 while requests use it."""
+    state = _state(request)
+    state.llm  # noqa: B018
+    assert state.engine is not None
+    await state.engine.call(lambda: state.llm.remove_adapter(name))
+    return DeletedAdapter(id=name)
+
+
+def _inside_roots(path: Path, roots: tuple[str, ...]) -> bool:
+    resolved = path.resolve()
+    return any(resolved.is_relative_to(Path(r).resolve()) for r in roots)
+
+
+@router.post(
+    "/v1/load_lora_adapter",
+    response_class=PlainTextResponse,
+    dependencies=[Depends(require_admin_key)],
+)
+async def load_lora_adapter(body: LoadLoraAdapterRequest, request: Request) -> str:
+    """vLLM's route: register an adapter from a directory under one of --adapter-roots."""
+    state = _state(request)
+    state.llm  # noqa: B018
+    roots = state.config.adapter_roots
+    if not roots:
+        raise Forbidden("loading adapters from paths is disabled: start with --adapter-roots")
+    path = Path(body.lora_path)
+    if not _inside_roots(path, roots):
+        raise Forbidden(
+            f"lora_path {body.lora_path!r} is outside the allowed --adapter-roots", "lora_path"
+        )
+    if state.registry.get(body.lora_name) is not None:
+        raise BadRequest(
+            f"the lora adapter {body.lora_name!r} has already been loaded", "lora_name"
+        )
+    if not path.is_dir():
+        raise BadRequest(f"lora_path {body.lora_path!r} is not a directory", "lora_path")
+    await asyncio.to_thread(state.registry.register_dir, body.lora_name, path, "path")
+    return f"Success: LoRA adapter '{body.lora_name}' added successfully."
+
+
+@router.post(
+    "/v1/unload_lora_adapter",
+    response_class=PlainTextResponse,
+    dependencies=[Depends(require_admin_key)],
+)
+async def unload_lora_adapter(body: UnloadLoraAdapterRequest, request: Request) -> str:
+    state = _state(request)
+    state.llm  # noqa: B018
+    if state.registry.get(body.lora_name) is None:
+        raise NotFound(f"the lora adapter {body.lora_name!r} cannot be found", "lora_name")
+    assert state.engine is not None
+    await state.engine.call(lambda: state.llm.remove_adapter(body.lora_name))
+    return f"Success: LoRA adapter '{body.lora_name}' removed successfully."

@@ -1,0 +1,67 @@
+"""OpenAI-compatible inference: /v1/completions, /v1/chat/completions, /v1/models."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import StreamingResponse
+
+from server.api.auth import require_api_key
+from server.api.schemas.openai import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ModelCard,
+    ModelList,
+)
+from server.api.serving_openai import CompletionService
+from server.api.state import ServerState
+
+router = APIRouter(dependencies=[Depends(require_api_key)], tags=["openai"])
+SSE = {200: {"content": {"text/event-stream": {}}}}
+
+
+def _state(request: Request) -> ServerState:
+    return request.app.state.server
+
+
+@router.post("/v1/completions", response_model=CompletionResponse, responses=SSE)
+async def completions(body: CompletionRequest, request: Request):  # type: ignore[no-untyped-def]
+    result = await CompletionService(_state(request)).completions(request, body)
+    if isinstance(result, CompletionResponse):
+        return result
+    return StreamingResponse(result, media_type="text/event-stream")
+
+
+@router.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=SSE)
+async def chat_completions(body: ChatCompletionRequest, request: Request):  # type: ignore[no-untyped-def]
+    result = await CompletionService(_state(request)).chat(request, body)
+    if isinstance(result, ChatCompletionResponse):
+        return result
+    return StreamingResponse(result, media_type="text/event-stream")
+
+
+@router.get("/v1/models", response_model=ModelList)
+async def models(request: Request) -> ModelList:
+    state = _state(request)
+    llm = state.llm
+    created = int(state.started)
+    cards = [
+        ModelCard(
+            id=state.model_name,
+            created=created,
+            root=str(llm.config.model),
+            max_model_len=llm.max_model_len,
+        )
+    ]
+    for reg in state.registry.list():
+        cards.append(
+            ModelCard(
+                id=reg.name,
+                created=int(reg.record.created_at),
+                root=reg.name,
+                parent=state.model_name,
+                max_model_len=llm.max_model_len,
+            )
+        )
+    return ModelList(data=cards)

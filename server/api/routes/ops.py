@@ -1,0 +1,75 @@
+"""Operations: /health, /ready, /info, /metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from server import __version__
+from server.api.state import ServerState
+
+router = APIRouter(tags=["ops"])
+
+
+def _state(request: Request) -> ServerState:
+    return request.app.state.server
+
+
+@router.get("/health")
+async def health(request: Request) -> JSONResponse:
+    """200 while the process can serve or is still loading; 503 once start-up or the loop failed."""
+    state = _state(request)
+    if state.load_error is not None:
+        return JSONResponse({"status": "failed", "error": str(state.load_error)}, 503)
+    if state.engine is not None and not state.engine.running:
+        return JSONResponse({"status": "failed", "error": "the engine loop stopped"}, 503)
+    return JSONResponse({"status": "ok"})
+
+
+@router.get("/ready")
+async def ready(request: Request) -> JSONResponse:
+    """200 once the model is loaded and adapters preloaded; 503 before."""
+    state = _state(request)
+    if state.ready:
+        return JSONResponse({"status": "ready"})
+    return JSONResponse({"status": "loading"}, 503, headers={"Retry-After": "5"})
+
+
+@router.get("/info")
+async def info(request: Request) -> dict:
+    state = _state(request)
+    llm = state.llm
+    cfg, ecfg, pool = llm.model_config, llm.config, llm.pool
+    return {
+        "version": __version__,
+        "model": state.model_name,
+        "model_path": ecfg.model,
+        "architecture": cfg.architecture,
+        "num_layers": cfg.num_layers,
+        "hidden_size": cfg.hidden_size,
+        "num_parameters": cfg.num_params,
+        "quantize": ecfg.quantize,
+        "dtype": str(ecfg.torch_dtype).removeprefix("torch."),
+        "device": str(llm.device),
+        "max_model_len": llm.max_model_len,
+        "max_num_seqs": ecfg.max_num_seqs,
+        "max_lora_rank": ecfg.max_lora_rank,
+        "max_loras": ecfg.max_loras,
+        "lora_backend": llm.adapter_cache.backend if llm.adapter_cache else None,
+        "adapters_registered": len(state.registry),
+        "pool": {
+            "pages": pool.num_pages,
+            "page_bytes": pool.page_bytes,
+            "block_size": pool.geometry.block_size,
+            "kv_pages": pool.used_by_kind["kv"],
+            "adapter_pages": pool.used_by_kind["adapter"],
+            "free_pages": pool.num_free,
+        },
+    }
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    registry = _state(request).metrics.registry
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,56 @@
+"""Adapter management bodies: our /v1/adapters and vLLM's load/unload routes."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Residency(BaseModel):
+    host: bool  # weights cached in host memory
+    device: bool  # weights in the device page pool
+    active_requests: int  # running or waiting requests for it
+
+
+class AdapterInfo(BaseModel):
+    id: str
+    object: Literal["adapter"] = "adapter"
+    rank: int
+    max_rank: int
+    alpha: float
+    use_rslora: bool
+    target_modules: list[str]
+    saved_modules: list[str]
+    rope_scaling_factor: float
+    size_bytes: int
+    sha256: str
+    created: int
+    source: str
+    parent: str
+    residency: Residency | None = None
+
+
+class AdapterList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[AdapterInfo]
+
+
+class DeletedAdapter(BaseModel):
+    id: str
+    object: Literal["adapter"] = "adapter"
+    deleted: bool = True
+
+
+class LoadLoraAdapterRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    lora_name: str = Field(min_length=1)
+    lora_path: str = Field(min_length=1)
+
+
+class UnloadLoraAdapterRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    lora_name: str = Field(min_length=1)
+    lora_int_id: int | None = None

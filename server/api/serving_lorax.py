@@ -1,0 +1,137 @@
+"""LoRAX/TGI generate: one prompt, one adapter, text plus optional token details."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+from fastapi import Request
+
+from server.api.errors import BadRequest, error_body, translate
+from server.api.schemas.lorax import (
+    LoraxDetails,
+    LoraxParameters,
+    LoraxRequest,
+    LoraxResponse,
+    LoraxStreamDetails,
+    LoraxStreamResponse,
+    LoraxToken,
+)
+from server.api.serving_openai import sse
+from server.api.state import ServerState
+from server.engine.outputs import RequestOutput
+from server.engine.sampling_params import SamplingParams
+
+_UNSUPPORTED = (
+    "merged_adapters",
+    "adapter_parameters",
+    "return_k_alternatives",
+    "response_format",
+    "typical_p",
+)
+
+
+def _params(p: LoraxParameters, details: bool) -> SamplingParams:
+    for name in _UNSUPPORTED:
+        if getattr(p, name) is not None:
+            raise BadRequest(f"parameters.{name} is not supported", f"parameters.{name}")
+    if p.watermark:
+        raise BadRequest("parameters.watermark is not supported", "parameters.watermark")
+    if p.best_of not in (None, 1):
+        raise BadRequest("parameters.best_of > 1 is not supported", "parameters.best_of")
+    return SamplingParams(
+        max_tokens=p.max_new_tokens or 20,
+        # TGI semantics: without do_sample the choice is greedy whatever the temperature.
+        temperature=(p.temperature or 1.0) if p.do_sample else 0.0,
+        top_k=p.top_k or 0,
+        top_p=p.top_p or 1.0,
+        seed=p.seed,
+        repetition_penalty=p.repetition_penalty or 1.0,
+        stop=p.stop or [],
+        ignore_eos=p.ignore_eos_token,
+        logprobs=0 if details else None,
+    )
+
+
+def finish_reason(out: RequestOutput) -> str:
+    if out.finish_reason == "length":
+        return "length"
+    if isinstance(out.stop_reason, str):
+        return "stop_sequence"
+    return "eos_token"
+
+
+class LoraxService:
+    def __init__(self, state: ServerState) -> None:
+        self.state = state
+        self.tok = state.llm.tokenizer
+
+    def _token(self, token_id: int, logprob: float | None) -> LoraxToken:
+        return LoraxToken(
+            id=token_id,
+            text=self.tok.decode([token_id], skip_special_tokens=False),
+            logprob=logprob,
+            special=token_id in self.tok.special_token_ids,
+        )
+
+    def _start(self, raw: Request, req: LoraxRequest, details: bool):  # type: ignore[no-untyped-def]
+        p = req.parameters
+        adapter = self.state.resolve_model(p.adapter_id)
+        prompt = self.tok.encode(req.inputs)
+        if p.truncate is not None:
+            prompt = prompt[-p.truncate :]  # TGI keeps the last `truncate` tokens
+        if not prompt:
+            raise BadRequest("inputs is empty", "inputs")
+        stream = self.state.generate(raw, [prompt], [_params(p, details)], adapter)
+        return prompt, stream
+
+    async def generate(self, raw: Request, req: LoraxRequest) -> LoraxResponse:
+        p = req.parameters
+        prompt, stream = self._start(raw, req, p.details)
+        tokens: list[LoraxToken] = []
+        final: RequestOutput | None = None
+        async for _, out in stream:
+            tokens += [self._token(lp.token_id, lp.logprob) for lp in out.logprobs]
+            final = out if out.finished else final
+        assert final is not None
+        text = (req.inputs + final.text) if p.return_full_text else final.text
+        if not p.details:
+            return LoraxResponse(generated_text=text)
+        prefill = [self._token(t, None) for t in prompt] if p.decoder_input_details else []
+        return LoraxResponse(
+            generated_text=text,
+            details=LoraxDetails(
+                finish_reason=finish_reason(final),
+                prompt_tokens=final.num_prompt_tokens,
+                generated_tokens=final.num_output_tokens,
+                seed=p.seed,
+                prefill=prefill,
+                tokens=tokens,
+            ),
+        )
+
+    def stream(self, raw: Request, req: LoraxRequest) -> AsyncIterator[str]:
+        p = req.parameters
+        _, stream = self._start(raw, req, True)
+
+        async def events() -> AsyncIterator[str]:
+            try:
+                async for _, out in stream:
+                    for k, lp in enumerate(out.logprobs):
+                        last = out.finished and k == len(out.logprobs) - 1
+                        event = LoraxStreamResponse(token=self._token(lp.token_id, lp.logprob))
+                        if last:
+                            event.generated_text = (
+                                (req.inputs + out.text) if p.return_full_text else out.text
+                            )
+                            event.details = LoraxStreamDetails(
+                                finish_reason=finish_reason(out),
+                                prompt_tokens=out.num_prompt_tokens,
+                                generated_tokens=out.num_output_tokens,
+                                seed=p.seed,
+                            )
+                        yield sse(event.model_dump_json())
+            except Exception as exc:
+                yield sse(json.dumps(error_body(translate(exc), lorax=True)))
+
+        return events()

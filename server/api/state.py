@@ -1,0 +1,167 @@
+"""ServerState: what the routes share (engine, config, metrics), and the checks they all make."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastapi import Request
+
+from adapters import AdapterRegistry
+from server.api.errors import NotFound, Overloaded, Unavailable
+from server.config import ServerConfig
+from server.engine.async_engine import AsyncLLMEngine
+from server.engine.llm_engine import LLMEngine, Prompt
+from server.engine.outputs import RequestOutput
+from server.engine.sampling_params import SamplingParams
+from server.metrics import Metrics
+
+logger = logging.getLogger(__name__)
+
+DISCONNECT_POLL_SECONDS = 0.5
+
+
+@dataclass
+class ServerState:
+    """Built before the server listens; the engine itself loads in the background."""
+
+    config: ServerConfig
+    loader: Callable[[], LLMEngine]  # builds the engine (slow: loads and quantizes the model)
+    model_name: str
+    metrics: Metrics
+    engine: AsyncLLMEngine | None = None
+    ready: bool = False
+    load_error: BaseException | None = None
+    started: float = field(default_factory=time.time)
+
+    async def start(self) -> None:
+        """Load the model, start the step loop, preload adapters, then report ready."""
+        try:
+            llm = await asyncio.to_thread(self.loader)
+            engine = AsyncLLMEngine(llm)
+            engine.step_hooks.append(self.metrics.observe_step)
+            engine.start()
+            self.engine = engine
+            await asyncio.to_thread(self._preload)
+            self.ready = True
+            logger.info("ready: serving %s with %d adapters", self.model_name, len(self.registry))
+        except Exception as exc:
+            logger.exception("start-up failed")
+            self.load_error = exc
+
+    async def stop(self) -> None:
+        self.ready = False
+        if self.engine is not None:
+            await self.engine.stop()
+            if self.llm.adapter_cache is not None:
+                self.llm.adapter_cache.shutdown()
+
+    def _preload(self) -> None:
+        for root in self.config.preload_adapters:
+            path = Path(root)
+            dirs = (
+                [path]
+                if (path / "adapter_config.json").is_file()
+                else sorted(p for p in path.iterdir() if (p / "adapter_config.json").is_file())
+            )
+            for d in dirs:
+                if self.registry.get(d.name) is None:
+                    self.registry.register_dir(d.name, d, source="preload")
+                    logger.info("preloaded adapter %s from %s", d.name, d)
+
+    @property
+    def llm(self) -> LLMEngine:
+        if self.engine is None:
+            raise Unavailable("the model is still loading", headers={"Retry-After": "5"})
+        return self.engine.engine
+
+    @property
+    def registry(self) -> AdapterRegistry:
+        assert self.llm.registry is not None, "the server always runs with a registry"
+        return self.llm.registry
+
+    def resolve_model(self, model: str | None) -> str | None:
+        """A request's model: None for the base model, else a registered adapter's name."""
+        if model is None or model == self.model_name:
+            return None
+        if self.registry.get(model) is None:
+            raise NotFound(
+                f"the model {model!r} does not exist: it is neither the base model "
+                f"{self.model_name!r} nor a registered adapter",
+                "model",
+            )
+        return model
+
+    def check_serving(self, num_requests: int = 1) -> None:
+        """503 until ready, 429 when the waiting queue is full."""
+        if not self.ready or self.engine is None or not self.engine.running:
+            raise Unavailable("the server is not ready yet", headers={"Retry-After": "1"})
+        if self.engine.num_waiting + num_requests > self.config.max_waiting:
+            raise Overloaded(
+                f"too many requests waiting ({self.engine.num_waiting}); retry shortly",
+                headers={"Retry-After": "1"},
+            )
+
+    def generate(
+        self,
+        request: Request,
+        prompts: Sequence[Prompt],
+        params: Sequence[SamplingParams],
+        adapter: str | None,
+    ) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """Run several engine requests as one API call: (index, output) as outputs arrive.
+
+        Every request is validated here, before any is queued (so errors surface before a
+        response starts); leaving the iteration early, or the client going away, aborts all.
+        """
+        self.check_serving(len(prompts))
+        assert self.engine is not None
+        seqs = [
+            self.engine.prepare(p, sp, adapter_name=adapter)
+            for p, sp in zip(prompts, params, strict=True)
+        ]
+        return _merge(request, [self.engine.stream(s) for s in seqs])
+
+
+async def _merge(
+    request: Request, streams: list[AsyncIterator[RequestOutput]]
+) -> AsyncIterator[tuple[int, RequestOutput]]:
+    queue: asyncio.Queue[tuple[int, RequestOutput] | BaseException | None] = asyncio.Queue()
+
+    async def pump(index: int, stream: AsyncIterator[RequestOutput]) -> None:
+        try:
+            async for out in stream:
+                queue.put_nowait((index, out))
+            queue.put_nowait(None)
+        except Exception as exc:
+            queue.put_nowait(exc)
+
+    async def watch() -> None:
+        while not await request.is_disconnected():
+            await asyncio.sleep(DISCONNECT_POLL_SECONDS)
+        queue.put_nowait(ConnectionAbortedError("client disconnected"))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    watcher = asyncio.create_task(watch())
+    remaining = len(tasks)
+    try:
+        while remaining:
+            item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield item
+    finally:
+        watcher.cancel()
+        for task in tasks:
+            task.cancel()
+        for task in [*tasks, watcher]:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task

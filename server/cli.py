@@ -1,0 +1,179 @@
+"""`loraplex serve | demo | finetune`. Flags also read LORAPLEX_<FLAG> from the environment."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from server.config import (
+    DEVICE_CHOICES,
+    DTYPE_CHOICES,
+    QUANTIZE_CHOICES,
+    ConfigError,
+    EngineConfig,
+    ServerConfig,
+)
+
+logger = logging.getLogger("loraplex")
+
+
+def _env_name(flag: str) -> str:
+    return "LORAPLEX_" + flag.lstrip("-").replace("-", "_").upper()
+
+
+def _add(parser: argparse.ArgumentParser, flag: str, default: Any, help: str, **kw: Any) -> None:
+    """A flag whose default comes from LORAPLEX_<FLAG> when set (argparse applies `type`)."""
+    env = os.environ.get(_env_name(flag))
+    if env is not None:
+        if kw.get("nargs") == "*":
+            default = [v for v in env.split(os.pathsep) if v]
+        elif kw.get("action") == "store_true":
+            default = env.lower() in ("1", "true", "yes", "on")
+        else:
+            default = env
+    parser.add_argument(flag, default=default, help=f"{help} (env {_env_name(flag)})", **kw)
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    _add(g, "--model", None, "local Hugging Face model directory; default: the demo model")
+    _add(g, "--quantize", "nf4", "base weight format", choices=QUANTIZE_CHOICES)
+    _add(g, "--dtype", "auto", "compute dtype", choices=DTYPE_CHOICES)
+    _add(g, "--device", "auto", "device", choices=DEVICE_CHOICES)
+    _add(g, "--max-model-len", None, "longest prompt + output, in tokens", type=int)
+    _add(g, "--max-num-seqs", 64, "sequences per batch", type=int)
+    _add(g, "--max-num-batched-tokens", 2048, "tokens per step", type=int)
+    _add(g, "--block-size", 16, "minimum tokens per KV block", type=int)
+    _add(g, "--pool-mb", None, "device page pool size (KV cache + adapters)", type=int)
+    _add(g, "--num-pages", None, "exact page pool size in pages (overrides --pool-mb)", type=int)
+    _add(g, "--max-lora-rank", 64, "largest adapter rank accepted", type=int)
+    _add(g, "--max-loras", 32, "adapters resident on the device at once", type=int)
+    _add(g, "--host-cache-mb", 2048, "host memory for cached adapter weights", type=int)
+    _add(g, "--seed", 0, "seed for requests that give none", type=int)
+
+
+def engine_config(args: argparse.Namespace, model: str) -> EngineConfig:
+    return EngineConfig(
+        model=model,
+        quantize=args.quantize,
+        dtype=args.dtype,
+        device=args.device,
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        block_size=args.block_size,
+        pool_mb=args.pool_mb,
+        num_pages=args.num_pages,
+        max_lora_rank=args.max_lora_rank,
+        max_loras=args.max_loras,
+        host_cache_mb=args.host_cache_mb,
+        seed=args.seed,
+    )
+
+
+def _serve_parser(sub: Any) -> None:
+    p = sub.add_parser("serve", help="run the HTTP server")
+    add_engine_args(p)
+    g = p.add_argument_group("server")
+    _add(g, "--host", "127.0.0.1", "interface to listen on")
+    _add(g, "--port", 8000, "port", type=int)
+    _add(g, "--data-dir", "./data", "adapter store, files and jobs (SQLite + blobs)")
+    _add(g, "--served-model-name", None, "name of the base model in the API")
+    _add(g, "--api-key", None, "key required by inference routes")
+    _add(g, "--admin-api-key", None, "key required by adapter and job mutations")
+    _add(g, "--preload-adapters", [], "adapter directories (or folders of them)", nargs="*")
+    _add(g, "--adapter-roots", [], "directories /v1/load_lora_adapter may read", nargs="*")
+    _add(g, "--max-upload-mb", 512, "largest upload accepted", type=int)
+    _add(g, "--max-waiting", 1024, "queued requests before 429", type=int)
+    _add(g, "--log-level", "info", "logging level")
+    p.set_defaults(func=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from server.api.app import build_state, create_app
+
+    model = args.model or str(_demo_model())
+    server = ServerConfig(
+        host=args.host,
+        port=args.port,
+        data_dir=args.data_dir,
+        served_model_name=args.served_model_name,
+        api_key=args.api_key,
+        admin_api_key=args.admin_api_key,
+        preload_adapters=tuple(args.preload_adapters),
+        adapter_roots=tuple(args.adapter_roots),
+        max_upload_mb=args.max_upload_mb,
+        max_waiting=args.max_waiting,
+        log_level=args.log_level,
+    )
+    app = create_app(build_state(server, engine_config(args, model)))
+    logger.info(
+        "listening on http://%s:%d (the model loads in the background)", server.host, server.port
+    )
+    uvicorn.run(app, host=server.host, port=server.port, log_level=server.log_level.lower())
+    return 0
+
+
+def _demo_model() -> Path:
+    from server.demo import ensure_demo_model
+
+    return ensure_demo_model(progress=True)
+
+
+def _demo_parser(sub: Any) -> None:
+    p = sub.add_parser("demo", help="build (or find) the offline demo model")
+    _add(p, "--out", None, "where to write it; default: the cache directory")
+    _add(p, "--force", False, "rebuild even if it exists", action="store_true")
+    _add(p, "--seconds", 150.0, "training time budget", type=float)
+    p.set_defaults(func=_demo)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from server.demo import build_demo_model, default_demo_dir, ensure_demo_model
+
+    out = Path(args.out) if args.out else default_demo_dir()
+    if args.force:
+        path = build_demo_model(out, train_seconds=args.seconds, progress=True)
+    else:
+        path = ensure_demo_model(out, progress=True)
+    print(path)
+    return 0
+
+
+def _finetune_parser(sub: Any) -> None:
+    from server.training import cli as training_cli
+
+    p = sub.add_parser("finetune", help="train a QLoRA or LongLoRA adapter without the server")
+    training_cli.add_arguments(p)
+    p.set_defaults(func=training_cli.run)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loraplex", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for build in (_serve_parser, _demo_parser, _finetune_parser):
+        build(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = getattr(args, "log_level", "info").upper()
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        print(f"loraplex: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

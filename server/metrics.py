@@ -1,0 +1,145 @@
+"""Prometheus metrics under the `loraplex_` prefix, fed from the engine's step statistics.
+
+Names follow vLLM's where one exists, so dashboards and LoRA-affinity gateways can reuse their
+queries; `loraplex_lora_requests_info` mirrors vLLM's `lora_requests_info`.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+if TYPE_CHECKING:
+    from server.engine.llm_engine import LLMEngine
+    from server.engine.outputs import RequestOutput
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
+TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+LOAD_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+
+
+class Metrics:
+    """All of the server's metrics, in a registry of their own (one per app)."""
+
+    def __init__(self, model_name: str) -> None:
+        self.registry = CollectorRegistry()
+        self.model_name = model_name
+        r, label = self.registry, ["model_name"]
+
+        def gauge(name: str, doc: str, labels: list[str] = label) -> Gauge:
+            return Gauge(f"loraplex_{name}", doc, labels, registry=r)
+
+        def counter(name: str, doc: str, labels: list[str] = label) -> Counter:
+            return Counter(f"loraplex_{name}", doc, labels, registry=r)
+
+        def histogram(name: str, doc: str, buckets: tuple) -> Histogram:
+            return Histogram(f"loraplex_{name}", doc, label, buckets=buckets, registry=r)
+
+        self.running = gauge("num_requests_running", "Requests in the running batch.")
+        self.waiting = gauge("num_requests_waiting", "Requests waiting to be scheduled.")
+        self.kv_usage = gauge("kv_cache_usage_perc", "Fraction of pool pages holding KV blocks.")
+        self.pool_pages = gauge(
+            "pool_pages", "Page pool pages by use (kv, adapter, free).", ["model_name", "kind"]
+        )
+        self.prompt_tokens = counter("prompt_tokens", "Prompt tokens prefilled.")
+        self.generation_tokens = counter("generation_tokens", "Tokens generated.")
+        self.preemptions = counter("num_preemptions", "Sequences preempted for recompute.")
+        self.request_success = counter(
+            "request_success", "Finished requests.", ["model_name", "finished_reason"]
+        )
+        self.ttft = histogram(
+            "time_to_first_token_seconds", "Time to first token.", LATENCY_BUCKETS
+        )
+        self.itl = histogram("inter_token_latency_seconds", "Time between tokens.", LATENCY_BUCKETS)
+        self.e2e = histogram("e2e_request_latency_seconds", "Arrival to finish.", LATENCY_BUCKETS)
+        self.queue = histogram(
+            "request_queue_time_seconds", "Arrival to first scheduled.", LATENCY_BUCKETS
+        )
+        self.prompt_len = histogram(
+            "request_prompt_tokens", "Prompt length of finished requests.", TOKEN_BUCKETS
+        )
+        self.gen_len = histogram(
+            "request_generation_tokens", "Generated length of finished requests.", TOKEN_BUCKETS
+        )
+        self.adapters_registered = gauge("adapters_registered", "Adapters in the registry.")
+        self.adapters_host = gauge("adapters_host_resident", "Adapters cached in host memory.")
+        self.adapters_device = gauge("adapters_device_resident", "Adapters in the device pool.")
+        self.adapter_loads = counter("adapter_loads", "Adapter loads into the device pool.")
+        self.adapter_evictions = counter("adapter_evictions", "Adapters evicted from the pool.")
+        self.adapter_disk_loads = counter("adapter_disk_loads", "Adapter reads from disk.")
+        self.adapter_load_latency = histogram(
+            "adapter_load_seconds", "Time to make an adapter resident.", LOAD_BUCKETS
+        )
+        self.adapter_requests = counter(
+            "adapter_requests", "Requests per adapter.", ["model_name", "adapter"]
+        )
+        self.lora_info = gauge(
+            "lora_requests_info",
+            "Running and waiting adapters (value: update time), for LoRA-aware routers.",
+            ["model_name", "max_lora", "running_lora_adapters", "waiting_lora_adapters"],
+        )
+        self._lora_info_labels: tuple[str, ...] | None = None
+        self._last_counts = {"loads": 0, "evictions": 0, "disk": 0}
+
+    def observe_step(self, engine: LLMEngine, outputs: list[RequestOutput]) -> None:
+        """Engine-thread hook: fold in what the last step did and the state it left."""
+        m = self.model_name
+        stats = engine.take_stats()
+        self.prompt_tokens.labels(m).inc(stats.num_prompt_tokens)
+        self.generation_tokens.labels(m).inc(stats.num_generation_tokens)
+        self.preemptions.labels(m).inc(stats.num_preemptions)
+        for hist, values in (
+            (self.ttft, stats.time_to_first_token),
+            (self.itl, stats.inter_token_latency),
+            (self.e2e, stats.e2e_latency),
+            (self.queue, stats.queue_time),
+            (self.prompt_len, stats.prompt_lengths),
+            (self.gen_len, stats.generation_lengths),
+            (self.adapter_load_latency, stats.adapter_load_seconds),
+        ):
+            for v in values:
+                hist.labels(m).observe(v)
+        for reason, n in stats.finished.items():
+            self.request_success.labels(m, reason).inc(n)
+        for name, n in stats.adapter_requests.items():
+            self.adapter_requests.labels(m, name).inc(n)
+        self._observe_state(engine)
+
+    def _observe_state(self, engine: LLMEngine) -> None:
+        m = self.model_name
+        sched, pool = engine.scheduler, engine.pool
+        self.running.labels(m).set(len(sched.running))
+        self.waiting.labels(m).set(len(sched.waiting))
+        self.kv_usage.labels(m).set(engine.kv.usage)
+        self.pool_pages.labels(m, "kv").set(pool.used_by_kind["kv"])
+        self.pool_pages.labels(m, "adapter").set(pool.used_by_kind["adapter"])
+        self.pool_pages.labels(m, "free").set(pool.num_free)
+        cache, registry = engine.adapter_cache, engine.registry
+        if cache is None or registry is None:
+            return
+        host = registry.stats
+        self.adapters_registered.labels(m).set(len(registry))
+        self.adapters_host.labels(m).set(host.num_host_resident)
+        self.adapters_device.labels(m).set(cache.num_resident)
+        counts = {
+            "loads": cache.stats.loads,
+            "evictions": cache.stats.evictions,
+            "disk": host.host_loads,
+        }
+        for key, metric in (
+            ("loads", self.adapter_loads),
+            ("evictions", self.adapter_evictions),
+            ("disk", self.adapter_disk_loads),
+        ):
+            metric.labels(m).inc(counts[key] - self._last_counts[key])
+        self._last_counts = counts
+        running = sorted({s.adapter_name for s in sched.running if s.adapter_name})
+        waiting = sorted({s.adapter_name for s in sched.waiting if s.adapter_name})
+        labels = (m, str(cache.max_loras), ",".join(running), ",".join(waiting))
+        if labels != self._lora_info_labels:
+            if self._lora_info_labels is not None:
+                self.lora_info.remove(*self._lora_info_labels)
+            self._lora_info_labels = labels
+        self.lora_info.labels(*labels).set(time.time())
