@@ -81,9 +81,10 @@ class ModelRunner:
     ) -> AttentionGroup:
         """Padded attention layout for sequences with these query counts and cache starts."""
         ctx = starts + counts  # keys each sequence sees after this step
-        max_q, max_ctx = int(counts.max()), int(ctx.max())
+        max_q = int(counts.max())
+        num_blocks = -(-int(ctx.max()) // self.block_size)
         q_range = torch.arange(max_q)
-        k_range = torch.arange(max_ctx)
+        k_range = torch.arange(num_blocks * self.block_size)
         q_valid = q_range[None, :] < counts[:, None]  # [B, max_q]
         q_pos = starts[:, None] + q_range[None, :]  # [B, max_q]
         mask = k_range[None, None, :] <= q_pos[:, :, None]  # causal
@@ -93,14 +94,11 @@ class ModelRunner:
         mask &= q_valid[:, :, None]
         mask |= ~q_valid[:, :, None] & (k_range == 0)[None, None, :]
         q_index = torch.where(q_valid, flat_starts[:, None] + q_range[None, :], 0)
-        kv_pages = tables[:, k_range // self.block_size]  # [B, max_ctx]
-        kv_offsets = (k_range % self.block_size).expand(len(counts), -1)
         dev = self.device
         return AttentionGroup(
             q_index=q_index.to(dev),
             q_valid=q_valid.to(dev),
             out_index=q_index[q_valid].to(dev),
-            kv_pages=kv_pages.to(dev),
-            kv_offsets=kv_offsets.to(dev),
+            block_tables=tables[:, :num_blocks].to(dev),
             mask=mask.unsqueeze(1).to(dev),
         )

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from server.lora.layout import LORA_MODULES, MAX_SLICES
-from server.lora.ops import Segment, SegmentTensors, SliceWeights, lora_ref
+from server.lora.ops import SegmentTensors, SliceWeights, lora_apply
 
 if TYPE_CHECKING:
     from server.memory.adapter_cache import ResidentAdapter
@@ -93,21 +93,19 @@ class LoRABatch:
     ) -> None:
         """out += each token's adapter delta for packed linear `module` of `layer`."""
         # x: [T, in]  out: [T, sum(slice_widths)]
-        segments = [
-            Segment(r.start, r.length, sl)
-            for r in self.runs
-            if (sl := r.adapter.slices.get((layer, module))) is not None
-        ]
-        if not segments:
-            return
         if self.backend == "triton":
-            from server.lora.triton_ops import lora_triton
+            if any((layer, module) in r.adapter.weights.slices for r in self.runs):
+                from server.lora.triton_ops import lora_triton
 
-            lora_triton(
-                x, self.pool, self._segment_tensors(layer, module), out, slice_offsets, slice_widths
-            )
-        else:
-            lora_ref(x, self.pool, segments, out, slice_offsets, slice_widths)
+                meta = self._segment_tensors(layer, module)
+                lora_triton(x, self.pool, meta, out, slice_offsets, slice_widths)
+            return
+        runs = [
+            (r.start, r.length, w)
+            for r in self.runs
+            if (w := r.adapter.weights.modules.get((layer, module))) is not None
+        ]
+        lora_apply(x, out, runs, slice_offsets, slice_widths)
 
     def _segment_tensors(self, layer: int, module: int) -> SegmentTensors:
         # All runs take part; a run whose adapter skips this layer has rank 0 there.
@@ -128,7 +126,12 @@ class LoRABatch:
             self._module_tensors[module] = cached
         a, b, ranks, scalings, starts, lens = cached
         max_rank = max(
-            (w.rank for r in self.runs for w in r.adapter.slices.get((layer, module), ()) if w),
+            (
+                w.rank
+                for r in self.runs
+                for w in r.adapter.weights.slices.get((layer, module), ())
+                if w
+            ),
             default=0,
         )
         return SegmentTensors(
@@ -142,14 +145,14 @@ class LoRABatch:
             max(r.length for r in self.runs),
         )
 
-    def norm_runs(self, name: str) -> list[tuple[int, int, int]]:
-        """(start, length, weight offset) of runs whose adapter replaces norm `name`."""
+    def norm_runs(self, name: str) -> list[tuple[int, int, torch.Tensor]]:
+        """(start, length, weight [hidden]) of runs whose adapter replaces norm `name`."""
         return [
-            (r.start, r.length, off)
+            (r.start, r.length, w)
             for r in self.runs
-            if (off := r.adapter.norms.get(name)) is not None
+            if (w := r.adapter.weights.norms.get(name)) is not None
         ]
 
     def embed_runs(self) -> list[Run]:
         """Runs whose adapter brings its own embedding table."""
-        return [r for r in self.runs if r.adapter.embed_chunks]
+        return [r for r in self.runs if r.adapter.weights.embed_chunks]

@@ -58,9 +58,7 @@ class AdapterRMSNorm(nn.Module):
             return self.base(x)
         normed = self.base.normalize(x)  # x: [T, hidden]
         out = self.base.weight * normed
-        hidden = x.shape[-1]
-        for start, length, offset in runs:
-            weight = lora.pool[offset : offset + hidden]
+        for start, length, weight in runs:
             out[start : start + length] = weight * normed[start : start + length]
         return out
 
@@ -84,10 +82,10 @@ class AdapterEmbedding(nn.Module):
         hidden = out.shape[-1]
         cols = torch.arange(hidden, device=ids.device)
         for run in lora.embed_runs():
-            a = run.adapter
-            chunks = torch.tensor(a.embed_chunks, device=ids.device)
+            w = run.adapter.weights
+            chunks = torch.tensor(w.embed_chunks, device=ids.device)
             tok = ids[run.start : run.end]
-            rows = chunks[tok // a.embed_rows_per_chunk] + (tok % a.embed_rows_per_chunk) * hidden
+            rows = chunks[tok // w.embed_rows_per_chunk] + (tok % w.embed_rows_per_chunk) * hidden
             out[run.start : run.end] = lora.pool[rows[:, None] + cols[None, :]]
         return out
 

@@ -90,6 +90,35 @@ def lora_ref(
     expand_ref(h, pool, segments, out, slice_offsets, slice_widths)
 
 
+@dataclass(frozen=True)
+class ModuleWeights:
+    """One adapter's LoRA for one packed linear, as views into the pool (the CPU path)."""
+
+    a: torch.Tensor  # [sum of slice ranks, in]: the A of every targeted slice, stacked
+    slices: tuple[tuple[int, int, torch.Tensor, float], ...]  # (slice, first row in a, Bt, scaling)
+
+
+def lora_apply(
+    x: torch.Tensor,
+    out: torch.Tensor,
+    runs: Sequence[tuple[int, int, ModuleWeights]],
+    slice_offsets: Sequence[int],
+    slice_widths: Sequence[int],
+) -> None:
+    """The same semantics as lora_ref, for the CPU: one matmul shrinks all slices of a run,
+    one addmm per slice expands in place, and no weight is sliced out of the pool per step.
+
+    runs: (start, length, weights) per segment.
+    """
+    for start, length, w in runs:
+        rows = slice(start, start + length)
+        h = x[rows] @ w.a.T  # [n, sum of ranks]
+        for s, r0, bt, scaling in w.slices:
+            col = slice_offsets[s]
+            target = out[rows, col : col + slice_widths[s]]
+            target.addmm_(h[:, r0 : r0 + bt.shape[0]], bt, alpha=scaling)
+
+
 @dataclass
 class SegmentTensors:
     """The same segments as device tensors, for kernels (G segments, S slices)."""

@@ -13,36 +13,32 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from server.engine.scheduler import ScheduledSeq
 from server.engine.sequence import NO_ADAPTER, Sequence
 from server.lora.batch import LoRABatch, Run, SlotTables
-from server.lora.layout import LORA_MODULES, SLICE_OF, Layout, plan_layout
-from server.lora.ops import SliceWeights
+from server.lora.layout import Layout
+from server.lora.pooled import PooledWeights, layout_adapter, write_to_pool
 from server.memory.page_pool import ADAPTER, PagePool
 from server.model.config import ModelConfig
 
 if TYPE_CHECKING:
-    from adapters.format import AdapterWeights
-    from adapters.registry import AdapterRegistry, RegisteredAdapter
+    from adapters.registry import AdapterRegistry
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class ResidentAdapter:
-    """An adapter whose weights sit in the pool, and where each of its tensors is."""
+    """An adapter whose weights sit in the pool: its slot, its pages, where each tensor is."""
 
     adapter_id: int
     name: str
     slot: int
     pages: list[int]
-    slices: dict[tuple[int, int], list[SliceWeights | None]]  # (layer, module) -> per slice
-    norms: dict[str, int] = field(default_factory=dict)  # norm module name -> flat offset
-    embed_chunks: list[int] = field(default_factory=list)  # flat offset of each row chunk
-    embed_rows_per_chunk: int = 0
+    weights: PooledWeights
     refcount: int = 0
 
 
@@ -78,6 +74,7 @@ class DeviceAdapterCache:
         self._free_slots = list(range(max_loras - 1, -1, -1))
         self._layouts: dict[int, Layout] = {}
         self._warming: set[int] = set()
+        self._load_times: list[float] = []
         self._warmer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loraplex-prefetch")
         pool.reclaimer = self
 
@@ -179,17 +176,7 @@ class DeviceAdapterCache:
         if layout is None:
             reg = self.registry.by_id(adapter_id)
             assert reg is not None, f"adapter {adapter_id} is not registered"
-            tensors = []
-            for t in reg.spec.targets:
-                tensors.append((("A", t.layer, t.module), t.rank * t.in_features))
-                tensors.append((("B", t.layer, t.module), t.rank * t.out_features))
-            embed_rows = 0
-            for name in reg.spec.saved_modules:
-                if name.endswith("embed_tokens"):
-                    embed_rows = self.cfg.vocab_size
-                else:
-                    tensors.append((("norm", name), self.cfg.hidden_size))
-            layout = plan_layout(tensors, self.pool.page_numel, embed_rows, self.cfg.hidden_size)
+            layout = layout_adapter(reg.spec, self.cfg, self.pool.page_numel)
             self._layouts[adapter_id] = layout
         return layout
 
@@ -215,55 +202,23 @@ class DeviceAdapterCache:
         except Exception:
             self._free_slots.append(slot)
             raise
-        r = self._place(reg, weights, layout, slot, pages)
-        self.tables.fill(slot, r.slices)
+        pooled = write_to_pool(
+            self.pool.buffer.view(-1),
+            self.pool.page_numel,
+            pages,
+            layout,
+            reg.spec,
+            weights,
+            self.cfg,
+        )
+        r = ResidentAdapter(adapter_id, reg.name, slot, pages, pooled)
+        self.tables.fill(slot, pooled.slices)
         self._resident[adapter_id] = r
+        elapsed = time.perf_counter() - start
         self.stats.loads += 1
-        self.stats.load_seconds += time.perf_counter() - start
+        self.stats.load_seconds += elapsed
+        self._load_times.append(elapsed)
         logger.debug("adapter %s resident in slot %d (%d pages)", reg.name, slot, len(pages))
-        return r
-
-    def _place(
-        self,
-        reg: RegisteredAdapter,
-        weights: AdapterWeights,
-        layout: Layout,
-        slot: int,
-        pages: list[int],
-    ) -> ResidentAdapter:
-        """Copy host weights into their pages and record where each one went."""
-        page_numel = self.pool.page_numel
-        offsets = {p.key: pages[p.page] * page_numel + p.offset for p in layout.placements}
-        flat = self.pool.buffer.view(-1)
-        rows = layout.embed_rows_per_chunk
-        embed = next((w for n, w in weights.saved.items() if n.endswith("embed_tokens")), None)
-        for p in layout.placements:
-            kind, *where = p.key
-            if kind == "A":
-                src = weights.lora[tuple(where)][0]  # [rank, in]
-            elif kind == "B":
-                src = weights.lora[tuple(where)][1].T  # [out, rank] stored as [rank, out]
-            elif kind == "norm":
-                src = weights.saved[where[0]]
-            else:
-                assert embed is not None
-                src = embed[where[0] * rows : (where[0] + 1) * rows]
-            dest = flat[offsets[p.key] : offsets[p.key] + p.numel]
-            dest.view(src.shape).copy_(src, non_blocking=True)
-        r = ResidentAdapter(reg.adapter_id, reg.name, slot, pages, {})
-        for t in reg.spec.targets:
-            m, s = SLICE_OF[t.module]
-            per_slice = r.slices.setdefault((t.layer, m), [None] * len(LORA_MODULES[m][1]))
-            per_slice[s] = SliceWeights(
-                offsets[("A", t.layer, t.module)],
-                offsets[("B", t.layer, t.module)],
-                t.rank,
-                t.scaling,
-            )
-        r.norms = {k[1]: off for k, off in offsets.items() if k[0] == "norm"}
-        chunks = sorted((k[1], off) for k, off in offsets.items() if k[0] == "embed")
-        r.embed_chunks = [off for _, off in chunks]
-        r.embed_rows_per_chunk = rows
         return r
 
     def _evict(self, r: ResidentAdapter) -> None:
@@ -307,6 +262,11 @@ class DeviceAdapterCache:
         if not runs:
             return None
         return LoRABatch(runs, self.pool.buffer.view(-1), self.tables, self.backend)
+
+    def take_load_times(self) -> list[float]:
+        """Durations of the loads since the last call (for the load-latency histogram)."""
+        times, self._load_times = self._load_times, []
+        return times
 
     def shutdown(self) -> None:
         self._warmer.shutdown(wait=False, cancel_futures=True)

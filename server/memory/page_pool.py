@@ -49,8 +49,10 @@ class PageGeometry:
 
     @classmethod
     def for_model(cls, cfg: ModelConfig, min_block_size: int, max_lora_rank: int) -> PageGeometry:
-        """Grow the KV block (in powers of two) until one page fits a rank-max LoRA matrix."""
-        widest = max(max(shape) for shape in cfg.linear_shapes().values())
+        """Grow the KV block (in powers of two) until one page fits the largest LoRA block of
+        a rank-max adapter: a Bt of the widest output, or the stacked A of q, k and v."""
+        shapes = cfg.linear_shapes()
+        widest = max(max(max(shape) for shape in shapes.values()), 3 * cfg.hidden_size)
         block = min_block_size
         while True:
             geom = cls(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, block)

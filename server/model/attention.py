@@ -59,6 +59,12 @@ class Attention(nn.Module):
             out = self.dense_attention(q, k, v)
         return out.transpose(1, 2).flatten(-2)
 
+    @staticmethod
+    def _gather(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
+        # cache: [pages, block, kv_heads, dim] -> whole blocks per sequence, one copy each
+        blocks = cache[block_tables]  # [B, max_blocks, block, kv_heads, dim]
+        return blocks.flatten(1, 2).transpose(1, 2)
+
     def _paged(self, q, k, v, meta) -> torch.Tensor:  # type: ignore[no-untyped-def]
         # q: [T, heads, dim]  k, v: [T, kv_heads, dim]
         assert self.k_cache is not None and self.v_cache is not None, "KV cache not bound"
@@ -67,8 +73,8 @@ class Attention(nn.Module):
         out = torch.empty_like(q)
         for g in meta.groups:
             qg = q[g.q_index].transpose(1, 2)  # [B, heads, max_q, dim]
-            kg = self.k_cache[g.kv_pages, g.kv_offsets].transpose(1, 2)  # [B, kv, max_ctx, dim]
-            vg = self.v_cache[g.kv_pages, g.kv_offsets].transpose(1, 2)
+            kg = self._gather(self.k_cache, g.block_tables)  # [B, kv_heads, max_ctx, dim]
+            vg = self._gather(self.v_cache, g.block_tables)
             og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=g.mask, enable_gqa=True)
             out[g.out_index] = og.transpose(1, 2)[g.q_valid]
         return out.flatten(-2)

@@ -24,9 +24,8 @@ class AttentionGroup:
     q_index: torch.Tensor  # [B, max_q] flat token index of each query (padding -> 0)
     q_valid: torch.Tensor  # [B, max_q] bool, real queries
     out_index: torch.Tensor  # [N] flat token index of each real query, == q_index[q_valid]
-    kv_pages: torch.Tensor  # [B, max_ctx] page holding each key
-    kv_offsets: torch.Tensor  # [B, max_ctx] offset of each key within its page's block
-    mask: torch.Tensor  # [B, 1, max_q, max_ctx] bool, True = may attend
+    block_tables: torch.Tensor  # [B, max_blocks] pages holding each sequence's keys, in order
+    mask: torch.Tensor  # [B, 1, max_q, max_blocks * block_size] bool, True = may attend
 
 
 @dataclass
