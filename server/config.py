@@ -9,6 +9,7 @@ import torch
 QUANTIZE_CHOICES = ("nf4", "none")
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
+LORA_BACKEND_CHOICES = ("auto", "torch", "triton")
 DEFAULT_CPU_POOL_MB = 1024
 
 
@@ -31,6 +32,7 @@ class EngineConfig:
     num_pages: int | None = None  # exact pool size in pages; overrides --pool-mb (tests, bench)
     max_lora_rank: int = 64
     max_loras: int = 32  # adapters resident on the device at once
+    lora_backend: str = "auto"  # triton on CUDA, torch on CPU
     host_cache_mb: int = 2048
     seed: int = 0
 
@@ -38,6 +40,7 @@ class EngineConfig:
         _choice("--quantize", self.quantize, QUANTIZE_CHOICES)
         _choice("--dtype", self.dtype, DTYPE_CHOICES)
         _choice("--device", self.device, DEVICE_CHOICES)
+        _choice("--lora-backend", self.lora_backend, LORA_BACKEND_CHOICES)
         for flag, value in (
             ("--max-num-seqs", self.max_num_seqs),
             ("--max-num-batched-tokens", self.max_num_batched_tokens),

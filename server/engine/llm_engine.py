@@ -91,8 +91,10 @@ class AdapterBusyError(RuntimeError):
         )
 
 
-def lora_backend(device: torch.device) -> str:
-    """Triton kernels on CUDA when Triton is installed, the torch reference otherwise."""
+def lora_backend(device: torch.device, choice: str = "auto") -> str:
+    """Triton kernels on CUDA when Triton is installed, the torch path otherwise."""
+    if choice != "auto":
+        return choice
     if device.type != "cuda":
         return "torch"
     try:
@@ -154,7 +156,11 @@ class LLMEngine:
         if registry is not None:
             enable_lora(self.model)
             self.adapter_cache = DeviceAdapterCache(
-                self.pool, registry, cfg, config.max_loras, lora_backend(self.device)
+                self.pool,
+                registry,
+                cfg,
+                config.max_loras,
+                lora_backend(self.device, config.lora_backend),
             )
         self.scheduler = Scheduler(
             self.kv, config.max_num_seqs, config.max_num_batched_tokens, self.adapter_cache

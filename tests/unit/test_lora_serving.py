@@ -73,3 +73,28 @@ def test_mixed_batch_of_adapters_matches_peft_one_adapter_at_a_time(
             want = peft_greedy(base, dirs[adapter], prompt, GREEDY.max_tokens)
         assert out.token_ids == want, adapter
     assert engine.adapter_cache.num_resident == len(dirs)
+
+
+def test_triton_backend_gives_the_same_tokens_as_the_torch_path(
+    tiny_model_dir, make_engine, tmp_path
+):
+    """The whole engine with the Triton kernels (the Triton interpreter when there is no GPU)."""
+    base = tiny_model_dir("llama")
+    names = ["attn-r4", "patterns", "rslora-r16", "layer1-only"]
+    dirs = _adapters(base, tmp_path / "peft", names)
+    outs = {}
+    for backend in ("torch", "triton"):
+        engine = make_engine(base, max_lora_rank=16)
+        registry = open_registry(tmp_path / f"data-{backend}", engine.config)
+        for name, path in dirs.items():
+            registry.register_dir(name, path)
+        engine = make_engine(base, registry=registry, max_lora_rank=16, lora_backend=backend)
+        assert engine.adapter_cache.backend == backend
+        requests = [(n, PROMPTS[i % len(PROMPTS)]) for i, n in enumerate([None, *names])]
+        small = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+        result = engine.generate([p for _, p in requests], small, [a for a, _ in requests])
+        outs[backend] = [o.token_ids for o in result]
+        base_only = engine.generate([p for _, p in requests], small)
+    assert outs["triton"] == outs["torch"]
+    # The adapters must matter, or equal outputs would prove nothing.
+    assert [o.token_ids for o in base_only][1:] != outs["torch"][1:]
