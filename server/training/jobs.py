@@ -1,0 +1,325 @@
+"""Fine-tuning files, jobs, events and checkpoints, in the server's SQLite database.
+
+The server process and the job worker process both open it (WAL mode): the worker appends
+events and checkpoints and records its result; the server reads them and moves jobs through
+their states. File blobs live under <data_dir>/files, job outputs under <data_dir>/jobs/<id>.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DB_FILE = "loraplex.db"
+ACTIVE = ("validating_files", "queued", "running")
+FINAL = ("succeeded", "failed", "cancelled")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS files (
+    id TEXT PRIMARY KEY, filename TEXT NOT NULL, purpose TEXT NOT NULL, bytes INTEGER NOT NULL,
+    created_at INTEGER NOT NULL, num_examples INTEGER
+);
+CREATE TABLE IF NOT EXISTS ft_jobs (
+    id TEXT PRIMARY KEY, created_at INTEGER NOT NULL, model TEXT NOT NULL,
+    method TEXT NOT NULL, hyperparameters TEXT NOT NULL, training_file TEXT NOT NULL,
+    validation_file TEXT, suffix TEXT, seed INTEGER, status TEXT NOT NULL,
+    finished_at INTEGER, fine_tuned_model TEXT, trained_tokens INTEGER, error TEXT,
+    cancel_requested INTEGER NOT NULL DEFAULT 0, result TEXT
+);
+CREATE TABLE IF NOT EXISTS ft_events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, job_id TEXT NOT NULL, created_at INTEGER NOT NULL,
+    level TEXT NOT NULL, type TEXT NOT NULL, message TEXT NOT NULL, data TEXT
+);
+CREATE INDEX IF NOT EXISTS ft_events_job ON ft_events (job_id, seq);
+CREATE TABLE IF NOT EXISTS ft_checkpoints (
+    id TEXT PRIMARY KEY, job_id TEXT NOT NULL, created_at INTEGER NOT NULL,
+    step INTEGER NOT NULL, metrics TEXT NOT NULL, path TEXT NOT NULL
+);
+"""
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+@dataclass
+class FileRecord:
+    id: str
+    filename: str
+    purpose: str
+    bytes: int
+    created_at: int
+    num_examples: int | None
+
+
+@dataclass
+class Job:
+    id: str
+    created_at: int
+    model: str
+    method: str
+    hyperparameters: dict[str, Any]
+    training_file: str
+    validation_file: str | None
+    suffix: str | None
+    seed: int | None
+    status: str
+    finished_at: int | None = None
+    fine_tuned_model: str | None = None
+    trained_tokens: int | None = None
+    error: dict[str, Any] | None = None
+    cancel_requested: bool = False
+    result: dict[str, Any] | None = None
+
+
+@dataclass
+class Event:
+    seq: int
+    job_id: str
+    created_at: int
+    level: str
+    type: str  # "message" | "metrics"
+    message: str
+    data: dict[str, Any] | None = None
+
+
+@dataclass
+class Checkpoint:
+    id: str
+    job_id: str
+    created_at: int
+    step: int
+    metrics: dict[str, Any] = field(default_factory=dict)
+    path: str = ""
+
+
+class JobStore:
+    """Files and jobs in SQLite, blobs on disk. Safe to share between threads."""
+
+    def __init__(self, data_dir: str | Path) -> None:
+        self.data_dir = Path(data_dir)
+        self.files_dir = self.data_dir / "files"
+        self.jobs_dir = self.data_dir / "jobs"
+        for d in (self.files_dir, self.jobs_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.data_dir / DB_FILE, check_same_thread=False, timeout=30)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _run(self, sql: str, args: tuple = ()) -> list[tuple]:
+        with self._lock, self._db:
+            return self._db.execute(sql, args).fetchall()
+
+    # ---- files ----------------------------------------------------------------------------
+
+    def file_path(self, file_id: str) -> Path:
+        return self.files_dir / f"{file_id}.jsonl"
+
+    def add_file(
+        self, filename: str, purpose: str, data: bytes, num_examples: int | None
+    ) -> FileRecord:
+        """Write the blob (temp, fsync, rename), then its row."""
+        rec = FileRecord(
+            new_id("file"), filename, purpose, len(data), int(time.time()), num_examples
+        )
+        path = self.file_path(rec.id)
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.rename(path)
+        self._run(
+            "INSERT INTO files VALUES (?, ?, ?, ?, ?, ?)",
+            (rec.id, rec.filename, rec.purpose, rec.bytes, rec.created_at, rec.num_examples),
+        )
+        return rec
+
+    def get_file(self, file_id: str) -> FileRecord | None:
+        rows = self._run("SELECT * FROM files WHERE id = ?", (file_id,))
+        return FileRecord(*rows[0]) if rows else None
+
+    def list_files(self, purpose: str | None = None) -> list[FileRecord]:
+        if purpose is None:
+            rows = self._run("SELECT * FROM files ORDER BY created_at, id")
+        else:
+            rows = self._run(
+                "SELECT * FROM files WHERE purpose = ? ORDER BY created_at, id", (purpose,)
+            )
+        return [FileRecord(*r) for r in rows]
+
+    def delete_file(self, file_id: str) -> bool:
+        with self._lock, self._db:
+            removed = self._db.execute("DELETE FROM files WHERE id = ?", (file_id,)).rowcount
+        self.file_path(file_id).unlink(missing_ok=True)
+        return removed > 0
+
+    # ---- jobs -----------------------------------------------------------------------------
+
+    def job_dir(self, job_id: str) -> Path:
+        return self.jobs_dir / job_id
+
+    def add_job(self, job: Job) -> Job:
+        self._run(
+            "INSERT INTO ft_jobs (id, created_at, model, method, hyperparameters, training_file,"
+            " validation_file, suffix, seed, status) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                job.id,
+                job.created_at,
+                job.model,
+                job.method,
+                json.dumps(job.hyperparameters),
+                job.training_file,
+                job.validation_file,
+                job.suffix,
+                job.seed,
+                job.status,
+            ),
+        )
+        return job
+
+    def get_job(self, job_id: str) -> Job | None:
+        rows = self._run("SELECT * FROM ft_jobs WHERE id = ?", (job_id,))
+        return _job(rows[0]) if rows else None
+
+    def list_jobs(self, after: str | None = None, limit: int = 20) -> tuple[list[Job], bool]:
+        """Newest first; `after` is the id of the last job of the previous page."""
+        if after is None:
+            rows = self._run(
+                "SELECT * FROM ft_jobs ORDER BY created_at DESC, rowid DESC LIMIT ?", (limit + 1,)
+            )
+        else:
+            rows = self._run(
+                "SELECT * FROM ft_jobs WHERE rowid < (SELECT rowid FROM ft_jobs WHERE id = ?)"
+                " ORDER BY created_at DESC, rowid DESC LIMIT ?",
+                (after, limit + 1),
+            )
+        return [_job(r) for r in rows[:limit]], len(rows) > limit
+
+    def jobs_with_status(self, *statuses: str) -> list[Job]:
+        marks = ",".join("?" * len(statuses))
+        rows = self._run(
+            f"SELECT * FROM ft_jobs WHERE status IN ({marks}) ORDER BY rowid", statuses
+        )
+        return [_job(r) for r in rows]
+
+    def update_job(self, job_id: str, **fields: Any) -> None:
+        encoded = {
+            k: json.dumps(v) if k in ("error", "result") and v is not None else v
+            for k, v in fields.items()
+        }
+        sets = ", ".join(f"{k} = ?" for k in encoded)
+        self._run(f"UPDATE ft_jobs SET {sets} WHERE id = ?", (*encoded.values(), job_id))
+
+    def add_trained_tokens(self, job_id: str, tokens: int) -> None:
+        self._run(
+            "UPDATE ft_jobs SET trained_tokens = COALESCE(trained_tokens, 0) + ? WHERE id = ?",
+            (tokens, job_id),
+        )
+
+    def request_cancel(self, job_id: str) -> None:
+        self._run("UPDATE ft_jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
+
+    def cancel_requested(self, job_id: str) -> bool:
+        rows = self._run("SELECT cancel_requested FROM ft_jobs WHERE id = ?", (job_id,))
+        return bool(rows and rows[0][0])
+
+    # ---- events and checkpoints -----------------------------------------------------------
+
+    def add_event(
+        self,
+        job_id: str,
+        message: str,
+        level: str = "info",
+        type: str = "message",
+        data: dict[str, Any] | None = None,
+    ) -> None:
+        self._run(
+            "INSERT INTO ft_events (job_id, created_at, level, type, message, data)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                job_id,
+                int(time.time()),
+                level,
+                type,
+                message,
+                json.dumps(data) if data is not None else None,
+            ),
+        )
+
+    def events(
+        self, job_id: str, after: int | None = None, limit: int = 20
+    ) -> tuple[list[Event], bool]:
+        """Newest first; `after` is the seq of the last event of the previous page."""
+        rows = self._run(
+            "SELECT * FROM ft_events WHERE job_id = ? AND seq < ? ORDER BY seq DESC LIMIT ?",
+            (job_id, after if after is not None else 2**62, limit + 1),
+        )
+        events = [
+            Event(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6]) if r[6] else None)
+            for r in rows[:limit]
+        ]
+        return events, len(rows) > limit
+
+    def add_checkpoint(self, job_id: str, step: int, metrics: dict[str, Any], path: str) -> None:
+        self._run(
+            "INSERT INTO ft_checkpoints VALUES (?, ?, ?, ?, ?, ?)",
+            (new_id("ftckpt"), job_id, int(time.time()), step, json.dumps(metrics), path),
+        )
+
+    def checkpoints(self, job_id: str) -> list[Checkpoint]:
+        rows = self._run(
+            "SELECT * FROM ft_checkpoints WHERE job_id = ? ORDER BY step DESC", (job_id,)
+        )
+        return [Checkpoint(r[0], r[1], r[2], r[3], json.loads(r[4]), r[5]) for r in rows]
+
+
+def _job(row: tuple) -> Job:
+    (
+        jid,
+        created,
+        model,
+        method,
+        hp,
+        train,
+        valid,
+        suffix,
+        seed,
+        status,
+        finished,
+        ftm,
+        tokens,
+        error,
+        cancel,
+        result,
+    ) = row
+    return Job(
+        jid,
+        created,
+        model,
+        method,
+        json.loads(hp),
+        train,
+        valid,
+        suffix,
+        seed,
+        status,
+        finished,
+        ftm,
+        tokens,
+        json.loads(error) if error else None,
+        bool(cancel),
+        json.loads(result) if result else None,
+    )

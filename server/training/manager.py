@@ -1,0 +1,319 @@
+"""JobManager: moves fine-tuning jobs through their states in the server process.
+
+validating_files -> queued -> running -> succeeded | failed | cancelled. Jobs run one at a time
+by default, each in a worker process (server.training.worker); a finished job's adapter is
+registered under its `fine_tuned_model` name at once, so the next request can use it. On start
+the manager requeues jobs a previous server left running; their workers resume from the last
+checkpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import re
+import time
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from server.training.data import DataError, load_jsonl
+from server.training.hparams import HParamsError, hparams_for
+from server.training.jobs import ACTIVE, Job, JobStore, new_id
+from server.training.worker import run_job
+
+if TYPE_CHECKING:
+    from adapters import AdapterRegistry
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("qlora", "longlora")
+SUFFIX = re.compile(r"^[A-Za-z0-9._-]{1,40}$")
+# OpenAI's hyperparameter names, as ours.
+OPENAI_ALIASES = {"n_epochs": "num_epochs", "batch_size": "batch_size"}
+
+
+class JobRequestError(ValueError):
+    """A fine-tuning request that cannot run; `param` names the field."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message, self.param = message, param
+
+
+class JobNotFoundError(KeyError):
+    """No job with that id."""
+
+
+def _hyperparameters(method: dict[str, Any], legacy: dict[str, Any] | None) -> dict[str, Any]:
+    """Overrides from `method.hyperparameters`, OpenAI's `method.<type>.hyperparameters`, or
+    the legacy top-level `hyperparameters`, with OpenAI's names mapped to ours."""
+    kind = method.get("type")
+    raw = dict(legacy or {})
+    raw.update(method.get("hyperparameters") or {})
+    nested = method.get(kind) if isinstance(method.get(kind), dict) else {}
+    raw.update(nested.get("hyperparameters") or {})
+    out: dict[str, Any] = {}
+    multiplier = None
+    for key, value in raw.items():
+        if value == "auto":
+            continue
+        if key == "learning_rate_multiplier":
+            multiplier = float(value)
+            continue
+        out[OPENAI_ALIASES.get(key, key)] = value
+    if multiplier is not None:
+        base = hparams_for(kind, {k: v for k, v in out.items() if k != "learning_rate"})
+        out["learning_rate"] = out.get("learning_rate", base.learning_rate) * multiplier
+    return out
+
+
+class JobManager:
+    def __init__(
+        self,
+        store: JobStore,
+        registry: AdapterRegistry,
+        model_name: str,
+        model_dir: str | Path,
+        device: str,
+        threads: int,
+        max_concurrent: int = 1,
+    ) -> None:
+        self.store = store
+        self.registry = registry
+        self.model_name = model_name
+        self.model_dir = str(model_dir)
+        self.device = device
+        self.threads = threads
+        self.max_concurrent = max_concurrent
+        self._workers: dict[str, BaseProcess] = {}
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._watchers: set[asyncio.Task] = set()
+        self._stopping = False
+
+    async def start(self) -> None:
+        for job in self.store.jobs_with_status("running"):
+            self.store.update_job(job.id, status="queued", result=None)
+            self.store.add_event(job.id, "Server restarted; resuming from the last checkpoint")
+        self._task = asyncio.create_task(self._loop())
+
+    async def stop(self) -> None:
+        """Stop workers; their jobs stay `running` and resume when a server starts again."""
+        self._stopping = True
+        if self._task is not None:
+            self._task.cancel()
+        for proc in self._workers.values():
+            proc.terminate()
+        for proc in list(self._workers.values()):
+            await asyncio.to_thread(proc.join, 10)
+        for task in self._watchers:
+            task.cancel()
+
+    # ---- requests -----------------------------------------------------------------------
+
+    def create(self, body: dict[str, Any]) -> Job:
+        """Check a job request and record it as validating_files."""
+        if body.get("model") != self.model_name:
+            raise JobRequestError(
+                f"fine-tuning is available for the served base model {self.model_name!r}, "
+                f"not {body.get('model')!r}",
+                "model",
+            )
+        method = body.get("method") or {"type": "qlora"}
+        kind = method.get("type")
+        if kind not in METHODS:
+            raise JobRequestError(
+                f"method.type must be one of {', '.join(METHODS)}; got {kind!r}", "method.type"
+            )
+        try:
+            overrides = _hyperparameters(method, body.get("hyperparameters"))
+            hp = hparams_for(kind, overrides)
+        except (HParamsError, TypeError, ValueError) as exc:
+            raise JobRequestError(str(exc), "method.hyperparameters") from exc
+        if hp.r > self.registry.max_lora_rank:
+            raise JobRequestError(
+                f"rank {hp.r} exceeds the server's --max-lora-rank "
+                f"{self.registry.max_lora_rank}; the adapter could not be served",
+                "method.hyperparameters.r",
+            )
+        for param in ("training_file", "validation_file"):
+            file_id = body.get(param)
+            if file_id is None and param == "validation_file":
+                continue
+            if not isinstance(file_id, str) or self.store.get_file(file_id) is None:
+                raise JobRequestError(f"{param} {file_id!r} does not exist", param)
+        suffix = body.get("suffix")
+        if suffix is not None and not SUFFIX.match(str(suffix)):
+            raise JobRequestError(
+                "suffix must be 1-40 characters of letters, digits, '.', '_' or '-'", "suffix"
+            )
+        seed = body.get("seed")
+        if seed is not None and not (isinstance(seed, int) and 0 <= seed < 2**31):
+            raise JobRequestError("seed must be an integer in [0, 2**31)", "seed")
+        job = Job(
+            id=new_id("ftjob"),
+            created_at=int(time.time()),
+            model=self.model_name,
+            method=kind,
+            hyperparameters=overrides,
+            training_file=body["training_file"],
+            validation_file=body.get("validation_file"),
+            suffix=suffix,
+            seed=seed,
+            status="validating_files",
+        )
+        self.store.add_job(job)
+        self.store.add_event(job.id, f"Created fine-tuning job: {job.id}")
+        self.store.add_event(job.id, f"Validating training file: {job.training_file}")
+        self._wake.set()
+        return job
+
+    def cancel(self, job_id: str) -> Job:
+        job = self.get(job_id)
+        if job.status in ("validating_files", "queued"):
+            self._finish(job, "cancelled")
+        elif job.status == "running":
+            self.store.request_cancel(job_id)
+            self.store.add_event(job_id, "Cancellation requested; stopping after this step")
+        return self.get(job_id)
+
+    def get(self, job_id: str) -> Job:
+        job = self.store.get_job(job_id)
+        if job is None:
+            raise JobNotFoundError(job_id)
+        return job
+
+    # ---- the loop -----------------------------------------------------------------------
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await self._tick()
+            except Exception:
+                logger.exception("fine-tuning job loop failed; retrying")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), 1.0)
+            self._wake.clear()
+
+    async def _tick(self) -> None:
+        for job in self.store.jobs_with_status("validating_files"):
+            await asyncio.to_thread(self._validate, job)
+        for job in self.store.jobs_with_status("queued"):
+            if len(self._workers) >= self.max_concurrent:
+                break
+            self._launch(job)
+
+    def _validate(self, job: Job) -> None:
+        try:
+            for file_id in (job.training_file, job.validation_file):
+                if file_id is not None:
+                    examples = load_jsonl(self.store.file_path(file_id))
+                    if not examples:
+                        raise DataError(file_id, [(None, "the file holds no examples")])
+        except (DataError, OSError) as exc:
+            self._finish(
+                job,
+                "failed",
+                error={
+                    "code": "invalid_training_file",
+                    "message": str(exc),
+                    "param": "training_file",
+                },
+            )
+            return
+        self.store.update_job(job.id, status="queued")
+        self.store.add_event(job.id, "Files validated; job queued")
+
+    def _launch(self, job: Job) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        proc = ctx.Process(
+            target=run_job,
+            args=(str(self.store.data_dir), job.id, self.model_dir, self.device, self.threads),
+            name=f"loraplex-job-{job.id}",
+            daemon=True,
+        )
+        proc.start()
+        self._workers[job.id] = proc
+        self.store.update_job(job.id, status="running", result=None)
+        self.store.add_event(job.id, f"Fine-tuning job started ({job.method}, pid {proc.pid})")
+        task = asyncio.create_task(self._watch(job.id, proc))
+        self._watchers.add(task)
+        task.add_done_callback(self._watchers.discard)
+
+    async def _watch(self, job_id: str, proc: BaseProcess) -> None:
+        await asyncio.to_thread(proc.join)
+        self._workers.pop(job_id, None)
+        if self._stopping:
+            return
+        await asyncio.to_thread(self._complete, job_id, proc.exitcode)
+        self._wake.set()
+
+    def _complete(self, job_id: str, exitcode: int | None) -> None:
+        job = self.get(job_id)
+        result = job.result
+        if result is None:
+            message = f"the training worker exited with code {exitcode} without a result"
+            self._finish(
+                job, "failed", error={"code": "worker_died", "message": message, "param": None}
+            )
+        elif result["status"] == "succeeded":
+            self._publish(job, result)
+        elif result["status"] == "cancelled":
+            self._finish(job, "cancelled")
+        else:
+            self._finish(job, "failed", error=result.get("error"))
+
+    def _publish(self, job: Job, result: dict[str, Any]) -> None:
+        """Register the adapter under its fine_tuned_model name; then the job succeeded."""
+        from adapters import AdapterError, AdapterExistsError
+
+        name = fine_tuned_name(job)
+        try:
+            self.registry.register_dir(name, Path(result["adapter_dir"]), source="training")
+        except AdapterExistsError:
+            logger.info("adapter %s was registered before a restart", name)
+        except AdapterError as exc:
+            self._finish(
+                job, "failed", error={"code": "invalid_adapter", "message": str(exc), "param": None}
+            )
+            return
+        valid = result.get("valid_loss")
+        start = result.get("initial_valid_loss")
+        summary = {
+            k: result.get(k)
+            for k in (
+                "initial_valid_loss",
+                "valid_loss",
+                "train_loss",
+                "tokens_per_second",
+                "peak_memory_bytes",
+                "steps",
+            )
+        }
+        self.store.add_event(
+            job.id, f"Validation loss {start} -> {valid}", type="metrics", data=summary
+        )
+        self._finish(job, "succeeded", fine_tuned_model=name)
+
+    def _finish(self, job: Job, status: str, **fields: Any) -> None:
+        self.store.update_job(job.id, status=status, finished_at=int(time.time()), **fields)
+        if status == "succeeded":
+            message = f"The job has successfully completed: {fields['fine_tuned_model']}"
+            self.store.add_event(job.id, message)
+        elif status == "cancelled":
+            self.store.add_event(job.id, "The job was cancelled")
+        else:
+            error = fields.get("error") or {}
+            self.store.add_event(job.id, f"The job failed: {error.get('message')}", level="error")
+
+    @property
+    def active_jobs(self) -> int:
+        return len(self.store.jobs_with_status(*ACTIVE))
+
+
+def fine_tuned_name(job: Job) -> str:
+    short = job.id.removeprefix("ftjob-")[:8]
+    return f"ft:{job.model}:{job.suffix}:{short}" if job.suffix else f"ft:{job.model}:{short}"
