@@ -40,6 +40,14 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Pa
     return build
 
 
+@pytest.fixture(scope="session")
+def demo_model_dir() -> Path:
+    """The real demo model, from the default cache (built there once, about 3 minutes)."""
+    from server.demo import ensure_demo_model
+
+    return ensure_demo_model(progress=False)
+
+
 @pytest.fixture
 def make_engine() -> Callable[..., LLMEngine]:
     """An engine over a model directory, float32 and unquantized unless told otherwise."""
