@@ -21,6 +21,7 @@ from server.config import (
 )
 
 logger = logging.getLogger("loraplex")
+KEEP_ALIVE_S = 65  # idle HTTP keep-alive, seconds
 
 
 def _env_name(flag: str) -> str:
@@ -30,7 +31,9 @@ def _env_name(flag: str) -> str:
 def _add(parser: argparse.ArgumentParser, flag: str, default: Any, help: str, **kw: Any) -> None:
     """A flag whose default comes from LORAPLEX_<FLAG> when set (argparse applies `type`)."""
     env = os.environ.get(_env_name(flag))
-    if env is not None:
+    # An empty value counts as unset: compose files pass `LORAPLEX_API_KEY: ${KEY:-}`, and an
+    # empty API key would otherwise lock every route.
+    if env:
         if kw.get("nargs") == "*":
             default = [v for v in env.split(os.pathsep) if v]
         elif kw.get("action") == "store_true":
@@ -94,6 +97,8 @@ def _serve_parser(sub: Any) -> None:
     _add(g, "--max-upload-mb", 512, "largest upload accepted", type=int)
     _add(g, "--max-waiting", 1024, "queued requests before 429", type=int)
     _add(g, "--log-level", "info", "logging level")
+    _add(g, "--max-concurrent-jobs", 1, "fine-tuning jobs that train at once", type=int)
+    _add(g, "--training-threads", None, "CPU threads per training job", type=int)
     p.set_defaults(func=_serve)
 
 
@@ -108,19 +113,29 @@ def _serve(args: argparse.Namespace) -> int:
         port=args.port,
         data_dir=args.data_dir,
         served_model_name=args.served_model_name,
-        api_key=args.api_key,
-        admin_api_key=args.admin_api_key,
+        api_key=args.api_key or None,  # an empty key is no key
+        admin_api_key=args.admin_api_key or None,
         preload_adapters=tuple(args.preload_adapters),
         adapter_roots=tuple(args.adapter_roots),
         max_upload_mb=args.max_upload_mb,
         max_waiting=args.max_waiting,
         log_level=args.log_level,
+        max_concurrent_jobs=args.max_concurrent_jobs,
+        training_threads=args.training_threads,
     )
     app = create_app(build_state(server, engine_config(args, model)))
     logger.info(
         "listening on http://%s:%d (the model loads in the background)", server.host, server.port
     )
-    uvicorn.run(app, host=server.host, port=server.port, log_level=server.log_level.lower())
+    uvicorn.run(
+        app,
+        host=server.host,
+        port=server.port,
+        log_level=server.log_level.lower(),
+        # Longer than clients keep idle connections (httpx: 5 s, uvicorn's default too), so the
+        # client closes first: a request sent on a connection the server is closing fails.
+        timeout_keep_alive=KEEP_ALIVE_S,
+    )
     return 0
 
 

@@ -97,6 +97,8 @@ class ServerConfig:
     max_upload_mb: int = 512
     max_waiting: int = 1024  # queued requests before 429
     log_level: str = "info"
+    max_concurrent_jobs: int = 1  # fine-tuning jobs training at once
+    training_threads: int | None = None  # CPU threads per job; default half the cores
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:

@@ -9,7 +9,13 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+)
 
 if TYPE_CHECKING:
     from server.engine.llm_engine import LLMEngine
@@ -24,6 +30,9 @@ class Metrics:
     """All of the server's metrics, in a registry of their own (one per app)."""
 
     def __init__(self, model_name: str) -> None:
+        # No `<name>_created` series beside each counter and histogram: dashboards never use
+        # them and they double the families a scrape returns (vLLM turns them off too).
+        disable_created_metrics()
         self.registry = CollectorRegistry()
         self.model_name = model_name
         r, label = self.registry, ["model_name"]
@@ -105,9 +114,10 @@ class Metrics:
             self.request_success.labels(m, reason).inc(n)
         for name, n in stats.adapter_requests.items():
             self.adapter_requests.labels(m, name).inc(n)
-        self._observe_state(engine)
+        self.observe_state(engine)
 
-    def _observe_state(self, engine: LLMEngine) -> None:
+    def observe_state(self, engine: LLMEngine) -> None:
+        """Engine-thread: set the gauges from the engine's state now (also run at each scrape)."""
         m = self.model_name
         sched, pool = engine.scheduler, engine.pool
         self.running.labels(m).set(len(sched.running))

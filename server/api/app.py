@@ -13,7 +13,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server import __version__
 from server.api.errors import install_handlers
-from server.api.routes import adapters, lorax, openai, ops
+from server.api.routes import adapters, files, fine_tuning, lorax, openai, ops
 from server.api.state import ServerState
 from server.config import EngineConfig, ServerConfig
 from server.engine.llm_engine import LLMEngine, open_registry
@@ -103,7 +103,14 @@ def create_app(state: ServerState) -> FastAPI:
     )
     app.state.server = state
     install_handlers(app)
-    for router in (ops.router, openai.router, adapters.router, lorax.router):
+    for router in (
+        ops.router,
+        openai.router,
+        adapters.router,
+        files.router,
+        fine_tuning.router,
+        lorax.router,
+    ):
         app.include_router(router)
     app.add_middleware(UploadLimit, max_bytes=state.config.max_upload_mb * 2**20)
     return app

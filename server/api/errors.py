@@ -13,6 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from adapters import AdapterError, AdapterExistsError
 from server.engine.async_engine import EngineDeadError, EngineStepError
@@ -22,6 +23,7 @@ from server.engine.sampling_params import InvalidRequestError
 logger = logging.getLogger(__name__)
 
 LORAX_PATHS = ("/generate", "/generate_stream")
+_TYPE_NAMES = frozenset({"str", "int", "float", "bool", "dict", "list", "bytes", "none"})
 
 
 class APIError(Exception):
@@ -77,6 +79,22 @@ class GenerationError(APIError):
     status, type, code, lorax_type = 500, "server_error", "generation_failed", "generation"
 
 
+class ClientDisconnected(APIError):
+    """The client went away; nobody reads the reply (499, nginx's code for this)."""
+
+    status, type, code, lorax_type = 499, "client_closed_request", "client_closed", "client_closed"
+
+
+DOMAIN_ERRORS: tuple[type[Exception], ...] = (
+    InvalidRequestError,
+    AdapterError,
+    AdapterBusyError,
+    EngineDeadError,
+    EngineStepError,
+    ClientDisconnect,
+)
+
+
 def _is_lorax(request: Request) -> bool:
     return request.url.path == "/" or request.url.path.startswith(LORAX_PATHS)
 
@@ -117,13 +135,24 @@ def translate(exc: Exception) -> APIError:
         return Unavailable(str(exc))
     if isinstance(exc, EngineStepError):
         return GenerationError(str(exc))
+    if isinstance(exc, ClientDisconnect):
+        return ClientDisconnected("client disconnected")
     logger.exception("unexpected error", exc_info=exc)
     return GenerationError(f"internal error: {type(exc).__name__}")
 
 
+def _is_union_branch(part: str) -> bool:
+    # pydantic names the union member it tried in the loc ('str', 'list[int]'); not a field
+    return part in _TYPE_NAMES or "[" in part
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     first = exc.errors()[0]
-    loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
+    loc = [
+        str(p)
+        for p in first.get("loc", ())
+        if p not in ("body", "query", "path") and not _is_union_branch(str(p))
+    ]
     param = ".".join(loc) or None
     where = f" ({param})" if param else ""
     return f"{first.get('msg', 'invalid request')}{where}", param
@@ -140,6 +169,14 @@ def install_handlers(app: FastAPI) -> None:
         err = BadRequest(message, param)
         lorax = _is_lorax(request)
         return JSONResponse(error_body(err, lorax), status_code=422 if lorax else 400)
+
+    # Domain errors get handlers of their own: the catch-all below runs in Starlette's
+    # ServerErrorMiddleware, which answers but then re-raises (a traceback per bad request).
+    async def _domain(request: Request, exc: Exception) -> JSONResponse:
+        return error_response(request, translate(exc))
+
+    for domain in DOMAIN_ERRORS:
+        app.add_exception_handler(domain, _domain)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

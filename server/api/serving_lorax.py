@@ -39,10 +39,14 @@ def _params(p: LoraxParameters, details: bool) -> SamplingParams:
         raise BadRequest("parameters.watermark is not supported", "parameters.watermark")
     if p.best_of not in (None, 1):
         raise BadRequest("parameters.best_of > 1 is not supported", "parameters.best_of")
+    # LoRAX/TGI semantics: a warper (temperature other than 1, top_k, top_p below 1) samples
+    # even without do_sample; with neither, the choice is greedy.
+    warped = (
+        p.temperature not in (None, 1.0) or bool(p.top_k) or (p.top_p is not None and p.top_p < 1)
+    )
     return SamplingParams(
         max_tokens=p.max_new_tokens or 20,
-        # TGI semantics: without do_sample the choice is greedy whatever the temperature.
-        temperature=(p.temperature or 1.0) if p.do_sample else 0.0,
+        temperature=(p.temperature or 1.0) if p.do_sample or warped else 0.0,
         top_k=p.top_k or 0,
         top_p=p.top_p or 1.0,
         seed=p.seed,

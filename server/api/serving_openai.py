@@ -159,9 +159,17 @@ class CompletionService:
         return CompletionLogprobs(
             tokens=tokens,
             token_logprobs=[lp.logprob for lp in lps],
-            top_logprobs=[{_token_text(self.tok, t): v for t, v in lp.top} for lp in lps],
+            top_logprobs=[self._top_by_text(lp) for lp in lps],
             text_offset=offsets,
         )
+
+    def _top_by_text(self, lp: TokenLogprob) -> dict[str, float]:
+        # Tokens that decode alone to the same text (partial UTF-8 bytes all read as U+FFFD)
+        # share a key; keep the likeliest, which comes first.
+        top: dict[str, float] = {}
+        for token_id, logprob in lp.top:
+            top.setdefault(_token_text(self.tok, token_id), logprob)
+        return top
 
     async def _stream_completions(self, req, rid, created, prompts, stream) -> AsyncIterator[str]:  # type: ignore[no-untyped-def]
         finals: list[RequestOutput] = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
@@ -13,13 +14,15 @@ from pathlib import Path
 from fastapi import Request
 
 from adapters import AdapterRegistry
-from server.api.errors import NotFound, Overloaded, Unavailable
+from server.api.errors import BadRequest, ClientDisconnected, NotFound, Overloaded, Unavailable
 from server.config import ServerConfig
 from server.engine.async_engine import AsyncLLMEngine
 from server.engine.llm_engine import LLMEngine, Prompt
 from server.engine.outputs import RequestOutput
 from server.engine.sampling_params import SamplingParams
 from server.metrics import Metrics
+from server.training.jobs import JobStore
+from server.training.manager import JobManager
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +38,7 @@ class ServerState:
     model_name: str
     metrics: Metrics
     engine: AsyncLLMEngine | None = None
+    jobs: JobManager | None = None
     ready: bool = False
     load_error: BaseException | None = None
     started: float = field(default_factory=time.time)
@@ -48,6 +52,8 @@ class ServerState:
             engine.start()
             self.engine = engine
             await asyncio.to_thread(self._preload)
+            self.jobs = self._job_manager(llm)
+            await self.jobs.start()
             self.ready = True
             logger.info("ready: serving %s with %d adapters", self.model_name, len(self.registry))
         except Exception as exc:
@@ -56,10 +62,31 @@ class ServerState:
 
     async def stop(self) -> None:
         self.ready = False
+        if self.jobs is not None:
+            await self.jobs.stop()
         if self.engine is not None:
             await self.engine.stop()
             if self.llm.adapter_cache is not None:
                 self.llm.adapter_cache.shutdown()
+
+    def _job_manager(self, llm: LLMEngine) -> JobManager:
+        cores = os.cpu_count() or 2
+        threads = self.config.training_threads or max(1, cores // 2)
+        return JobManager(
+            JobStore(self.config.data_dir),
+            self.registry,
+            self.model_name,
+            str(llm.config.model),
+            llm.device.type,
+            threads,
+            self.config.max_concurrent_jobs,
+        )
+
+    @property
+    def job_manager(self) -> JobManager:
+        if self.jobs is None:
+            raise Unavailable("the server is not ready yet", headers={"Retry-After": "5"})
+        return self.jobs
 
     def _preload(self) -> None:
         for root in self.config.preload_adapters:
@@ -101,6 +128,13 @@ class ServerState:
         """503 until ready, 429 when the waiting queue is full."""
         if not self.ready or self.engine is None or not self.engine.running:
             raise Unavailable("the server is not ready yet", headers={"Retry-After": "1"})
+        if num_requests > self.config.max_waiting:
+            # Retrying could never help, so this is the request's fault, not the load's.
+            raise BadRequest(
+                f"this request needs {num_requests} sequences (prompts x n) but at most "
+                f"{self.config.max_waiting} can wait (--max-waiting)",
+                "n",
+            )
         if self.engine.num_waiting + num_requests > self.config.max_waiting:
             raise Overloaded(
                 f"too many requests waiting ({self.engine.num_waiting}); retry shortly",
@@ -144,7 +178,7 @@ async def _merge(
     async def watch() -> None:
         while not await request.is_disconnected():
             await asyncio.sleep(DISCONNECT_POLL_SECONDS)
-        queue.put_nowait(ConnectionAbortedError("client disconnected"))
+        queue.put_nowait(ClientDisconnected("client disconnected"))
 
     tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
     watcher = asyncio.create_task(watch())

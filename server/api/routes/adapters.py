@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from fastapi import APIRouter, Depends, Request, UploadFile, status
+from fastapi import APIRouter, Depends, Request, status
 from fastapi.responses import PlainTextResponse
-from starlette.datastructures import FormData
+
+# Starlette's class: what request.form() yields (fastapi.UploadFile is a subclass of it).
+from starlette.datastructures import FormData, UploadFile
 
 from adapters import RegisteredAdapter, extract_adapter_files
-from adapters.format import CONFIG_FILE, WEIGHTS_FILE
+from adapters.format import ADAPTER_FILES, CONFIG_FILE, WEIGHTS_FILE
 from server.api.auth import require_admin_key, require_api_key
 from server.api.errors import BadRequest, Forbidden, NotFound
 from server.api.schemas.admin import (
@@ -60,7 +62,8 @@ def adapter_info(state: ServerState, reg: RegisteredAdapter, active: int | None)
 
 
 async def _files_from_form(form: FormData, max_bytes: int) -> dict[str, bytes]:
-    uploads = [v for v in form.values() if isinstance(v, UploadFile)]
+    # multi_items: several files may share one field name ("files"), which values() collapses.
+    uploads = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
     if not uploads:
         raise BadRequest(
             f"upload {CONFIG_FILE} and {WEIGHTS_FILE} as files, or one .tar.gz/.zip archive",
@@ -155,8 +158,10 @@ async def delete_adapter(name: str, request: Request) -> DeletedAdapter:
 
 
 def _inside_roots(path: Path, roots: tuple[str, ...]) -> bool:
-    resolved = path.resolve()
-    return any(resolved.is_relative_to(Path(r).resolve()) for r in roots)
+    """Whether path, and each adapter file in it, resolves (links followed) inside a root."""
+    targets = [path, *(path / f for f in ADAPTER_FILES if (path / f).exists())]
+    allowed = [Path(r).resolve() for r in roots]
+    return all(any(t.resolve().is_relative_to(r) for r in allowed) for t in targets)
 
 
 @router.post(
@@ -172,7 +177,11 @@ async def load_lora_adapter(body: LoadLoraAdapterRequest, request: Request) -> s
     if not roots:
         raise Forbidden("loading adapters from paths is disabled: start with --adapter-roots")
     path = Path(body.lora_path)
-    if not _inside_roots(path, roots):
+    try:
+        inside, is_dir = _inside_roots(path, roots), path.is_dir()
+    except (OSError, ValueError) as exc:  # a NUL byte, a name too long, a loop of links
+        raise BadRequest(f"lora_path {body.lora_path!r} is not usable: {exc}", "lora_path") from exc
+    if not inside:
         raise Forbidden(
             f"lora_path {body.lora_path!r} is outside the allowed --adapter-roots", "lora_path"
         )
@@ -180,7 +189,7 @@ async def load_lora_adapter(body: LoadLoraAdapterRequest, request: Request) -> s
         raise BadRequest(
             f"the lora adapter {body.lora_name!r} has already been loaded", "lora_name"
         )
-    if not path.is_dir():
+    if not is_dir:
         raise BadRequest(f"lora_path {body.lora_path!r} is not a directory", "lora_path")
     await asyncio.to_thread(state.registry.register_dir, body.lora_name, path, "path")
     return f"Success: LoRA adapter '{body.lora_name}' added successfully."

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -10,6 +13,7 @@ from server import __version__
 from server.api.state import ServerState
 
 router = APIRouter(tags=["ops"])
+SCRAPE_REFRESH_TIMEOUT_S = 2.0  # a stuck step loop must not hang scrapes too
 
 
 def _state(request: Request) -> ServerState:
@@ -71,5 +75,12 @@ async def info(request: Request) -> dict:
 
 @router.get("/metrics")
 async def metrics(request: Request) -> Response:
-    registry = _state(request).metrics.registry
-    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+    """Prometheus text format; gauges are refreshed first, so an idle server reports its state."""
+    state = _state(request)
+    engine = state.engine
+    if engine is not None and engine.running:
+        # On the step thread, between steps: the scheduler's queues are not thread-safe.
+        with contextlib.suppress(TimeoutError):
+            refresh = engine.call(lambda: state.metrics.observe_state(engine.engine))
+            await asyncio.wait_for(refresh, timeout=SCRAPE_REFRESH_TIMEOUT_S)
+    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

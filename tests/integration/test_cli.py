@@ -1,0 +1,31 @@
+"""`loraplex serve` settings from flags and LORAPLEX_* environment variables."""
+
+from __future__ import annotations
+
+import pytest
+
+from server.cli import build_parser
+
+
+def test_serve_flags_default_to_their_loraplex_environment_variables(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("LORAPLEX_MAX_WAITING", "7")
+    monkeypatch.setenv("LORAPLEX_API_KEY", "from-env")
+    monkeypatch.setenv("LORAPLEX_ADAPTER_ROOTS", "/a:/b")
+    args = build_parser().parse_args(["serve"])
+    assert (args.max_waiting, args.api_key, args.adapter_roots) == (7, "from-env", ["/a", "/b"])
+
+
+def test_a_flag_overrides_its_environment_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LORAPLEX_MAX_WAITING", "7")
+    assert build_parser().parse_args(["serve", "--max-waiting", "9"]).max_waiting == 9
+
+
+def test_an_empty_environment_variable_counts_as_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    # docker-compose passes `LORAPLEX_API_KEY: ${LORAPLEX_API_KEY:-}`; an empty key must not
+    # become a key that locks every route.
+    monkeypatch.setenv("LORAPLEX_API_KEY", "")
+    monkeypatch.setenv("LORAPLEX_MAX_WAITING", "")
+    args = build_parser().parse_args(["serve"])
+    assert (args.api_key, args.max_waiting) == (None, 1024)

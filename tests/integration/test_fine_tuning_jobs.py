@@ -1,0 +1,136 @@
+"""Fine-tuning job lifecycle over HTTP: cancel, a failing dataset, a restart mid-job, and
+serving that keeps answering while a job trains."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.integration.fine_tuning_data import (
+    all_events,
+    jsonl,
+    ordering_task,
+    upload,
+    wait_for_job,
+)
+from tests.integration.live_server import LiveServer, wait_until
+
+SMALL = {"r": 8, "batch_size": 2, "gradient_accumulation_steps": 1, "quantize": "none"}
+
+
+@pytest.fixture
+def server(model_dir: Path, tmp_path: Path) -> Iterator[LiveServer]:
+    live = LiveServer(model_dir, tmp_path / "data", args=["--max-lora-rank", "8"])
+    live.start()
+    yield live
+    live.stop()
+
+
+def _create(server: LiveServer, hyperparameters: dict, **body) -> dict:  # type: ignore[no-untyped-def]
+    with server.client(admin=True) as admin:
+        file_id = body.pop("training_file", None) or upload(
+            admin, "train.jsonl", jsonl(ordering_task(64, seed=0))
+        )
+        response = admin.post(
+            "/v1/fine_tuning/jobs",
+            json={
+                "model": server.model_dir.name,
+                "training_file": file_id,
+                "method": {"type": "qlora", "hyperparameters": {**SMALL, **hyperparameters}},
+                **body,
+            },
+        )
+        assert response.status_code == 200, response.text
+        return response.json()
+
+
+def _step_events(server: LiveServer, job_id: str) -> list[dict]:
+    with server.client() as client:
+        return [e for e in all_events(client, job_id) if (e["data"] or {}).get("learning_rate")]
+
+
+def test_cancel_stops_a_running_job_within_a_step(server):
+    job = _create(server, {"max_steps": 5000, "checkpoint_steps": 0})
+    assert wait_until(lambda: len(_step_events(server, job["id"])) >= 2, timeout=120)
+    with server.client(admin=True) as admin:
+        assert admin.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel").status_code == 200
+        final = wait_for_job(admin, job["id"], timeout=60)
+        events = [e["message"] for e in all_events(admin, job["id"])]
+        models = [m["id"] for m in admin.get("/v1/models").json()["data"]]
+    assert final["status"] == "cancelled"
+    assert final["fine_tuned_model"] is None
+    assert "Cancellation requested; stopping after this step" in events
+    assert events[-1] == "The job was cancelled"
+    assert len(_step_events(server, job["id"])) < 5000
+    assert not any(m.startswith("ft:") for m in models)
+
+
+def test_a_bad_dataset_fails_the_job_and_names_the_line(server):
+    with server.client(admin=True) as admin:
+        # Stored without checks (not purpose fine-tune), so the job's own validation meets it.
+        bad = b'{"prompt": "a", "completion": "b"}\n{"prompt": 3, "completion": "c"}\n'
+        file_id = upload(admin, "bad.jsonl", bad, purpose="user_data")
+    job = _create(server, {"max_steps": 5}, training_file=file_id)
+    with server.client() as client:
+        final = wait_for_job(client, job["id"], timeout=60)
+        events = all_events(client, job["id"])
+    assert final["status"] == "failed"
+    assert final["error"]["code"] == "invalid_training_file"
+    assert "line 2" in final["error"]["message"]
+    assert events[-1]["level"] == "error"
+    assert "line 2" in events[-1]["message"]
+
+
+def test_a_restart_mid_job_resumes_from_the_last_checkpoint(server):
+    job = _create(server, {"max_steps": 60, "checkpoint_steps": 5}, suffix="resumed")
+
+    def checkpointed() -> bool:
+        with server.client() as client:
+            return bool(client.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints").json()["data"])
+
+    assert wait_until(checkpointed, timeout=120)
+    server.restart()
+    with server.client() as client:
+        final = wait_for_job(client, job["id"], timeout=300)
+        messages = [e["message"] for e in all_events(client, job["id"])]
+        completion = client.post(
+            "/v1/completions",
+            json={
+                "model": final["fine_tuned_model"],
+                "prompt": "Order: 3 1 2 0\nAnswer:",
+                "max_tokens": 4,
+            },
+        )
+    assert final["status"] == "succeeded", final["error"]
+    assert "Server restarted; resuming from the last checkpoint" in messages
+    resumed = [m for m in messages if m.startswith("resumed from the checkpoint at step")]
+    assert resumed and int(resumed[0].rsplit(" ", 1)[1]) >= 5
+    assert completion.status_code == 200
+
+
+def test_serving_keeps_answering_while_a_job_trains(server):
+    job = _create(server, {"max_steps": 5000, "checkpoint_steps": 0})
+    assert wait_until(lambda: len(_step_events(server, job["id"])) >= 1, timeout=120)
+    latencies = []
+    with server.client() as client:
+        for i in range(10):
+            start = time.perf_counter()
+            response = client.post(
+                "/v1/completions",
+                json={
+                    "model": server.model_dir.name,
+                    "prompt": f"Order: {i} 5\nAnswer:",
+                    "max_tokens": 8,
+                    "temperature": 0,
+                },
+            )
+            latencies.append(time.perf_counter() - start)
+            assert response.status_code == 200, response.text
+        still_running = client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()["status"]
+    with server.client(admin=True) as admin:
+        admin.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel")
+    assert still_running == "running"
+    assert max(latencies) < 30
