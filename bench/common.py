@@ -1,0 +1,119 @@
+"""Shared bench pieces: random checkpoints of a chosen size, synthetic adapters, timing."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from adapters import AdapterWeights, write_adapter
+from adapters.format import lora_config_dict
+
+TARGETS = {
+    "attn": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "all-linear": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+}
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    layers: int = 8
+    hidden: int = 512
+    intermediate: int = 1408
+    heads: int = 8
+    kv_heads: int = 4
+    vocab: int = 4096
+    max_len: int = 1024
+
+    def describe(self) -> str:
+        return (
+            f"{self.layers} layers x {self.hidden} hidden ({self.heads} heads, "
+            f"{self.kv_heads} kv heads), vocab {self.vocab}"
+        )
+
+
+def _tokenizer(vocab: int) -> Tokenizer:
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    from pydoc_data.topics import topics
+
+    tok.train_from_iterator(list(topics.values()), trainer)
+    return tok
+
+
+def random_model(path: Path, size: ModelSize, seed: int = 0) -> Path:
+    """A randomly initialized Llama checkpoint (transformers layout) with a BPE tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if (path / "model.safetensors").is_file():
+        return path
+    cfg = LlamaConfig(
+        vocab_size=size.vocab,
+        hidden_size=size.hidden,
+        intermediate_size=size.intermediate,
+        num_hidden_layers=size.layers,
+        num_attention_heads=size.heads,
+        num_key_value_heads=size.kv_heads,
+        max_position_embeddings=size.max_len,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    torch.manual_seed(seed)
+    LlamaForCausalLM(cfg).save_pretrained(path, safe_serialization=True)
+    _tokenizer(size.vocab).save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(
+        json.dumps({"bos_token": "<s>", "eos_token": "</s>"})
+    )
+    return path
+
+
+def synthetic_adapter(
+    path: Path, size: ModelSize, rank: int, targets: tuple[str, ...], seed: int
+) -> Path:
+    """A PEFT-format LoRA adapter with small random weights."""
+    if (path / "adapter_model.safetensors").is_file():
+        return path
+    gen = torch.Generator().manual_seed(seed)
+    kv = size.hidden // size.heads * size.kv_heads
+    shapes = {
+        "q_proj": (size.hidden, size.hidden),
+        "k_proj": (size.hidden, kv),
+        "v_proj": (size.hidden, kv),
+        "o_proj": (size.hidden, size.hidden),
+        "gate_proj": (size.hidden, size.intermediate),
+        "up_proj": (size.hidden, size.intermediate),
+        "down_proj": (size.intermediate, size.hidden),
+    }
+    lora = {}
+    for layer in range(size.layers):
+        for m in targets:
+            fan_in, fan_out = shapes[m]
+            lora[layer, m] = (
+                torch.randn(rank, fan_in, generator=gen) / fan_in**0.5,
+                torch.randn(fan_out, rank, generator=gen) * 0.01,
+            )
+    write_adapter(path, lora_config_dict(rank, 2.0 * rank, targets), AdapterWeights(lora=lora))
+    return path
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    k = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[k]
+
+
+def mean(values: list[float]) -> float:
+    return statistics.fmean(values) if values else float("nan")
