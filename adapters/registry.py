@@ -136,13 +136,19 @@ class AdapterRegistry:
 
     def unregister(self, name: str) -> bool:
         """Remove an adapter from the index, the host cache and the store."""
+        reg = self.forget(name)
+        stored = self.store.delete(name)
+        return reg is not None or stored
+
+    def forget(self, name: str) -> RegisteredAdapter | None:
+        """Drop an adapter from the index and the host cache (memory only, quick); its files
+        stay in the store until store.delete."""
         with self._lock:
             reg = self._by_name.pop(name, None)
             if reg is not None:
                 del self._by_id[reg.adapter_id]
                 self._cache.pop(reg.adapter_id)
-        stored = self.store.delete(name)
-        return reg is not None or stored
+        return reg
 
     def _check_new(self, name: str) -> None:
         check_adapter_name(name)

@@ -287,7 +287,11 @@ class LLMEngine:
         return sum(1 for r in self._requests.values() if r.seq.adapter_id == adapter_id)
 
     def remove_adapter(self, name: str) -> None:
-        """Unregister an adapter and drop its device copy; refused while requests use it."""
+        """Unregister an adapter and drop its device copy; refused while requests use it.
+
+        Memory only, so the step thread never waits on the disk: the caller deletes the files
+        with registry.store.delete(name) afterwards.
+        """
         reg = self.registry.get(name) if self.registry is not None else None
         if reg is None:
             raise UnknownAdapterError(f"adapter {name!r} does not exist", "name")
@@ -297,7 +301,7 @@ class LLMEngine:
         assert self.adapter_cache is not None and self.registry is not None
         evicted = self.adapter_cache.evict_if_idle(reg.adapter_id)
         assert evicted, "an adapter with no requests must be idle"
-        self.registry.unregister(name)
+        self.registry.forget(name)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()

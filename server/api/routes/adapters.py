@@ -153,8 +153,16 @@ async def delete_adapter(name: str, request: Request) -> DeletedAdapter:
     state = _state(request)
     state.llm  # noqa: B018
     assert state.engine is not None
-    await state.engine.call(lambda: state.llm.remove_adapter(name))
+    await _remove(state, name)
     return DeletedAdapter(id=name)
+
+
+async def _remove(state: ServerState, name: str) -> None:
+    """Unregister on the step thread (quick, and never racing a step), then delete the files
+    off it."""
+    assert state.engine is not None
+    await state.engine.call(lambda: state.llm.remove_adapter(name))
+    await asyncio.to_thread(state.registry.store.delete, name)
 
 
 def _inside_roots(path: Path, roots: tuple[str, ...]) -> bool:
@@ -206,5 +214,5 @@ async def unload_lora_adapter(body: UnloadLoraAdapterRequest, request: Request) 
     if state.registry.get(body.lora_name) is None:
         raise NotFound(f"the lora adapter {body.lora_name!r} cannot be found", "lora_name")
     assert state.engine is not None
-    await state.engine.call(lambda: state.llm.remove_adapter(body.lora_name))
+    await _remove(state, body.lora_name)
     return f"Success: LoRA adapter '{body.lora_name}' removed successfully."
