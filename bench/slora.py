@@ -55,7 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _engine(model_dir: Path, data_dir: Path, args: argparse.Namespace, names: list[str]):  # type: ignore[no-untyped-def]
     from server.config import EngineConfig
-    from server.engine.llm_engine import open_registry
+    from server.engine.setup import open_registry
 
     config = EngineConfig(
         model=str(model_dir),

@@ -16,7 +16,8 @@ from server.api.errors import install_handlers
 from server.api.routes import adapters, files, fine_tuning, lorax, openai, ops
 from server.api.state import ServerState
 from server.config import EngineConfig, ServerConfig
-from server.engine.llm_engine import LLMEngine, open_registry
+from server.engine.llm_engine import LLMEngine
+from server.engine.setup import open_registry
 from server.metrics import Metrics
 
 UPLOAD_PATHS = ("/v1/adapters", "/v1/files")

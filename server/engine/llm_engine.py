@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import time
@@ -21,14 +20,11 @@ from server.engine.sampler import sample
 from server.engine.sampling_params import InvalidRequestError, SamplingParams
 from server.engine.scheduler import Scheduler, SchedulerOutput
 from server.engine.sequence import Sequence, SequenceStatus
+from server.engine.setup import build_model, generation_eos_ids, lora_backend, make_pool
 from server.engine.stats import StepStats
 from server.lora.layers import enable_lora
 from server.memory.adapter_cache import DeviceAdapterCache
 from server.memory.kv_cache import KVCacheManager
-from server.memory.page_pool import PageGeometry, PagePool
-from server.model.llama import LlamaForCausalLM
-from server.model.loader import load_model, module_bytes
-from server.model.quant import quantize_nf4
 from server.model.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -45,39 +41,6 @@ class _Request:
     text: OutputText
 
 
-def _generation_eos_ids(model_dir: Path) -> tuple[int, ...]:
-    path = model_dir / "generation_config.json"
-    if not path.is_file():
-        return ()
-    value = json.loads(path.read_text()).get("eos_token_id")
-    if value is None:
-        return ()
-    return tuple(value) if isinstance(value, list) else (int(value),)
-
-
-def build_model(config: EngineConfig, model_dir: Path) -> LlamaForCausalLM:
-    """Load the checkpoint, quantize it if asked, and put it on the device."""
-    start = time.perf_counter()
-    model = load_model(model_dir, config.torch_dtype)
-    if config.quantize == "nf4":
-        quantize_nf4(model, config.torch_dtype, config.torch_device)
-    model.to(config.torch_device)
-    cfg = model.config
-    logger.info(
-        "loaded %s from %s in %.1fs: %d layers, %.1fM parameters, weights %.1f MiB (%s, %s, %s)",
-        cfg.architecture,
-        model_dir,
-        time.perf_counter() - start,
-        cfg.num_layers,
-        cfg.num_params / 1e6,
-        module_bytes(model) / 2**20,
-        config.quantize,
-        str(config.torch_dtype).removeprefix("torch."),
-        config.torch_device,
-    )
-    return model
-
-
 class UnknownAdapterError(InvalidRequestError):
     """A request names an adapter that is not registered."""
 
@@ -91,38 +54,6 @@ class AdapterBusyError(RuntimeError):
         )
 
 
-def lora_backend(device: torch.device, choice: str = "auto") -> str:
-    """Triton kernels on CUDA when Triton is installed, the torch path otherwise."""
-    if choice != "auto":
-        return choice
-    if device.type != "cuda":
-        return "torch"
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        logger.warning("Triton is not installed; batched LoRA falls back to the torch path")
-        return "torch"
-    return "triton"
-
-
-def open_registry(data_dir: str | Path, config: EngineConfig) -> AdapterRegistry:
-    """The adapter store under data_dir, indexed and validated against the engine's model."""
-    from adapters import AdapterRegistry, AdapterStore, BaseModelInfo
-
-    assert config.model is not None
-    raw = json.loads((Path(config.model) / "config.json").read_text())
-    registry = AdapterRegistry(
-        AdapterStore(Path(data_dir)),
-        BaseModelInfo.from_hf_config(raw),
-        config.max_lora_rank,
-        config.host_cache_mb * 2**20,
-        pin_memory=config.torch_device.type == "cuda",
-        dtype=config.torch_dtype,
-    )
-    registry.load_index()
-    return registry
-
-
 class LLMEngine:
     def __init__(self, config: EngineConfig, registry: AdapterRegistry | None = None) -> None:
         if config.model is None:
@@ -134,7 +65,7 @@ class LLMEngine:
         self.model_config = cfg = self.model.config
         self.model_name = model_dir.name
         self.tokenizer = Tokenizer(
-            model_dir, extra_eos_token_ids=cfg.eos_token_ids + _generation_eos_ids(model_dir)
+            model_dir, extra_eos_token_ids=cfg.eos_token_ids + generation_eos_ids(model_dir)
         )
         self.max_model_len = config.max_model_len or cfg.max_position_embeddings
         if self.max_model_len > cfg.max_position_embeddings:
@@ -143,7 +74,7 @@ class LLMEngine:
                 self.max_model_len,
                 cfg.max_position_embeddings,
             )
-        self.pool = self._make_pool()
+        self.pool = make_pool(config, cfg)
         self.kv = KVCacheManager(self.pool)
         if self.kv.max_blocks_per_seq(self.max_model_len) > self.pool.num_pages:
             raise ConfigError(
@@ -169,30 +100,6 @@ class LLMEngine:
         self._requests: dict[str, _Request] = {}
         self._seed_rng = random.Random(config.seed)
         self._stats = StepStats()
-
-    def _make_pool(self) -> PagePool:
-        cfg, config = self.model_config, self.config
-        geometry = PageGeometry.for_model(cfg, config.block_size, config.max_lora_rank)
-        page_bytes = geometry.page_numel * torch.finfo(config.torch_dtype).bits // 8
-        if config.num_pages is not None:
-            pool_bytes = config.num_pages * page_bytes
-        elif config.pool_mb is not None:
-            pool_bytes = config.pool_mb * 2**20
-        elif self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            pool_bytes = int(free * config.pool_fraction)
-        else:
-            pool_bytes = 1024 * 2**20
-        num_pages = pool_bytes // page_bytes
-        pool = PagePool(num_pages, geometry, config.torch_dtype, self.device)
-        logger.info(
-            "page pool: %d pages x %.2f MiB (%d-token KV blocks) = %.1f MiB",
-            num_pages,
-            page_bytes / 2**20,
-            geometry.block_size,
-            num_pages * page_bytes / 2**20,
-        )
-        return pool
 
     # ---- requests -------------------------------------------------------------------------
 

@@ -12,8 +12,9 @@ from typing import Any
 import pytest
 
 from server.config import EngineConfig
-from server.engine.llm_engine import LLMEngine, open_registry
+from server.engine.llm_engine import LLMEngine
 from server.engine.sampling_params import SamplingParams
+from server.engine.setup import open_registry
 from tests.integration.live_server import LiveServer
 from tests.peft_reference import save_peft_adapter
 

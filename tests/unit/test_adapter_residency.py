@@ -7,8 +7,8 @@ import torch
 
 from adapters import AdapterWeights, write_adapter
 from adapters.format import lora_config_dict
-from server.engine.llm_engine import open_registry
 from server.engine.sampling_params import SamplingParams
+from server.engine.setup import open_registry
 from tests.peft_reference import peft_greedy
 
 GREEDY = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)

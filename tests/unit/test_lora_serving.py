@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from server.engine.llm_engine import open_registry
 from server.engine.sampling_params import SamplingParams
+from server.engine.setup import open_registry
 from tests.hf_reference import hf_greedy, load_hf
 from tests.peft_reference import peft_greedy, save_peft_adapter
 

@@ -1,0 +1,114 @@
+"""Building an engine's parts from its config: the model, the page pool, the adapter registry."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from server.config import DEFAULT_CPU_POOL_MB, EngineConfig
+from server.memory.page_pool import PageGeometry, PagePool
+from server.model.config import ModelConfig
+from server.model.llama import LlamaForCausalLM
+from server.model.loader import load_model, module_bytes
+from server.model.quant import quantize_nf4
+
+if TYPE_CHECKING:
+    from adapters.registry import AdapterRegistry
+
+logger = logging.getLogger(__name__)
+
+
+def generation_eos_ids(model_dir: Path) -> tuple[int, ...]:
+    """EOS ids from generation_config.json (Llama 3 lists several)."""
+    path = model_dir / "generation_config.json"
+    if not path.is_file():
+        return ()
+    value = json.loads(path.read_text()).get("eos_token_id")
+    if value is None:
+        return ()
+    return tuple(value) if isinstance(value, list) else (int(value),)
+
+
+def build_model(config: EngineConfig, model_dir: Path) -> LlamaForCausalLM:
+    """Load the checkpoint, quantize it if asked, and put it on the device."""
+    start = time.perf_counter()
+    model = load_model(model_dir, config.torch_dtype)
+    if config.quantize == "nf4":
+        quantize_nf4(model, config.torch_dtype, config.torch_device)
+    model.to(config.torch_device)
+    cfg = model.config
+    logger.info(
+        "loaded %s from %s in %.1fs: %d layers, %.1fM parameters, weights %.1f MiB (%s, %s, %s)",
+        cfg.architecture,
+        model_dir,
+        time.perf_counter() - start,
+        cfg.num_layers,
+        cfg.num_params / 1e6,
+        module_bytes(model) / 2**20,
+        config.quantize,
+        str(config.torch_dtype).removeprefix("torch."),
+        config.torch_device,
+    )
+    return model
+
+
+def lora_backend(device: torch.device, choice: str = "auto") -> str:
+    """Triton kernels on CUDA when Triton is installed, the torch path otherwise."""
+    if choice != "auto":
+        return choice
+    if device.type != "cuda":
+        return "torch"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        logger.warning("Triton is not installed; batched LoRA falls back to the torch path")
+        return "torch"
+    return "triton"
+
+
+def open_registry(data_dir: str | Path, config: EngineConfig) -> AdapterRegistry:
+    """The adapter store under data_dir, indexed and validated against the engine's model."""
+    from adapters import AdapterRegistry, AdapterStore, BaseModelInfo
+
+    assert config.model is not None
+    raw = json.loads((Path(config.model) / "config.json").read_text())
+    registry = AdapterRegistry(
+        AdapterStore(Path(data_dir)),
+        BaseModelInfo.from_hf_config(raw),
+        config.max_lora_rank,
+        config.host_cache_mb * 2**20,
+        pin_memory=config.torch_device.type == "cuda",
+        dtype=config.torch_dtype,
+    )
+    registry.load_index()
+    return registry
+
+
+def make_pool(config: EngineConfig, cfg: ModelConfig) -> PagePool:
+    """The page pool: --num-pages, --pool-mb, a fraction of free GPU memory, or 1 GiB on CPU."""
+    geometry = PageGeometry.for_model(cfg, config.block_size, config.max_lora_rank)
+    page_bytes = geometry.page_numel * torch.finfo(config.torch_dtype).bits // 8
+    if config.num_pages is not None:
+        pool_bytes = config.num_pages * page_bytes
+    elif config.pool_mb is not None:
+        pool_bytes = config.pool_mb * 2**20
+    elif config.torch_device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(config.torch_device)
+        pool_bytes = int(free * config.pool_fraction)
+    else:
+        pool_bytes = DEFAULT_CPU_POOL_MB * 2**20
+    num_pages = pool_bytes // page_bytes
+    pool = PagePool(num_pages, geometry, config.torch_dtype, config.torch_device)
+    logger.info(
+        "page pool: %d pages x %.2f MiB (%d-token KV blocks) = %.1f MiB",
+        num_pages,
+        page_bytes / 2**20,
+        geometry.block_size,
+        num_pages * page_bytes / 2**20,
+    )
+    return pool
