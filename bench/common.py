@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from adapters import AdapterWeights, write_adapter
 from adapters.format import lora_config_dict
@@ -36,22 +35,6 @@ class ModelSize:
         )
 
 
-def _tokenizer(vocab: int) -> Tokenizer:
-    tok = Tokenizer(models.BPE(unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab,
-        special_tokens=["<unk>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    from pydoc_data.topics import topics
-
-    tok.train_from_iterator(list(topics.values()), trainer)
-    return tok
-
-
 def random_model(path: Path, size: ModelSize, seed: int = 0) -> Path:
     """A randomly initialized Llama checkpoint (transformers layout) with a BPE tokenizer."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -71,7 +54,11 @@ def random_model(path: Path, size: ModelSize, seed: int = 0) -> Path:
     )
     torch.manual_seed(seed)
     LlamaForCausalLM(cfg).save_pretrained(path, safe_serialization=True)
-    _tokenizer(size.vocab).save(str(path / "tokenizer.json"))
+    from pydoc_data.topics import topics
+
+    from server.demo.tokenizer import train_tokenizer
+
+    train_tokenizer(list(topics.values()), size.vocab).save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(
         json.dumps({"bos_token": "<s>", "eos_token": "</s>"})
     )
