@@ -210,7 +210,10 @@ class AdapterRegistry:
 
     def _load(self, reg: RegisteredAdapter) -> AdapterWeights:
         start = time.perf_counter()
-        _, weights = read_adapter(self.store.path(reg.name), self.base, self.max_lora_rank)
+        # Fully checked when it was registered; this only brings the weights back.
+        _, weights = read_adapter(
+            self.store.path(reg.name), self.base, self.max_lora_rank, check_values=False
+        )
         weights = weights.to(self.dtype)
         if self.pin_memory:
             weights = weights.pin_memory()

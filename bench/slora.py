@@ -77,9 +77,11 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = random_model(args.cache_dir / f"model-{size.layers}x{size.hidden}", size)
     targets = TARGETS[args.targets]
     total = max(args.adapters + args.peft_at)
+    ranks = "-".join(map(str, args.ranks))
+    cache = args.cache_dir / f"adapters-{size.layers}x{size.hidden}-{args.targets}-r{ranks}"
     adapter_dirs = [
         synthetic_adapter(
-            args.cache_dir / f"adapters-{size.layers}x{size.hidden}-{args.targets}" / f"a{i}",
+            cache / f"a{i}",
             size,
             args.ranks[i % len(args.ranks)],
             targets,

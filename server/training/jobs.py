@@ -279,6 +279,12 @@ class JobStore:
             (new_id("ftckpt"), job_id, int(time.time()), step, json.dumps(metrics), path),
         )
 
+    def prune_checkpoints(self, job_id: str) -> None:
+        """Forget checkpoints whose directories the trainer has removed (keep_checkpoints)."""
+        for ckpt in self.checkpoints(job_id):
+            if not Path(ckpt.path).exists():
+                self._run("DELETE FROM ft_checkpoints WHERE id = ?", (ckpt.id,))
+
     def checkpoints(self, job_id: str) -> list[Checkpoint]:
         rows = self._run(
             "SELECT * FROM ft_checkpoints WHERE job_id = ? ORDER BY step DESC", (job_id,)

@@ -76,6 +76,7 @@ def run_job(data_dir: str, job_id: str, model_dir: str, device: str, threads: in
             store.add_trained_tokens(job_id, ev.tokens)
         if ev.kind == "checkpoint" and ev.checkpoint_dir:
             store.add_checkpoint(job_id, ev.step, data or {}, ev.checkpoint_dir)
+            store.prune_checkpoints(job_id)
 
     from server.training.trainer import Trainer
 
