@@ -11,8 +11,10 @@ writes JSON (and a plot with --plot).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import statistics
 import tempfile
 from pathlib import Path
 
@@ -47,13 +49,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--repeats", type=int, default=3, help="interleaved runs of loraplex per count")
     p.add_argument("--cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "loraplex-bench")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     p.add_argument("--plot", type=Path, default=None, help="write a throughput plot here")
     return p.parse_args(argv)
 
 
-def _engine(model_dir: Path, data_dir: Path, args: argparse.Namespace, names: list[str]):  # type: ignore[no-untyped-def]
+def _engine(model_dir: Path, data_dir: Path, args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from server.config import EngineConfig
     from server.engine.setup import open_registry
 
@@ -96,21 +99,22 @@ def main(argv: list[str] | None = None) -> int:
         f"alpha {args.alpha}, inputs {args.input_range}, outputs {args.output_range}"
     )
 
-    results: list[tuple[int, Result]] = []
+    stack = contextlib.ExitStack()
+    data_dirs = {}
     for n in args.adapters:
-        spec = _spec(args, n, size)
-        requests = generate(spec)
-        with tempfile.TemporaryDirectory() as data_dir:
-            from server.engine.llm_engine import LLMEngine
+        data_dirs[n] = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        _, registry = _engine(model_dir, data_dirs[n], args)
+        for i in tqdm(range(n), desc=f"register {n}", leave=False):
+            registry.register_dir(names[i], adapter_dirs[i])
+        registry.store.close()
 
-            config, registry = _engine(model_dir, Path(data_dir), args, names)
-            for i in tqdm(range(n), desc=f"register {n}", leave=False):
-                registry.register_dir(names[i], adapter_dirs[i])
-            engine = LLMEngine(config, registry=registry)
-            _warm_up(engine)
-            results.append((n, run_loraplex(engine, requests, names)))
-            engine.adapter_cache.shutdown()
-        _print(n, results[-1][1])
+    results: list[tuple[int, Result]] = []
+    with stack:
+        for rep in range(args.repeats):
+            # Interleaved, alternating order, so drift in the machine's speed hits all counts.
+            for n in args.adapters if rep % 2 == 0 else reversed(args.adapters):
+                results.append((n, _run_ours(model_dir, data_dirs[n], args, names, size, n)))
+                _print(n, results[-1][1])
     for n in args.peft_at:
         requests = generate(_spec(args, n, size))
         bar = tqdm(total=n - 1, desc=f"peft load {n}", leave=False)
@@ -133,6 +137,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.plot:
         _plot(results, args.plot)
     return 0
+
+
+def _run_ours(model_dir, data_dir, args, names, size, n) -> Result:  # type: ignore[no-untyped-def]
+    """One replay against a fresh engine (cold host and device caches) over the store."""
+    from server.engine.llm_engine import LLMEngine
+
+    config, registry = _engine(model_dir, data_dir, args)
+    engine = LLMEngine(config, registry=registry)
+    _warm_up(engine)
+    result = run_loraplex(engine, generate(_spec(args, n, size)), names)
+    engine.adapter_cache.shutdown()
+    registry.store.close()
+    return result
 
 
 def _spec(args: argparse.Namespace, n: int, size: ModelSize) -> WorkloadSpec:
@@ -159,17 +176,30 @@ def _print(n: int, r: Result) -> None:
     print(f"  {n:>5} adapters  " + "  ".join(f"{k}={v}" for k, v in row.items()), flush=True)
 
 
+def _medians(results: list[tuple[int, Result]], system: str) -> dict[int, list[float]]:
+    runs: dict[int, list[float]] = {}
+    for n, r in results:
+        if r.system == system:
+            runs.setdefault(n, []).append(r.throughput)
+    return runs
+
+
 def _summary(results: list[tuple[int, Result]]) -> None:
-    ours = {n: r for n, r in results if r.system == "loraplex"}
+    ours = {n: statistics.median(v) for n, v in _medians(results, "loraplex").items()}
+    for n, runs in sorted(_medians(results, "loraplex").items()):
+        print(
+            f"loraplex at {n} adapters: median {ours[n]:.2f} req/s "
+            f"(runs {', '.join(f'{v:.2f}' for v in runs)})"
+        )
     for n, r in results:
         if r.system != "loraplex" and n in ours:
-            ratio = ours[n].throughput / r.throughput
-            print(f"loraplex / {r.system} at {n} adapters: {ratio:.1f}x throughput")
+            print(
+                f"loraplex (median) / {r.system} at {n} adapters: "
+                f"{ours[n] / r.throughput:.1f}x throughput"
+            )
     counts = sorted(ours)
-    if len(counts) > 1:
-        lo = ours[counts[0]].throughput
-        for n in counts[1:]:
-            print(f"loraplex at {n} adapters: {ours[n].throughput / lo:.0%} of {counts[0]}")
+    for n in counts[1:]:
+        print(f"loraplex at {n} adapters: {ours[n] / ours[counts[0]]:.0%} of {counts[0]}")
 
 
 def _plot(results: list[tuple[int, Result]], path: Path) -> None:
@@ -180,9 +210,13 @@ def _plot(results: list[tuple[int, Result]], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for system in dict.fromkeys(r.system for _, r in results):
-        points = sorted((n, r.throughput) for n, r in results if r.system == system)
-        style = "o-" if len(points) > 1 else "s"
-        ax.plot([p[0] for p in points], [p[1] for p in points], style, label=system)
+        runs = sorted(_medians(results, system).items())
+        xs = [n for n, _ in runs]
+        mid = [statistics.median(v) for _, v in runs]
+        low = [m - min(v) for m, (_, v) in zip(mid, runs, strict=True)]
+        high = [max(v) - m for m, (_, v) in zip(mid, runs, strict=True)]
+        style = "o-" if len(xs) > 1 else "s"
+        ax.errorbar(xs, mid, yerr=[low, high], fmt=style, capsize=3, label=system)
     ax.set_xscale("log")
     ax.set_xlabel("adapters")
     ax.set_ylabel("throughput (req/s)")
