@@ -151,14 +151,29 @@ class JobStore:
         rows = self._run("SELECT * FROM files WHERE id = ?", (file_id,))
         return FileRecord(*rows[0]) if rows else None
 
-    def list_files(self, purpose: str | None = None) -> list[FileRecord]:
-        if purpose is None:
-            rows = self._run("SELECT * FROM files ORDER BY created_at, id")
-        else:
-            rows = self._run(
-                "SELECT * FROM files WHERE purpose = ? ORDER BY created_at, id", (purpose,)
-            )
-        return [FileRecord(*r) for r in rows]
+    def list_files(
+        self,
+        purpose: str | None = None,
+        after: str | None = None,
+        limit: int = 10_000,
+        order: str = "desc",
+    ) -> tuple[list[FileRecord], bool]:
+        """Files by upload time (`order` "asc" or "desc"); `after` is the id of the last file
+        of the previous page. Returns the page and whether more follow."""
+        direction, cmp = ("DESC", "<") if order == "desc" else ("ASC", ">")
+        where, args = ["1"], []
+        if purpose is not None:
+            where.append("purpose = ?")
+            args.append(purpose)
+        if after is not None:
+            where.append(f"rowid {cmp} (SELECT rowid FROM files WHERE id = ?)")
+            args.append(after)
+        rows = self._run(
+            f"SELECT * FROM files WHERE {' AND '.join(where)}"
+            f" ORDER BY created_at {direction}, rowid {direction} LIMIT ?",
+            (*args, limit + 1),
+        )
+        return [FileRecord(*r) for r in rows[:limit]], len(rows) > limit
 
     def delete_file(self, file_id: str) -> bool:
         with self._lock, self._db:

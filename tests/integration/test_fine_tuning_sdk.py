@@ -27,7 +27,9 @@ def test_openai_sdk_uploads_trains_and_serves(admin, tmp_path):
     train = admin.files.create(file=data.open("rb"), purpose="fine-tune")
     assert admin.files.retrieve(train.id).bytes == data.stat().st_size
     assert admin.files.content(train.id).read() == data.read_bytes()
-    assert [f.id for f in admin.files.list(purpose="fine-tune")] == [train.id]
+    other = admin.files.create(file=data.open("rb"), purpose="fine-tune")
+    assert [f.id for f in admin.files.list(purpose="fine-tune", limit=1)] == [other.id, train.id]
+    admin.files.delete(other.id)
 
     model = admin.models.list().data[0].id
     job = admin.fine_tuning.jobs.create(

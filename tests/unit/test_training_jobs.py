@@ -21,7 +21,7 @@ def manager(tmp_path):  # type: ignore[no-untyped-def]
 
 
 def _file(manager: JobManager) -> str:
-    return manager.store.list_files()[0].id
+    return manager.store.list_files()[0][0].id
 
 
 def _refused(manager: JobManager, body: dict, param: str, match: str) -> None:
@@ -109,3 +109,18 @@ def test_cancelling_a_queued_job_ends_it_at_once(manager):
     assert manager.cancel(job.id).status == "cancelled"
     events, _ = manager.store.events(job.id)
     assert events[0].message == "The job was cancelled"
+
+
+def test_files_page_newest_first_with_a_cursor(tmp_path):
+    store = JobStore(tmp_path)
+    ids = [store.add_file(f"{i}.jsonl", "fine-tune", b"x", 1).id for i in range(5)]
+    store.add_file("other.jsonl", "batch", b"x", None)
+    first, more = store.list_files("fine-tune", limit=2)
+    assert [f.id for f in first] == ids[:-3:-1] and more
+    second, more = store.list_files("fine-tune", after=first[-1].id, limit=2)
+    assert [f.id for f in second] == ids[2:0:-1] and more
+    last, more = store.list_files("fine-tune", after=second[-1].id, limit=2)
+    assert [f.id for f in last] == ids[:1] and not more
+    ascending, _ = store.list_files("fine-tune", after=ids[1], order="asc")
+    assert [f.id for f in ascending] == ids[2:]
+    assert len(store.list_files()[0]) == 6

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import FileResponse
 from starlette.datastructures import UploadFile
 
@@ -87,8 +88,25 @@ async def upload_file(request: Request) -> FileObject:
 
 
 @router.get("/v1/files", response_model=FileList, dependencies=[Depends(require_api_key)])
-async def list_files(request: Request, purpose: str | None = None) -> FileList:
-    return FileList(data=[_file(r) for r in _store(request).list_files(purpose)])
+async def list_files(
+    request: Request,
+    purpose: str | None = None,
+    after: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 10_000,
+    order: Literal["asc", "desc"] = "desc",
+) -> FileList:
+    """Newest first by default; page with `after` (the last id of the previous page)."""
+    store = _store(request)
+    if after is not None and store.get_file(after) is None:
+        raise BadRequest(f"after must be the id of an existing file, got {after!r}", "after")
+    records, more = store.list_files(purpose, after, limit, order)
+    data = [_file(r) for r in records]
+    return FileList(
+        data=data,
+        first_id=data[0].id if data else None,
+        last_id=data[-1].id if data else None,
+        has_more=more,
+    )
 
 
 @router.get(

@@ -76,7 +76,10 @@ async def create_job(body: FineTuningJobRequest, request: Request) -> FineTuning
 async def list_jobs(
     request: Request, after: str | None = None, limit: Limit = 20
 ) -> FineTuningJobList:
-    jobs, more = _manager(request).store.list_jobs(after, limit)
+    store = _manager(request).store
+    if after is not None and store.get_job(after) is None:
+        raise BadRequest(f"after must be the id of an existing job, got {after!r}", "after")
+    jobs, more = store.list_jobs(after, limit)
     return FineTuningJobList(data=[job_object(j) for j in jobs], has_more=more)
 
 
