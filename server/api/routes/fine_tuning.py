@@ -128,9 +128,20 @@ async def job_events(
     response_model=FineTuningCheckpointList,
     dependencies=[Depends(require_api_key)],
 )
-async def job_checkpoints(job_id: str, request: Request) -> FineTuningCheckpointList:
+async def job_checkpoints(
+    job_id: str, request: Request, after: str | None = None, limit: Limit = 10
+) -> FineTuningCheckpointList:
+    """Newest first; `after` is the id of the last checkpoint of the previous page."""
     manager = _manager(request)
     _job(manager, job_id)
+    checkpoints = manager.store.checkpoints(job_id)
+    start = 0
+    if after is not None:
+        ids = [c.id for c in checkpoints]
+        if after not in ids:
+            raise BadRequest(f"after must be a checkpoint id of {job_id}, got {after!r}", "after")
+        start = ids.index(after) + 1
+    page = checkpoints[start : start + limit]
     data = [
         FineTuningCheckpoint(
             id=c.id,
@@ -139,9 +150,14 @@ async def job_checkpoints(job_id: str, request: Request) -> FineTuningCheckpoint
             step_number=c.step,
             metrics=c.metrics,
         )
-        for c in manager.store.checkpoints(job_id)
+        for c in page
     ]
-    return FineTuningCheckpointList(data=data)
+    return FineTuningCheckpointList(
+        data=data,
+        first_id=data[0].id if data else None,
+        last_id=data[-1].id if data else None,
+        has_more=start + limit < len(checkpoints),
+    )
 
 
 @router.post(

@@ -106,4 +106,6 @@ class FineTuningCheckpoint(BaseModel):
 class FineTuningCheckpointList(BaseModel):
     object: Literal["list"] = "list"
     data: list[FineTuningCheckpoint]
+    first_id: str | None = None
+    last_id: str | None = None
     has_more: bool = False
