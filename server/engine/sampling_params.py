@@ -50,6 +50,12 @@ class SamplingParams:
         _check(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}", "top_p")
         _check(isinstance(self.top_k, int), "top_k must be an integer", "top_k")
         _check(
+            -(2**63) <= self.top_k < 2**63,
+            f"top_k must be below 2**63 (any value >= the vocabulary size keeps every token), "
+            f"got {self.top_k}",
+            "top_k",
+        )
+        _check(
             self.repetition_penalty > 0,
             f"repetition_penalty must be > 0, got {self.repetition_penalty}",
             "repetition_penalty",

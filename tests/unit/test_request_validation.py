@@ -50,6 +50,13 @@ def test_top_p_outside_zero_one_is_refused(value):
     assert info.value.param == "top_p"
 
 
+@pytest.mark.parametrize("value", [2**63, 13818370331251289620480, -(2**63) - 1])
+def test_top_k_beyond_64_bits_is_refused(value):
+    with pytest.raises(InvalidRequestError, match=r"top_k must be below 2\*\*63") as info:
+        SamplingParams(top_k=value)
+    assert info.value.param == "top_k"
+
+
 @pytest.mark.parametrize("stop", [42, [1, 2], {"a": 1}, ["ok", 3]])
 def test_stop_of_unknown_type_is_refused(stop):
     with pytest.raises(InvalidRequestError, match="stop must be a string or a list of strings"):
