@@ -102,10 +102,15 @@ class ServerState:
                     logger.info("preloaded adapter %s from %s", d.name, d)
 
     @property
-    def llm(self) -> LLMEngine:
+    def async_engine(self) -> AsyncLLMEngine:
+        """The running engine; 503 while the model loads."""
         if self.engine is None:
             raise Unavailable("the model is still loading", headers={"Retry-After": "5"})
-        return self.engine.engine
+        return self.engine
+
+    @property
+    def llm(self) -> LLMEngine:
+        return self.async_engine.engine
 
     @property
     def registry(self) -> AdapterRegistry:
@@ -154,12 +159,12 @@ class ServerState:
         response starts); leaving the iteration early, or the client going away, aborts all.
         """
         self.check_serving(len(prompts))
-        assert self.engine is not None
+        engine = self.async_engine
         seqs = [
-            self.engine.prepare(p, sp, adapter_name=adapter)
+            engine.prepare(p, sp, adapter_name=adapter)
             for p, sp in zip(prompts, params, strict=True)
         ]
-        return _merge(request, [self.engine.stream(s) for s in seqs])
+        return _merge(request, [engine.stream(s) for s in seqs])
 
 
 async def _merge(

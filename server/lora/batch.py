@@ -29,7 +29,7 @@ class SlotTables:
         self.scalings = torch.zeros(shape, dtype=torch.float32, device=device)
 
     def fill(self, slot: int, slices: dict[tuple[int, int], list[SliceWeights | None]]) -> None:
-        self.clear(slot)
+        """Write the slot's whole column (zeros where the adapter has no slice)."""
         host = {
             name: torch.zeros(t.shape[0], t.shape[1], MAX_SLICES, dtype=t.dtype)
             for name, t in self._named().items()
@@ -81,6 +81,7 @@ class LoRABatch:
         self.tables = tables
         self.backend = backend
         self._module_tensors: dict[int, tuple[torch.Tensor, ...]] = {}
+        self._run_tensors: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def add_lora(
         self,
@@ -109,22 +110,24 @@ class LoRABatch:
 
     def _segment_tensors(self, layer: int, module: int) -> SegmentTensors:
         # All runs take part; a run whose adapter skips this layer has rank 0 there.
-        cached = self._module_tensors.get(module)
-        if cached is None:
+        if self._run_tensors is None:  # once per step, shared by every module
             dev = self.pool.device
-            slots = torch.tensor([r.adapter.slot for r in self.runs], device=dev)
-            num_slices = len(LORA_MODULES[module][1])
-            t = self.tables
-            cached = (
-                *(
-                    table[:, module][:, slots, :num_slices].contiguous()  # [layers, G, S]
-                    for table in (t.a_offsets, t.b_offsets, t.ranks, t.scalings)
-                ),
+            self._run_tensors = (
+                torch.tensor([r.adapter.slot for r in self.runs], device=dev),
                 torch.tensor([r.start for r in self.runs], dtype=torch.int64, device=dev),
                 torch.tensor([r.length for r in self.runs], dtype=torch.int64, device=dev),
             )
+        slots, starts, lens = self._run_tensors
+        cached = self._module_tensors.get(module)
+        if cached is None:
+            num_slices = len(LORA_MODULES[module][1])
+            t = self.tables
+            cached = tuple(
+                table[:, module][:, slots, :num_slices].contiguous()  # [layers, G, S]
+                for table in (t.a_offsets, t.b_offsets, t.ranks, t.scalings)
+            )
             self._module_tensors[module] = cached
-        a, b, ranks, scalings, starts, lens = cached
+        a, b, ranks, scalings = cached
         max_rank = max(
             (
                 w.rank

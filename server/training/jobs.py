@@ -13,7 +13,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +122,21 @@ class JobStore:
         with self._lock, self._db:
             return self._db.execute(sql, args).fetchall()
 
+    def _page(
+        self, table: str, where: dict[str, Any], after: str | None, limit: int, descending: bool
+    ) -> tuple[list[tuple], bool]:
+        """One page of rows by creation time, `after` naming the previous page's last id; and
+        whether more rows follow. `where` maps SQL conditions to their one argument each."""
+        direction, past = ("DESC", "<") if descending else ("ASC", ">")
+        if after is not None:
+            where = {**where, f"rowid {past} (SELECT rowid FROM {table} WHERE id = ?)": after}
+        sql = f"SELECT * FROM {table} WHERE {' AND '.join(['1', *where])}"
+        rows = self._run(
+            f"{sql} ORDER BY created_at {direction}, rowid {direction} LIMIT ?",
+            (*where.values(), limit + 1),
+        )
+        return rows[:limit], len(rows) > limit
+
     # ---- files ----------------------------------------------------------------------------
 
     def file_path(self, file_id: str) -> Path:
@@ -160,20 +175,9 @@ class JobStore:
     ) -> tuple[list[FileRecord], bool]:
         """Files by upload time (`order` "asc" or "desc"); `after` is the id of the last file
         of the previous page. Returns the page and whether more follow."""
-        direction, cmp = ("DESC", "<") if order == "desc" else ("ASC", ">")
-        where, args = ["1"], []
-        if purpose is not None:
-            where.append("purpose = ?")
-            args.append(purpose)
-        if after is not None:
-            where.append(f"rowid {cmp} (SELECT rowid FROM files WHERE id = ?)")
-            args.append(after)
-        rows = self._run(
-            f"SELECT * FROM files WHERE {' AND '.join(where)}"
-            f" ORDER BY created_at {direction}, rowid {direction} LIMIT ?",
-            (*args, limit + 1),
-        )
-        return [FileRecord(*r) for r in rows[:limit]], len(rows) > limit
+        where = {"purpose = ?": purpose} if purpose is not None else {}
+        rows, more = self._page("files", where, after, limit, descending=order == "desc")
+        return [FileRecord(*r) for r in rows], more
 
     def delete_file(self, file_id: str) -> bool:
         with self._lock, self._db:
@@ -211,17 +215,8 @@ class JobStore:
 
     def list_jobs(self, after: str | None = None, limit: int = 20) -> tuple[list[Job], bool]:
         """Newest first; `after` is the id of the last job of the previous page."""
-        if after is None:
-            rows = self._run(
-                "SELECT * FROM ft_jobs ORDER BY created_at DESC, rowid DESC LIMIT ?", (limit + 1,)
-            )
-        else:
-            rows = self._run(
-                "SELECT * FROM ft_jobs WHERE rowid < (SELECT rowid FROM ft_jobs WHERE id = ?)"
-                " ORDER BY created_at DESC, rowid DESC LIMIT ?",
-                (after, limit + 1),
-            )
-        return [_job(r) for r in rows[:limit]], len(rows) > limit
+        rows, more = self._page("ft_jobs", {}, after, limit, descending=True)
+        return [_job(r) for r in rows], more
 
     def jobs_with_status(self, *statuses: str) -> list[Job]:
         marks = ",".join("?" * len(statuses))
@@ -307,40 +302,12 @@ class JobStore:
         return [Checkpoint(r[0], r[1], r[2], r[3], json.loads(r[4]), r[5]) for r in rows]
 
 
+_JOB_FIELDS = [f.name for f in fields(Job)]  # the ft_jobs columns, in order
+
+
 def _job(row: tuple) -> Job:
-    (
-        jid,
-        created,
-        model,
-        method,
-        hp,
-        train,
-        valid,
-        suffix,
-        seed,
-        status,
-        finished,
-        ftm,
-        tokens,
-        error,
-        cancel,
-        result,
-    ) = row
-    return Job(
-        jid,
-        created,
-        model,
-        method,
-        json.loads(hp),
-        train,
-        valid,
-        suffix,
-        seed,
-        status,
-        finished,
-        ftm,
-        tokens,
-        json.loads(error) if error else None,
-        bool(cancel),
-        json.loads(result) if result else None,
-    )
+    values = dict(zip(_JOB_FIELDS, row, strict=True))
+    for key in ("hyperparameters", "error", "result"):  # stored as JSON text
+        values[key] = json.loads(values[key]) if values[key] else None
+    values["cancel_requested"] = bool(values["cancel_requested"])
+    return Job(**values)

@@ -113,20 +113,19 @@ async def _files_from_form(form: FormData, max_bytes: int) -> dict[str, bytes]:
 async def upload_adapter(request: Request) -> AdapterInfo:
     """Register an adapter from adapter_config.json + adapter_model.safetensors, or an archive."""
     state = _state(request)
-    state.llm  # noqa: B018 - 503 while the model loads
+    registry = state.registry  # 503 while the model loads, before reading the body
     form = await request.form()
     name = form.get("name")
     if not isinstance(name, str) or not name:
         raise BadRequest("the form field 'name' is required", "name")
     files = await _files_from_form(form, state.config.max_upload_mb * 2**20)
-    reg = await asyncio.to_thread(state.registry.register_files, name, files, "upload")
+    reg = await asyncio.to_thread(registry.register_files, name, files, "upload")
     return adapter_info(state, reg, 0)
 
 
 @router.get("/v1/adapters", response_model=AdapterList, dependencies=[Depends(require_api_key)])
 async def list_adapters(request: Request) -> AdapterList:
     state = _state(request)
-    state.llm  # noqa: B018
     return AdapterList(data=[adapter_info(state, r, None) for r in state.registry.list()])
 
 
@@ -138,8 +137,7 @@ async def get_adapter(name: str, request: Request) -> AdapterInfo:
     reg = state.registry.get(name)
     if reg is None:
         raise NotFound(f"adapter {name!r} does not exist", "name")
-    assert state.engine is not None
-    active = await state.engine.call(lambda: state.llm.requests_for_adapter(reg.adapter_id))
+    active = await state.async_engine.call(lambda: state.llm.requests_for_adapter(reg.adapter_id))
     return adapter_info(state, reg, active)
 
 
@@ -150,18 +148,14 @@ async def get_adapter(name: str, request: Request) -> AdapterInfo:
 )
 async def delete_adapter(name: str, request: Request) -> DeletedAdapter:
     """Remove an adapter; 409 while requests use it."""
-    state = _state(request)
-    state.llm  # noqa: B018
-    assert state.engine is not None
-    await _remove(state, name)
+    await _remove(_state(request), name)
     return DeletedAdapter(id=name)
 
 
 async def _remove(state: ServerState, name: str) -> None:
     """Unregister on the step thread (quick, and never racing a step), then delete the files
     off it."""
-    assert state.engine is not None
-    await state.engine.call(lambda: state.llm.remove_adapter(name))
+    await state.async_engine.call(lambda: state.llm.remove_adapter(name))
     await asyncio.to_thread(state.registry.store.delete, name)
 
 
@@ -180,7 +174,7 @@ def _inside_roots(path: Path, roots: tuple[str, ...]) -> bool:
 async def load_lora_adapter(body: LoadLoraAdapterRequest, request: Request) -> str:
     """vLLM's route: register an adapter from a directory under one of --adapter-roots."""
     state = _state(request)
-    state.llm  # noqa: B018
+    registry = state.registry  # 503 while the model loads
     roots = state.config.adapter_roots
     if not roots:
         raise Forbidden("loading adapters from paths is disabled: start with --adapter-roots")
@@ -193,13 +187,13 @@ async def load_lora_adapter(body: LoadLoraAdapterRequest, request: Request) -> s
         raise Forbidden(
             f"lora_path {body.lora_path!r} is outside the allowed --adapter-roots", "lora_path"
         )
-    if state.registry.get(body.lora_name) is not None:
+    if registry.get(body.lora_name) is not None:
         raise BadRequest(
             f"the lora adapter {body.lora_name!r} has already been loaded", "lora_name"
         )
     if not is_dir:
         raise BadRequest(f"lora_path {body.lora_path!r} is not a directory", "lora_path")
-    await asyncio.to_thread(state.registry.register_dir, body.lora_name, path, "path")
+    await asyncio.to_thread(registry.register_dir, body.lora_name, path, "path")
     return f"Success: LoRA adapter '{body.lora_name}' added successfully."
 
 
@@ -210,9 +204,7 @@ async def load_lora_adapter(body: LoadLoraAdapterRequest, request: Request) -> s
 )
 async def unload_lora_adapter(body: UnloadLoraAdapterRequest, request: Request) -> str:
     state = _state(request)
-    state.llm  # noqa: B018
     if state.registry.get(body.lora_name) is None:
         raise NotFound(f"the lora adapter {body.lora_name!r} cannot be found", "lora_name")
-    assert state.engine is not None
     await _remove(state, body.lora_name)
     return f"Success: LoRA adapter '{body.lora_name}' removed successfully."

@@ -100,13 +100,7 @@ async def list_files(
     if after is not None and store.get_file(after) is None:
         raise BadRequest(f"after must be the id of an existing file, got {after!r}", "after")
     records, more = store.list_files(purpose, after, limit, order)
-    data = [_file(r) for r in records]
-    return FileList(
-        data=data,
-        first_id=data[0].id if data else None,
-        last_id=data[-1].id if data else None,
-        has_more=more,
-    )
+    return FileList(data=[_file(r) for r in records], has_more=more)
 
 
 @router.get(

@@ -152,12 +152,7 @@ async def job_checkpoints(
         )
         for c in page
     ]
-    return FineTuningCheckpointList(
-        data=data,
-        first_id=data[0].id if data else None,
-        last_id=data[-1].id if data else None,
-        has_more=start + limit < len(checkpoints),
-    )
+    return FineTuningCheckpointList(data=data, has_more=start + limit < len(checkpoints))
 
 
 @router.post(

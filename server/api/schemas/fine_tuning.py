@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, computed_field
+
+ItemT = TypeVar("ItemT", bound=BaseModel)  # an item with an `id`
 
 
 class FileObject(BaseModel):
@@ -17,12 +19,30 @@ class FileObject(BaseModel):
     status: str = "processed"
 
 
-class FileList(BaseModel):
+class Page(BaseModel, Generic[ItemT]):
+    """OpenAI's list body; page on with `after` set to the last item's id."""
+
     object: Literal["list"] = "list"
-    data: list[FileObject]
-    first_id: str | None = None
-    last_id: str | None = None
+    data: list[ItemT]
     has_more: bool = False
+
+
+class CursorPage(Page[ItemT]):
+    """A page that also names its first and last ids (files, checkpoints)."""
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def first_id(self) -> str | None:
+        return self.data[0].id if self.data else None
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def last_id(self) -> str | None:
+        return self.data[-1].id if self.data else None
+
+
+class FileList(CursorPage[FileObject]):
+    pass
 
 
 class DeletedFile(BaseModel):
@@ -71,10 +91,8 @@ class FineTuningJob(BaseModel):
     integrations: list[Any] = []
 
 
-class FineTuningJobList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[FineTuningJob]
-    has_more: bool
+class FineTuningJobList(Page[FineTuningJob]):
+    pass
 
 
 class FineTuningEvent(BaseModel):
@@ -87,10 +105,8 @@ class FineTuningEvent(BaseModel):
     data: dict[str, Any] | None = None
 
 
-class FineTuningEventList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[FineTuningEvent]
-    has_more: bool
+class FineTuningEventList(Page[FineTuningEvent]):
+    pass
 
 
 class FineTuningCheckpoint(BaseModel):
@@ -103,9 +119,5 @@ class FineTuningCheckpoint(BaseModel):
     metrics: dict[str, Any]
 
 
-class FineTuningCheckpointList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[FineTuningCheckpoint]
-    first_id: str | None = None
-    last_id: str | None = None
-    has_more: bool = False
+class FineTuningCheckpointList(CursorPage[FineTuningCheckpoint]):
+    pass
