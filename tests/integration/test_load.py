@@ -4,11 +4,9 @@ stream carries exactly the tokens its adapter gives alone (nothing lost, nothing
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -23,6 +21,7 @@ from tests.integration.conftest import (
     serve_flags,
 )
 from tests.integration.live_server import LiveServer, Metrics
+from tests.integration.streams import Job, Stream, stream_once
 
 logger = logging.getLogger(__name__)
 
@@ -32,55 +31,6 @@ ROUNDS = 8  # streamed requests per client, one after another
 LENGTHS = (8, 16, 24)
 PROMPTS = ["The quick brown fox", "Return a new list containing"]
 M = {"model_name": MODEL_NAME}
-Job = tuple[str, str, int]  # adapter, prompt, max_tokens
-
-
-@dataclass
-class Stream:
-    """What one client saw of one streamed completion."""
-
-    status: int
-    ids: set[str] = field(default_factory=set)  # completion ids across chunks
-    models: set[str] = field(default_factory=set)
-    text: str = ""
-    finish_reason: str | None = None
-    completion_tokens: int | None = None
-    errors: list[str] = field(default_factory=list)
-    done: bool = False
-
-
-async def stream_once(http: httpx.AsyncClient, job: Job) -> Stream:
-    adapter, prompt, max_tokens = job
-    body = {
-        "model": adapter,
-        "prompt": prompt,
-        "max_tokens": max_tokens,
-        "temperature": 0,
-        "ignore_eos": True,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
-    async with http.stream("POST", "/v1/completions", json=body) as response:
-        seen = Stream(response.status_code)
-        async for line in response.aiter_lines():
-            if not line.startswith("data: "):
-                continue
-            data = line.removeprefix("data: ")
-            if data == "[DONE]":
-                seen.done = True
-                continue
-            chunk = json.loads(data)
-            if "error" in chunk:
-                seen.errors.append(chunk["error"]["message"])
-                continue
-            seen.ids.add(chunk["id"])
-            seen.models.add(chunk["model"])
-            if chunk.get("usage"):
-                seen.completion_tokens = chunk["usage"]["completion_tokens"]
-            for choice in chunk["choices"]:
-                seen.text += choice["text"]
-                seen.finish_reason = choice["finish_reason"] or seen.finish_reason
-    return seen
 
 
 def run_clients(server: LiveServer, oracle: Oracle) -> Metrics:
