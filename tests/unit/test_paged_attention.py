@@ -94,3 +94,16 @@ def test_store_kv_then_attend_sees_the_new_tokens():
     ref = paged_attention_ref(batch.q, batch.k_cache, batch.v_cache, batch.seqs)
     assert_close(out, ref, torch.float32)
     assert torch.equal(batch.v_cache[page, 1], v_new[0])
+
+
+def test_decode_layer_matches_the_sdpa_serving_path():
+    """The kernel path of a layer (store + attend) against Attention._paged, the torch path."""
+    from bench.kernels_attention import decode_step
+    from server.kernels.paged_attention import paged_attention_layer
+
+    attn, (q, k, v), meta = decode_step(3, 37, 16, torch.float32, 0, DEVICE)
+    kv = (attn.k_cache, attn.v_cache)
+    want = attn._paged(q, k, v, meta)
+    # The same step again on the kernel path: it rewrites the same slots with the same K/V.
+    got = paged_attention_layer(q, k, v, *kv, meta, None)
+    assert_close(got, want, torch.float32)
