@@ -146,7 +146,8 @@ def _nf4_matmul_kernel(
         block = rows[:, None] * blocks_per_row + (k0 // BLOCKSIZE + offs_kb)[None, :]
         if NESTED:
             q = tl.load(absmax_ptr + block, mask=n_mask[:, None], other=0).to(tl.int32)
-            scale = tl.load(code2_ptr + q) * tl.load(absmax2_ptr + block // BLOCKSIZE2) + offset
+            group = tl.load(absmax2_ptr + block // BLOCKSIZE2, mask=n_mask[:, None], other=0.0)
+            scale = tl.load(code2_ptr + q) * group + offset
         else:
             scale = tl.load(absmax_ptr + block, mask=n_mask[:, None], other=0.0)
         scale = tl.broadcast_to(scale[:, :, None], (BLOCK_N, BLOCKS_PER_TILE, BLOCKSIZE // 2))

@@ -77,6 +77,16 @@ def test_packed_slices_equal_the_columns_of_the_whole_output(num_tokens, shape, 
         start += width
 
 
+@pytest.mark.parametrize("num_tokens", [2, 40])
+def test_widths_that_are_not_a_whole_tile(num_tokens):
+    case = nf4_case(130, 1024, torch.float32, DEVICE, bias=True)
+    x = torch.randn(num_tokens, 1024, device=DEVICE)
+    weight = _weight(case)
+    assert_close(nf4_matmul(x, weight, case.bias), case.reference(x), torch.float32)
+    part = nf4_matmul(x, weight, case.bias, rows=(3, 70))
+    assert_close(part, case.reference(x, (3, 70)), torch.float32)
+
+
 def test_split_k_and_tiled_paths_agree():
     case = nf4_case(256, 512, torch.float32, DEVICE)
     weight = _weight(case)
