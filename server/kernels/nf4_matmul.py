@@ -210,7 +210,7 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _check(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None, rows: tuple[int, int]):  # type: ignore[no-untyped-def]
+def _check(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None, rows: tuple[int, int]) -> None:
     n_all, k = w.out_features, w.in_features
     assert x.dim() == 2 and x.stride(1) == 1, "x must be [M, K] with contiguous rows"
     assert x.shape[1] == k, f"x has {x.shape[1]} columns, the weight {k}"
