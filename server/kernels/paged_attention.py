@@ -51,7 +51,10 @@ def _store_kv_kernel(
     offset = tl.load(slot_offsets_ptr + t)
     cols = tl.arange(0, BLOCK)
     mask = cols < WIDTH
-    dst = page * stride_cp + offset * stride_cb + cols
+    dst = page * stride_cp + offset * stride_cb
+    if WIDTH % 16 == 0:  # a token's K/V rows start at multiples of kv_heads * head_dim
+        dst = tl.multiple_of(dst, 16)
+    dst += cols
     tl.store(k_cache_ptr + dst, tl.load(k_ptr + t * stride_kt + cols, mask=mask), mask=mask)
     tl.store(v_cache_ptr + dst, tl.load(v_ptr + t * stride_vt + cols, mask=mask), mask=mask)
 
@@ -131,6 +134,8 @@ def _paged_attention_kernel(
         n_mask = offs_n < hi
         page = tl.load(table + offs_n // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
         slot = page * stride_cp + (offs_n % BLOCK_SIZE) * stride_cb + head_offset  # [BLOCK_N]
+        if HEAD_DIM % 16 == 0:  # rows of a head start at multiples of head_dim (asserted)
+            slot = tl.multiple_of(slot, 16)
         kv_mask = n_mask[:, None] & d_mask[None, :]
         k = tl.load(k_cache_ptr + slot[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_cache_ptr + slot[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
