@@ -1,21 +1,28 @@
-"""Microbenchmark of batched LoRA on Llama-3-8B layer shapes: Triton SGMV, torch loop, padded bmm.
+"""Kernel microbenchmarks on Llama-3-8B shapes; --suite picks which (default lora).
 
-The padded bmm is S-LoRA's ablation: every token gathers its adapter's A and B, zero-padded to
-the batch's maximum rank, into a batch for torch.bmm. Times are CUDA-event means per call,
-including each launcher's host-side work. Needs a CUDA GPU: `python -m bench.kernels --help`.
+- lora: batched LoRA, Triton SGMV vs a torch loop vs a padded bmm. The padded bmm is S-LoRA's
+  ablation: every token gathers its adapter's A and B, zero-padded to the batch's maximum rank,
+  into a batch for torch.bmm.
+- nf4: the Triton NF4 matmul vs bitsandbytes vs bf16, against the bandwidth floor
+  (bench/kernels_nf4.py).
+- attention: paged decode attention vs gather + SDPA, against the bandwidth floor
+  (bench/kernels_attention.py).
+
+Times are CUDA-event means per call, including each launcher's host-side work. Needs a CUDA GPU:
+`python -m bench.kernels --suite SUITE --help`.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import statistics
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from bench.gpu_timing import NO_GPU, time_call
 from server.lora.ops import Segment, SegmentTensors, SliceWeights, expand_ref, lora_ref, shrink_ref
 
 MIXED_RANKS = (8, 16, 32, 64, 128)
@@ -206,23 +213,6 @@ def check(shape: OpShape, w: Workload, names: list[str]) -> None:
         torch.testing.assert_close(results[name], results["torch_loop"], atol=tol, rtol=tol)
 
 
-def time_call(fn: Callable[[], object], warmup: int, iters: int, repeats: int = 5) -> float:
-    """Microseconds per call: the median over repeats of a CUDA-event mean over iters calls."""
-    for _ in range(warmup):
-        fn()
-    means = []
-    for _ in range(repeats):
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(iters):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        means.append(start.elapsed_time(end) * 1000 / iters)
-    return statistics.median(means)
-
-
 def adapter_ranks(rank: str, num_adapters: int) -> list[int]:
     """'mixed' cycles through MIXED_RANKS; a number gives every adapter that rank."""
     if rank == "mixed":
@@ -230,9 +220,40 @@ def adapter_ranks(rank: str, num_adapters: int) -> list[int]:
     return [int(rank)] * num_adapters
 
 
+SUITES = ("lora", "nf4", "attention")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The sweep: operations x tokens x ranks x adapters."""
-    p = argparse.ArgumentParser(prog="python -m bench.kernels", description=__doc__)
+    """--suite, the arguments every suite shares, and the chosen suite's own."""
+    pick = argparse.ArgumentParser(add_help=False)
+    pick.add_argument("--suite", choices=SUITES, default="lora")
+    suite = pick.parse_known_args(argv)[0].suite
+    p = argparse.ArgumentParser(
+        prog="python -m bench.kernels",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--suite", choices=SUITES, default="lora", help="which kernels (default lora)")
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--iters", type=int, default=30)
+    p.add_argument("--no-check", action="store_true", help="skip the correctness check")
+    p.add_argument("--csv", help="also write the rows to this CSV file")
+    p.add_argument("--seed", type=int, default=0)
+    if suite == "nf4":
+        from bench import kernels_nf4
+
+        kernels_nf4.add_args(p)
+        return p.parse_args(argv)
+    if suite == "attention":
+        from bench import kernels_attention
+
+        kernels_attention.add_args(p)
+        return p.parse_args(argv)
+    return _lora_args(p, argv)
+
+
+def _lora_args(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """The LoRA sweep: operations x tokens x ranks x adapters."""
     p.add_argument("--ops", nargs="+", choices=list(SHAPES), default=list(SHAPES))
     p.add_argument(
         "--tokens", type=int, nargs="+", default=[1, 16, 64, 256, 512, 2048, 8192]
@@ -240,13 +261,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ranks", nargs="+", default=["8", "16", "64", "128", "mixed"])
     p.add_argument("--adapters", type=int, nargs="+", default=[1, 8, 64])
     p.add_argument("--dtype", choices=list(DTYPES), default="bf16")
-    p.add_argument("--warmup", type=int, default=10)
-    p.add_argument("--iters", type=int, default=30)
     p.add_argument("--bmm-max-gib", type=float, default=4.0, help="skip larger bmm gathers")
     p.add_argument("--quick", action="store_true", help="a small sweep for a smoke run")
-    p.add_argument("--no-check", action="store_true", help="skip the correctness check")
-    p.add_argument("--csv", help="also write the rows to this CSV file")
-    p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     for r in args.ranks:
         if r != "mixed" and not (r.isdigit() and int(r) > 0):
@@ -262,13 +278,27 @@ def fmt_ratio(num: float | None, den: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run the sweep and print one table row per configuration."""
+    """Run the chosen suite and print one table row per configuration."""
     args = parse_args(argv)
     if not torch.cuda.is_available():
-        sys.exit(
-            "bench.kernels needs a CUDA GPU: it times kernels with CUDA events, and the Triton "
-            "interpreter (TRITON_INTERPRET=1) runs on the CPU and measures nothing useful."
-        )
+        sys.exit(f"bench.kernels {NO_GPU}")
+    if args.suite == "lora":
+        rows = run_lora(args)
+    elif args.suite == "nf4":
+        from bench import kernels_nf4
+
+        rows = kernels_nf4.run(args)
+    else:
+        from bench import kernels_attention
+
+        rows = kernels_attention.run(args)
+    if args.csv:
+        with open(args.csv, "w", newline="") as f:
+            csv.writer(f).writerows(rows)
+
+
+def run_lora(args: argparse.Namespace) -> list[list[str]]:
+    """The LoRA sweep; returns the header and rows."""
     device, dtype = torch.device("cuda"), DTYPES[args.dtype]
     print(f"# {torch.cuda.get_device_name()}  dtype={args.dtype}  times in us per call")
     header = ["op", "tokens", "adapters", "rank", "triton_us", "torch_loop_us", "padded_bmm_us"]
@@ -308,14 +338,10 @@ def main(argv: list[str] | None = None) -> None:
                         fmt_ratio(times["padded_bmm"], tri),
                     ]
                     print(" | ".join(str(c) for c in row), flush=True)
-                    rows.append(row)
+                    rows.append([str(c) for c in row])
                     del w, impls
                     torch.cuda.empty_cache()
-    if args.csv:
-        with open(args.csv, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(header)
-            writer.writerows(rows)
+    return [header, *rows]
 
 
 if __name__ == "__main__":

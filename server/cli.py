@@ -13,6 +13,7 @@ from typing import Any
 from server.config import (
     DEVICE_CHOICES,
     DTYPE_CHOICES,
+    KERNEL_BACKEND_CHOICES,
     LORA_BACKEND_CHOICES,
     QUANTIZE_CHOICES,
     ConfigError,
@@ -58,6 +59,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     _add(g, "--max-lora-rank", 64, "largest adapter rank accepted", type=int)
     _add(g, "--max-loras", 32, "adapters resident on the device at once", type=int)
     _add(g, "--lora-backend", "auto", "batched LoRA implementation", choices=LORA_BACKEND_CHOICES)
+    _add(
+        g,
+        "--kernel-backend",
+        "auto",
+        "NF4 matmul and paged attention implementation",
+        choices=KERNEL_BACKEND_CHOICES,
+    )
     _add(g, "--host-cache-mb", 2048, "host memory for cached adapter weights", type=int)
     _add(g, "--seed", 0, "seed for requests that give none", type=int)
 
@@ -77,6 +85,7 @@ def engine_config(args: argparse.Namespace, model: str) -> EngineConfig:
         max_lora_rank=args.max_lora_rank,
         max_loras=args.max_loras,
         lora_backend=args.lora_backend,
+        kernel_backend=args.kernel_backend,
         host_cache_mb=args.host_cache_mb,
         seed=args.seed,
     )

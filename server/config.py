@@ -10,6 +10,7 @@ QUANTIZE_CHOICES = ("nf4", "none")
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 LORA_BACKEND_CHOICES = ("auto", "torch", "triton")
+KERNEL_BACKEND_CHOICES = ("auto", "torch", "triton")
 DEFAULT_CPU_POOL_MB = 1024
 
 
@@ -33,6 +34,7 @@ class EngineConfig:
     max_lora_rank: int = 64
     max_loras: int = 32  # adapters resident on the device at once
     lora_backend: str = "auto"  # triton on CUDA, torch on CPU
+    kernel_backend: str = "auto"  # NF4 matmul and paged attention: triton on CUDA, torch on CPU
     host_cache_mb: int = 2048
     seed: int = 0
 
@@ -41,6 +43,7 @@ class EngineConfig:
         _choice("--dtype", self.dtype, DTYPE_CHOICES)
         _choice("--device", self.device, DEVICE_CHOICES)
         _choice("--lora-backend", self.lora_backend, LORA_BACKEND_CHOICES)
+        _choice("--kernel-backend", self.kernel_backend, KERNEL_BACKEND_CHOICES)
         for flag, value in (
             ("--max-num-seqs", self.max_num_seqs),
             ("--max-num-batched-tokens", self.max_num_batched_tokens),

@@ -20,7 +20,13 @@ from server.engine.sampler import sample
 from server.engine.sampling_params import InvalidRequestError, SamplingParams
 from server.engine.scheduler import Scheduler, SchedulerOutput
 from server.engine.sequence import Sequence, SequenceStatus
-from server.engine.setup import build_model, generation_eos_ids, lora_backend, make_pool
+from server.engine.setup import (
+    build_model,
+    generation_eos_ids,
+    kernel_backend,
+    lora_backend,
+    make_pool,
+)
 from server.engine.stats import StepStats
 from server.lora.layers import enable_lora
 from server.memory.adapter_cache import DeviceAdapterCache
@@ -96,7 +102,7 @@ class LLMEngine:
         self.scheduler = Scheduler(
             self.kv, config.max_num_seqs, config.max_num_batched_tokens, self.adapter_cache
         )
-        self.runner = ModelRunner(self.model, self.pool, self.device)
+        self.runner = ModelRunner(self.model, self.pool, self.device, kernel_backend(config))
         self._requests: dict[str, _Request] = {}
         self._seed_rng = random.Random(config.seed)
         self._stats = StepStats()

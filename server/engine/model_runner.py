@@ -6,19 +6,39 @@ import torch
 
 from server.engine.scheduler import ScheduledSeq
 from server.memory.page_pool import PagePool
-from server.model.context import AttentionGroup, AttentionMetadata, ForwardContext, forward_context
+from server.model.context import (
+    AttentionGroup,
+    AttentionMetadata,
+    ForwardContext,
+    SeqLayout,
+    forward_context,
+)
 from server.model.llama import LlamaForCausalLM
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaForCausalLM, pool: PagePool, device: torch.device) -> None:
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        pool: PagePool,
+        device: torch.device,
+        kernel_backend: str = "torch",
+    ) -> None:
         self.model = model
         self.pool = pool
         self.device = device
         self.block_size = pool.geometry.block_size
         self.sliding_window = model.config.sliding_window
+        # "triton": attention reads the pool through block tables (server.kernels); "torch":
+        # padded SDPA groups over gathered blocks.
+        self.kernel_backend = kernel_backend
         for layer, attn in enumerate(model.attention_layers()):
             attn.k_cache, attn.v_cache = pool.kv_views(layer)
+        if kernel_backend == "triton":
+            from server.kernels.paged_attention import paged_attention_layer
+
+            for attn in model.attention_layers():
+                attn.paged_kernel = paged_attention_layer
 
     @torch.inference_mode()
     def execute(self, batch: list[ScheduledSeq], lora: object = None) -> torch.Tensor:
@@ -49,13 +69,17 @@ class ModelRunner:
         sample_idx = torch.tensor([int(cu[i]) - 1 for i, s in enumerate(batch) if s.samples])
 
         groups = []
-        for decode in (True, False):
-            rows = [i for i, s in enumerate(batch) if (s.num_new_tokens == 1) == decode]
-            if rows:
-                idx = torch.tensor(rows)
-                groups.append(
-                    self._group(counts[idx], starts[idx], (cu - counts)[idx], tables[idx])
-                )
+        seqs = None
+        if self.kernel_backend == "triton":
+            seqs = self._seq_layout(counts, starts, cu - counts, tables)
+        else:
+            for decode in (True, False):
+                rows = [i for i, s in enumerate(batch) if (s.num_new_tokens == 1) == decode]
+                if rows:
+                    idx = torch.tensor(rows)
+                    groups.append(
+                        self._group(counts[idx], starts[idx], (cu - counts)[idx], tables[idx])
+                    )
 
         rope_scale = None
         if any(s.seq.rope_scale != 1.0 for s in batch):
@@ -63,13 +87,30 @@ class ModelRunner:
             rope_scale = scales[seq_of_token].to(self.device)
 
         dev = self.device
-        meta = AttentionMetadata(slot_pages.to(dev), slot_offsets.to(dev), groups)
+        meta = AttentionMetadata(slot_pages.to(dev), slot_offsets.to(dev), groups, seqs)
         return (
             torch.tensor(ids, dtype=torch.long, device=dev),
             positions.to(dev),
             rope_scale,
             meta,
             sample_idx.to(dev),
+        )
+
+    def _seq_layout(
+        self,
+        counts: torch.Tensor,
+        starts: torch.Tensor,
+        flat_starts: torch.Tensor,
+        tables: torch.Tensor,
+    ) -> SeqLayout:
+        """Per-sequence query ranges, key counts and block tables, for the attention kernel."""
+        dev = self.device
+        return SeqLayout(
+            q_starts=flat_starts.to(dev, torch.int32),
+            q_lens=counts.to(dev, torch.int32),
+            ctx_lens=(starts + counts).to(dev, torch.int32),
+            block_tables=tables.to(dev, torch.int32),
+            max_q_len=int(counts.max()),
         )
 
     def _group(

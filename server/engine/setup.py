@@ -41,6 +41,10 @@ def build_model(config: EngineConfig, model_dir: Path) -> LlamaForCausalLM:
     if config.quantize == "nf4":
         quantize_nf4(model, config.torch_dtype, config.torch_device)
     model.to(config.torch_device)
+    if config.quantize == "nf4" and kernel_backend(config) == "triton":
+        from server.kernels.nf4_linear import use_nf4_kernel
+
+        use_nf4_kernel(model)  # bitsandbytes quantized it; our kernel multiplies
     cfg = model.config
     logger.info(
         "loaded %s from %s in %.1fs: %d layers, %.1fM parameters, weights %.1f MiB (%s, %s, %s)",
@@ -57,7 +61,7 @@ def build_model(config: EngineConfig, model_dir: Path) -> LlamaForCausalLM:
     return model
 
 
-def lora_backend(device: torch.device, choice: str = "auto") -> str:
+def lora_backend(device: torch.device, choice: str = "auto", feature: str = "batched LoRA") -> str:
     """Triton kernels on CUDA when Triton is installed, the torch path otherwise."""
     if choice != "auto":
         return choice
@@ -66,9 +70,16 @@ def lora_backend(device: torch.device, choice: str = "auto") -> str:
     try:
         import triton  # noqa: F401
     except ImportError:
-        logger.warning("Triton is not installed; batched LoRA falls back to the torch path")
+        logger.warning("Triton is not installed; %s falls back to the torch path", feature)
         return "torch"
     return "triton"
+
+
+def kernel_backend(config: EngineConfig) -> str:
+    """Where the NF4 matmul and paged attention run: "triton" kernels or the "torch" path."""
+    return lora_backend(
+        config.torch_device, config.kernel_backend, "NF4 matmul and paged attention"
+    )
 
 
 def open_registry(data_dir: str | Path, config: EngineConfig) -> AdapterRegistry:

@@ -12,6 +12,9 @@ from server.model.context import get_context
 
 # (q, k, v) as [B, heads, S, head_dim] -> [B, heads, S, head_dim]; LongLoRA swaps in S2-Attn.
 DenseAttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# (q, k, v, k_cache, v_cache, metadata, sliding_window) -> [T, heads * head_dim]: the serving
+# path's kernel (server.kernels.paged_attention.paged_attention_layer) when one is bound.
+PagedKernelFn = Callable[..., torch.Tensor]
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -40,11 +43,15 @@ class Attention(nn.Module):
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
         self.dense_attention: DenseAttentionFn = causal_attention
+        self.paged_kernel: PagedKernelFn | None = None  # set by the model runner
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q: [..., heads, dim]  k, v: [..., kv_heads, dim]  ->  [..., heads * dim]."""
         ctx = get_context()
         if ctx is not None and ctx.attn is not None:
+            if self.paged_kernel is not None:
+                kv = (self.k_cache, self.v_cache)
+                return self.paged_kernel(q, k, v, *kv, ctx.attn, self.sliding_window)
             return self._paged(q, k, v, ctx.attn)
         return self._dense(q, k, v)
 

@@ -29,10 +29,22 @@ class AttentionGroup:
 
 
 @dataclass
+class SeqLayout:
+    """Each sequence's queries and keys in a step, for kernels that follow block tables."""
+
+    q_starts: torch.Tensor  # [B] int32 flat token index of each sequence's first query
+    q_lens: torch.Tensor  # [B] int32 new tokens (queries) per sequence
+    ctx_lens: torch.Tensor  # [B] int32 keys each sequence sees after this step
+    block_tables: torch.Tensor  # [B, max_blocks] int32 pages holding each sequence's keys
+    max_q_len: int
+
+
+@dataclass
 class AttentionMetadata:
     slot_pages: torch.Tensor  # [T] page receiving each new token's K/V
     slot_offsets: torch.Tensor  # [T] offset within that page's block
-    groups: list[AttentionGroup]
+    groups: list[AttentionGroup]  # padded SDPA layout (torch path)
+    seqs: SeqLayout | None = None  # per-sequence layout (kernel path)
 
 
 @dataclass
