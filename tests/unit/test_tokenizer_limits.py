@@ -8,6 +8,8 @@ import shutil
 from pathlib import Path
 
 import pytest
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import models, normalizers, pre_tokenizers
 
 from server.model.tokenizer import Tokenizer, TokenizerError
 
@@ -85,14 +87,42 @@ def test_the_character_bound_is_sound_for_the_tiny_tokenizer(tok: Tokenizer) -> 
         assert len(tok.encode(text, add_special_tokens=False)) * bound >= len(text)
 
 
-def test_a_tokenizer_that_drops_whitespace_has_no_character_bound(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import models, pre_tokenizers
+def _save(hf: HFTokenizer, path: Path) -> Tokenizer:
+    path.mkdir()
+    hf.save(str(path / "tokenizer.json"))
+    return Tokenizer(path)
 
+
+def test_a_tokenizer_that_drops_whitespace_has_no_character_bound(tmp_path) -> None:  # type: ignore[no-untyped-def]
     hf = HFTokenizer(models.BPE(vocab={"a": 0, "<unk>": 1}, merges=[], unk_token="<unk>"))
     hf.pre_tokenizer = pre_tokenizers.Whitespace()
-    tmp_path.mkdir(exist_ok=True)
-    hf.save(str(tmp_path / "tokenizer.json"))
-    tok = Tokenizer(tmp_path)
+    tok = _save(hf, tmp_path / "ws")
     assert tok.encode(" " * 1000, add_special_tokens=False) == []
+    assert tok.max_chars_per_token is None
+
+
+def _sentencepiece_bpe(fuse_unk: bool, byte_fallback: bool) -> HFTokenizer:
+    """Llama 2's layout: spaces as "▁" (normalizer), unknown characters as bytes or <unk>."""
+    vocab = {"<unk>": 0, "▁": 1, "a": 2, "b": 3, "▁a": 4, "ab": 5, "▁ab": 6}
+    vocab |= {f"<0x{b:02X}>": 7 + b for b in range(256)}
+    merges = [("▁", "a"), ("a", "b"), ("▁a", "b")]
+    model = models.BPE(
+        vocab, merges, unk_token="<unk>", fuse_unk=fuse_unk, byte_fallback=byte_fallback
+    )
+    hf = HFTokenizer(model)
+    hf.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    return hf
+
+
+def test_the_character_bound_holds_for_a_byte_fallback_tokenizer(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    tok = _save(_sentencepiece_bpe(fuse_unk=True, byte_fallback=True), tmp_path / "sp")
+    bound = tok.max_chars_per_token
+    assert bound == len("<0x00>")
+    for text in ["ab ab ab", "zzzz" * 100, "é漢" * 50]:
+        assert len(tok.encode(text, add_special_tokens=False)) * bound >= len(text)
+
+
+def test_fused_unknown_characters_leave_no_character_bound(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    tok = _save(_sentencepiece_bpe(fuse_unk=True, byte_fallback=False), tmp_path / "fused")
+    assert len(tok.encode("ab" + "z" * 500, add_special_tokens=False)) < 5
     assert tok.max_chars_per_token is None
