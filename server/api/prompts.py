@@ -22,7 +22,8 @@ TOKENIZER_THREADS = 2
 _pool = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="loraplex-tokenize")
 
 
-async def _off_loop(fn: Callable[..., T], *args: Any) -> T:
+async def off_loop(fn: Callable[..., T], *args: Any) -> T:
+    """fn(*args) on the tokenizer threads (for work that grows with a prompt's length)."""
     return await asyncio.get_running_loop().run_in_executor(_pool, fn, *args)
 
 
@@ -58,11 +59,11 @@ class PromptEncoder:
 
     async def encode(self, text: str, param: str) -> list[int]:
         self.check_chars(len(text), param)
-        return self.check_ids(await _off_loop(self.tok.encode, text), param)
+        return self.check_ids(await off_loop(self.tok.encode, text), param)
 
     async def encode_truncated(self, text: str, keep_last: int, param: str) -> list[int]:
         """Only the last keep_last tokens (TGI's truncate), so any length may come in."""
-        ids = (await _off_loop(self.tok.encode, text))[-keep_last:]
+        ids = (await off_loop(self.tok.encode, text))[-keep_last:]
         return self.check_ids(ids, param)
 
     async def encode_chat(
@@ -70,7 +71,7 @@ class PromptEncoder:
     ) -> list[int]:
         self.check_chars(sum(len(m["content"]) for m in messages), "messages")
         try:
-            ids = await _off_loop(self.tok.encode_chat, messages, add_generation_prompt)
+            ids = await off_loop(self.tok.encode_chat, messages, add_generation_prompt)
         except TokenizerError as exc:
             raise BadRequest(str(exc), "messages") from exc
         return self.check_ids(ids, "messages")

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from fastapi import Request
 
 from server.api.errors import BadRequest, error_body, translate
-from server.api.prompts import PromptEncoder
+from server.api.prompts import PromptEncoder, off_loop
 from server.api.schemas.lorax import (
     LoraxDetails,
     LoraxParameters,
@@ -106,7 +106,9 @@ class LoraxService:
         text = (req.inputs + final.text) if p.return_full_text else final.text
         if not p.details:
             return LoraxResponse(generated_text=text)
-        prefill = [self._token(t, None) for t in prompt] if p.decoder_input_details else []
+        prefill: list[LoraxToken] = []
+        if p.decoder_input_details:  # a decode per prompt token: long for a long prompt
+            prefill = await off_loop(lambda: [self._token(t, None) for t in prompt])
         return LoraxResponse(
             generated_text=text,
             details=LoraxDetails(
