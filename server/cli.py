@@ -104,6 +104,15 @@ def _serve_parser(sub: Any) -> None:
     _add(g, "--preload-adapters", [], "adapter directories (or folders of them)", nargs="*")
     _add(g, "--adapter-roots", [], "directories /v1/load_lora_adapter may read", nargs="*")
     _add(g, "--max-upload-mb", 512, "largest upload accepted", type=int)
+    _add(g, "--max-request-body-mb", 4, "largest body of any other request", type=int)
+    _add(g, "--request-body-timeout-s", 60.0, "time a whole request body may take", type=float)
+    _add(
+        g,
+        "--max-concurrent-requests",
+        512,
+        "requests in flight before 503 (/health, /ready, /metrics excepted)",
+        type=int,
+    )
     _add(g, "--max-waiting", 1024, "queued requests before 429", type=int)
     _add(g, "--log-level", "info", "logging level")
     _add(g, "--max-concurrent-jobs", 1, "fine-tuning jobs that train at once", type=int)
@@ -127,6 +136,9 @@ def _serve(args: argparse.Namespace) -> int:
         preload_adapters=tuple(args.preload_adapters),
         adapter_roots=tuple(args.adapter_roots),
         max_upload_mb=args.max_upload_mb,
+        max_request_body_mb=args.max_request_body_mb,
+        request_body_timeout_s=args.request_body_timeout_s,
+        max_concurrent_requests=args.max_concurrent_requests,
         max_waiting=args.max_waiting,
         log_level=args.log_level,
         max_concurrent_jobs=args.max_concurrent_jobs,

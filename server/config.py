@@ -98,6 +98,9 @@ class ServerConfig:
     preload_adapters: tuple[str, ...] = ()  # directories of adapters, or folders of them
     adapter_roots: tuple[str, ...] = ()  # where /v1/load_lora_adapter may read from
     max_upload_mb: int = 512
+    max_request_body_mb: int = 4  # every other route's body
+    request_body_timeout_s: float = 60.0  # a whole body must arrive within this
+    max_concurrent_requests: int = 512  # in flight before 503 (probes excepted)
     max_waiting: int = 1024  # queued requests before 429
     log_level: str = "info"
     max_concurrent_jobs: int = 1  # fine-tuning jobs training at once
@@ -108,5 +111,15 @@ class ServerConfig:
             raise ConfigError(f"--port must be in 1..65535, got {self.port}")
         if self.max_upload_mb < 1:
             raise ConfigError(f"--max-upload-mb must be >= 1, got {self.max_upload_mb}")
+        if self.max_request_body_mb < 1:
+            raise ConfigError(f"--max-request-body-mb must be >= 1, got {self.max_request_body_mb}")
+        if not self.request_body_timeout_s > 0:
+            raise ConfigError(
+                f"--request-body-timeout-s must be > 0, got {self.request_body_timeout_s}"
+            )
+        if self.max_concurrent_requests < 1:
+            raise ConfigError(
+                f"--max-concurrent-requests must be >= 1, got {self.max_concurrent_requests}"
+            )
         if self.max_waiting < 1:
             raise ConfigError(f"--max-waiting must be >= 1, got {self.max_waiting}")

@@ -1,87 +1,23 @@
-"""The FastAPI app: routers, error handlers, the upload size limit, start-up and shutdown."""
+"""The FastAPI app: routers, error handlers, request limits, start-up and shutdown."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server import __version__
 from server.api.errors import install_handlers
+from server.api.limits import BodyLimit, ConcurrencyLimit, RequestLimits
 from server.api.routes import adapters, files, fine_tuning, lorax, openai, ops
 from server.api.state import ServerState
 from server.config import EngineConfig, ServerConfig
 from server.engine.llm_engine import LLMEngine
 from server.engine.setup import open_registry
 from server.metrics import Metrics
-
-UPLOAD_PATHS = ("/v1/adapters", "/v1/files")
-
-
-class UploadLimit:
-    """413 for uploads over --max-upload-mb: by Content-Length up front, else while reading."""
-
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (
-            scope["type"] != "http"
-            or scope["method"] != "POST"
-            or not scope["path"].startswith(UPLOAD_PATHS)
-        ):
-            await self.app(scope, receive, send)
-            return
-        headers = dict(scope["headers"])
-        length = headers.get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            await self._reject(send)
-            return
-        seen = 0
-
-        async def limited() -> Message:
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.max_bytes:
-                raise _TooLarge
-            return message
-
-        try:
-            await self.app(scope, limited, send)
-        except _TooLarge:
-            await self._reject(send)
-
-    async def _reject(self, send: Send) -> None:
-        mb = self.max_bytes // 2**20
-        body = json.dumps(
-            {
-                "error": {
-                    "message": f"upload exceeds --max-upload-mb ({mb} MB)",
-                    "type": "invalid_request_error",
-                    "param": None,
-                    "code": "payload_too_large",
-                }
-            }
-        ).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [(b"content-type", b"application/json")],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
-
-
-class _TooLarge(Exception):
-    pass
 
 
 def create_app(state: ServerState) -> FastAPI:
@@ -113,7 +49,15 @@ def create_app(state: ServerState) -> FastAPI:
         lorax.router,
     ):
         app.include_router(router)
-    app.add_middleware(UploadLimit, max_bytes=state.config.max_upload_mb * 2**20)
+    cfg = state.config
+    limits = RequestLimits(
+        max_body_bytes=cfg.max_request_body_mb * 2**20,
+        max_upload_bytes=cfg.max_upload_mb * 2**20,
+        body_timeout_s=cfg.request_body_timeout_s,
+        max_concurrent=cfg.max_concurrent_requests,
+    )
+    app.add_middleware(BodyLimit, limits=limits)
+    app.add_middleware(ConcurrencyLimit, limits=limits)  # the outer one: refuses before reading
     return app
 
 

@@ -8,6 +8,8 @@ the openai SDK turns into typed exceptions; the LoRAX/TGI routes answer `{"error
 from __future__ import annotations
 
 import logging
+import re
+import uuid
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -23,6 +25,8 @@ from server.engine.sampling_params import InvalidRequestError
 logger = logging.getLogger(__name__)
 
 LORAX_PATHS = ("/generate", "/generate_stream")
+# An absolute POSIX path of two or more parts (not inside a URL).
+_SERVER_PATH = re.compile(r"(?<![\w.~:/])/(?:[^\s'\"/]+/)+[^\s'\"/]*")
 _TYPE_NAMES = frozenset({"str", "int", "float", "bool", "dict", "list", "bytes", "none"})
 
 
@@ -67,6 +71,10 @@ class PayloadTooLarge(APIError):
     status, type, code, lorax_type = 413, "invalid_request_error", "payload_too_large", "validation"
 
 
+class RequestTimeout(APIError):
+    status, type, code, lorax_type = 408, "invalid_request_error", "request_timeout", "validation"
+
+
 class Overloaded(APIError):
     status, type, code, lorax_type = 429, "rate_limit_error", "overloaded", "overloaded"
 
@@ -75,14 +83,34 @@ class Unavailable(APIError):
     status, type, code, lorax_type = 503, "service_unavailable", "not_ready", "unavailable"
 
 
+class ServerBusy(APIError):
+    status, type, code, lorax_type = 503, "service_unavailable", "overloaded", "overloaded"
+
+
 class GenerationError(APIError):
     status, type, code, lorax_type = 500, "server_error", "generation_failed", "generation"
+
+
+class InternalError(APIError):
+    status, type, code, lorax_type = 500, "server_error", "internal_error", "internal"
 
 
 class ClientDisconnected(APIError):
     """The client went away; nobody reads the reply (499, nginx's code for this)."""
 
     status, type, code, lorax_type = 499, "client_closed_request", "client_closed", "client_closed"
+
+
+class BodyRefused(StarletteHTTPException):
+    """An APIError raised from a request's body stream (server/api/limits.py).
+
+    An HTTPException because FastAPI lets those through its body parsing, where any other
+    exception becomes a generic 400.
+    """
+
+    def __init__(self, error: APIError) -> None:
+        super().__init__(error.status, error.message, error.headers)
+        self.error = error
 
 
 DOMAIN_ERRORS: tuple[type[Exception], ...] = (
@@ -117,8 +145,17 @@ def error_response(request: Request, err: APIError) -> JSONResponse:
     return JSONResponse(error_body(err, lorax), status_code=status, headers=err.headers)
 
 
+def without_paths(message: str) -> str:
+    """A message with each absolute server path cut to its last part (a file or folder name)."""
+    return _SERVER_PATH.sub(lambda m: m.group(0).rstrip("/").rsplit("/", 1)[-1], message)
+
+
 def translate(exc: Exception) -> APIError:
-    """Domain exceptions from the engine and the adapter store, as API errors."""
+    """Domain exceptions from the engine and the adapter store, as API errors.
+
+    Their messages may name files on the server, which clients never see; anything else is a
+    bug, answered with a generic 500 whose id finds the traceback in the server log.
+    """
     if isinstance(exc, APIError):
         return exc
     if isinstance(exc, UnknownAdapterError):
@@ -130,15 +167,16 @@ def translate(exc: Exception) -> APIError:
     if isinstance(exc, AdapterExistsError):
         return Conflict(str(exc).strip("'\""), "name")
     if isinstance(exc, AdapterError):
-        return BadRequest(str(exc))
+        return BadRequest(without_paths(str(exc)))
     if isinstance(exc, EngineDeadError):
-        return Unavailable(str(exc))
+        return Unavailable(without_paths(str(exc)))
     if isinstance(exc, EngineStepError):
-        return GenerationError(str(exc))
+        return GenerationError(without_paths(str(exc)))
     if isinstance(exc, ClientDisconnect):
         return ClientDisconnected("client disconnected")
-    logger.exception("unexpected error", exc_info=exc)
-    return GenerationError(f"internal error: {type(exc).__name__}")
+    error_id = uuid.uuid4().hex[:16]
+    logger.error("unexpected error %s", error_id, exc_info=exc)
+    return InternalError(f"internal server error (id {error_id}; the server log has the details)")
 
 
 def _is_union_branch(part: str) -> bool:
@@ -177,6 +215,10 @@ def install_handlers(app: FastAPI) -> None:
 
     for domain in DOMAIN_ERRORS:
         app.add_exception_handler(domain, _domain)
+
+    @app.exception_handler(BodyRefused)
+    async def _body_refused(request: Request, exc: BodyRefused) -> JSONResponse:
+        return error_response(request, exc.error)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

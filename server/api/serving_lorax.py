@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from fastapi import Request
 
 from server.api.errors import BadRequest, error_body, translate
+from server.api.prompts import PromptEncoder, off_loop
 from server.api.schemas.lorax import (
     LoraxDetails,
     LoraxParameters,
@@ -69,6 +70,7 @@ class LoraxService:
     def __init__(self, state: ServerState) -> None:
         self.state = state
         self.tok = state.llm.tokenizer
+        self.prompts = PromptEncoder(state.llm)
 
     def _token(self, token_id: int, logprob: float | None) -> LoraxToken:
         return LoraxToken(
@@ -78,20 +80,23 @@ class LoraxService:
             special=token_id in self.tok.special_token_ids,
         )
 
-    def _start(self, raw: Request, req: LoraxRequest, details: bool):  # type: ignore[no-untyped-def]
+    async def _start(self, raw: Request, req: LoraxRequest, details: bool):  # type: ignore[no-untyped-def]
         p = req.parameters
+        params = _params(p, details)
         adapter = self.state.resolve_model(p.adapter_id)
-        prompt = self.tok.encode(req.inputs)
-        if p.truncate is not None:
-            prompt = prompt[-p.truncate :]  # TGI keeps the last `truncate` tokens
+        self.state.check_serving()  # before any tokenizing
+        if p.truncate is not None:  # TGI keeps the last `truncate` tokens
+            prompt = await self.prompts.encode_truncated(req.inputs, p.truncate, "inputs")
+        else:
+            prompt = await self.prompts.encode(req.inputs, "inputs")
         if not prompt:
             raise BadRequest("inputs is empty", "inputs")
-        stream = self.state.generate(raw, [prompt], [_params(p, details)], adapter)
+        stream = self.state.generate(raw, [prompt], [params], adapter)
         return prompt, stream
 
     async def generate(self, raw: Request, req: LoraxRequest) -> LoraxResponse:
         p = req.parameters
-        prompt, stream = self._start(raw, req, p.details)
+        prompt, stream = await self._start(raw, req, p.details)
         tokens: list[LoraxToken] = []
         final: RequestOutput | None = None
         async for _, out in stream:
@@ -101,7 +106,9 @@ class LoraxService:
         text = (req.inputs + final.text) if p.return_full_text else final.text
         if not p.details:
             return LoraxResponse(generated_text=text)
-        prefill = [self._token(t, None) for t in prompt] if p.decoder_input_details else []
+        prefill: list[LoraxToken] = []
+        if p.decoder_input_details:  # a decode per prompt token: long for a long prompt
+            prefill = await off_loop(lambda: [self._token(t, None) for t in prompt])
         return LoraxResponse(
             generated_text=text,
             details=LoraxDetails(
@@ -114,9 +121,10 @@ class LoraxService:
             ),
         )
 
-    def stream(self, raw: Request, req: LoraxRequest) -> AsyncIterator[str]:
+    async def stream(self, raw: Request, req: LoraxRequest) -> AsyncIterator[str]:
+        """The SSE events; a request that is refused raises here, before the stream starts."""
         p = req.parameters
-        _, stream = self._start(raw, req, True)
+        _, stream = await self._start(raw, req, True)
 
         async def events() -> AsyncIterator[str]:
             try:

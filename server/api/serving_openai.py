@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from fastapi import Request
 
 from server.api.errors import APIError, BadRequest, translate
+from server.api.prompts import PromptEncoder, check_token_ids
 from server.api.schemas.openai import (
     AssistantMessage,
     ChatChoice,
@@ -33,7 +34,7 @@ from server.engine.llm_engine import Prompt
 from server.engine.outputs import RequestOutput
 from server.engine.sampling_params import SamplingParams
 from server.engine.sequence import TokenLogprob
-from server.model.tokenizer import Tokenizer, TokenizerError
+from server.model.tokenizer import Tokenizer
 
 
 def sse(data: str) -> str:
@@ -80,18 +81,36 @@ class CompletionService:
     def __init__(self, state: ServerState) -> None:
         self.state = state
         self.tok = state.llm.tokenizer
+        self.prompts = PromptEncoder(state.llm)
+
+    def _check_stop_token_ids(self, req: SamplingFields) -> None:
+        if req.stop_token_ids:
+            check_token_ids(req.stop_token_ids, self.prompts.vocab_size, "stop_token_ids")
 
     # ---- completions ----------------------------------------------------------------------
 
-    def _completion_prompts(self, req: CompletionRequest) -> list[Prompt]:
+    async def _completion_prompts(
+        self, req: CompletionRequest
+    ) -> tuple[list[Prompt], list[list[int]]]:
+        """The prompts as sent (for echo) and as token ids, each tokenized once for all n."""
         p = req.prompt
+        prompts: list[Prompt]
         if isinstance(p, str):
-            return [p]
-        if not p:
+            prompts = [p]
+        elif not p:
             raise BadRequest("prompt is empty", "prompt")
-        if all(isinstance(x, int) for x in p):
-            return [list(p)]  # type: ignore[arg-type]
-        return list(p)  # type: ignore[arg-type]
+        elif all(isinstance(x, int) for x in p):
+            prompts = [list(p)]  # type: ignore[arg-type]
+        else:
+            prompts = list(p)  # type: ignore[arg-type]
+        self.state.check_serving(len(prompts) * req.n)  # before any tokenizing
+        ids = [
+            await self.prompts.encode(x, "prompt")
+            if isinstance(x, str)
+            else self.prompts.check_ids(x, "prompt")
+            for x in prompts
+        ]
+        return prompts, ids
 
     async def completions(
         self, raw: Request, req: CompletionRequest
@@ -103,17 +122,15 @@ class CompletionService:
             raise BadRequest("best_of must equal n (or be omitted)", "best_of")
         if req.echo and req.logprobs is not None:
             raise BadRequest("echo with logprobs is not supported", "echo")
+        self._check_stop_token_ids(req)
         adapter = self.state.resolve_model(req.model)
-        prompts = self._completion_prompts(req)
+        params = [sampling_params(req, req.max_tokens or 16, req.logprobs, j) for j in range(req.n)]
+        prompts, prompt_ids = await self._completion_prompts(req)
         flat = [p for p in prompts for _ in range(req.n)]
-        params = [
-            sampling_params(req, req.max_tokens or 16, req.logprobs, j)
-            for _ in prompts
-            for j in range(req.n)
-        ]
+        flat_ids = [ids for ids in prompt_ids for _ in range(req.n)]
         rid = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
-        stream = self.state.generate(raw, flat, params, adapter)
+        stream = self.state.generate(raw, flat_ids, params * len(prompts), adapter)
         if req.stream:
             return self._stream_completions(req, rid, created, flat, stream)
         finals: dict[int, RequestOutput] = {}
@@ -207,7 +224,7 @@ class CompletionService:
 
     # ---- chat -----------------------------------------------------------------------------
 
-    def _chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
+    async def _chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
         if req.tools:
             raise BadRequest("tools are not supported", "tools")
         if req.response_format and req.response_format.get("type") not in (None, "text"):
@@ -218,18 +235,16 @@ class CompletionService:
             if isinstance(content, list):
                 content = "".join(part.text for part in content)
             messages.append({"role": m.role, "content": content or ""})
-        try:
-            text = self.tok.apply_chat_template(messages, req.add_generation_prompt)
-        except TokenizerError as exc:
-            raise BadRequest(str(exc), "messages") from exc
-        return self.tok.encode(text, add_special_tokens=False)
+        return await self.prompts.encode_chat(messages, req.add_generation_prompt)
 
     async def chat(
         self, raw: Request, req: ChatCompletionRequest
     ) -> ChatCompletionResponse | AsyncIterator[str]:
         _refuse_unsupported(req)
+        self._check_stop_token_ids(req)
         adapter = self.state.resolve_model(req.model)
-        prompt = self._chat_prompt(req)
+        self.state.check_serving(req.n)  # before any tokenizing
+        prompt = await self._chat_prompt(req)
         max_tokens = req.max_completion_tokens or req.max_tokens
         if max_tokens is None:
             max_tokens = max(1, self.state.llm.max_model_len - len(prompt))

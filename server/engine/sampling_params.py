@@ -6,6 +6,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 MAX_LOGPROBS = 20
+# The step thread checks every stop string and stop token after every token: bounded work.
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256  # per stop string
+MAX_STOP_TOKEN_IDS = 64
 
 
 class InvalidRequestError(ValueError):
@@ -113,6 +117,16 @@ def _normalize_stop(stop: Any) -> list[str]:
         raise InvalidRequestError(f"stop must be a string or a list of strings, got {got}", "stop")
     if any(s == "" for s in stop):
         raise InvalidRequestError("stop strings must not be empty", "stop")
+    if len(stop) > MAX_STOP_STRINGS:
+        raise InvalidRequestError(
+            f"stop may hold at most {MAX_STOP_STRINGS} strings, got {len(stop)}", "stop"
+        )
+    longest = max(len(s) for s in stop) if stop else 0
+    if longest > MAX_STOP_CHARS:
+        raise InvalidRequestError(
+            f"stop strings may be at most {MAX_STOP_CHARS} characters, got one of {longest}",
+            "stop",
+        )
     return list(stop)
 
 
@@ -123,4 +137,9 @@ def _normalize_stop_token_ids(ids: Any) -> list[int]:
         isinstance(i, int) and not isinstance(i, bool) for i in ids
     ):
         raise InvalidRequestError("stop_token_ids must be a list of integers", "stop_token_ids")
+    if len(ids) > MAX_STOP_TOKEN_IDS:
+        raise InvalidRequestError(
+            f"stop_token_ids may hold at most {MAX_STOP_TOKEN_IDS} ids, got {len(ids)}",
+            "stop_token_ids",
+        )
     return list(ids)

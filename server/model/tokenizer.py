@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 import json
+import re
+import secrets
 from datetime import datetime
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Encoding
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers.decoders import DecodeStream
+from tokenizers.pre_tokenizers import ByteLevel
+
+# Normalizers and pre-tokenizers that never drop characters: each input character still
+# reaches the model (see Tokenizer.max_chars_per_token).
+_KEEPING_NORMALIZERS = frozenset({"Prepend", "Replace"})
+_KEEPING_PRE_TOKENIZERS = frozenset({"ByteLevel", "Metaspace", "Split", "Digits", "Punctuation"})
 
 
 class TokenizerError(ValueError):
@@ -58,7 +68,49 @@ class Tokenizer:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        """Token ids of text; special tokens written in it are parsed as such."""
+        return self._encode(self._tok, text, add_special_tokens).ids
+
+    @staticmethod
+    def _encode(tok: HFTokenizer, text: str, add_special_tokens: bool = False) -> Encoding:
+        # encode_batch releases the GIL while it works (encode does not), so a long prompt
+        # tokenized on another thread never stalls the event loop.
+        return tok.encode_batch([text], add_special_tokens=add_special_tokens)[0]
+
+    @cached_property
+    def _plain(self) -> HFTokenizer:
+        """A copy that reads special tokens' text as ordinary text (for chat content)."""
+        tok = HFTokenizer.from_str(self._tok.to_str())
+        tok.encode_special_tokens = True
+        return tok
+
+    @cached_property
+    def max_chars_per_token(self) -> int | None:
+        """The most characters one token can stand for, when this tokenizer has such a bound.
+
+        Then a text of C characters has at least C / bound tokens: every character reaches
+        the BPE model (no normalizer or pre-tokenizer drops any, no added token absorbs
+        whitespace) and every byte has a token (byte-level or byte fallback) or becomes one
+        unknown token of its own. None for tokenizers where that does not hold.
+        """
+        spec = json.loads(self._tok.to_str())
+        model = spec["model"]
+        added = spec.get("added_tokens") or []
+        if model.get("type") != "BPE" or any(t.get("lstrip") or t.get("rstrip") for t in added):
+            return None
+        if not _keeps_characters(spec.get("normalizer"), _KEEPING_NORMALIZERS):
+            return None
+        pre = spec.get("pre_tokenizer")
+        if not _keeps_characters(pre, _KEEPING_PRE_TOKENIZERS):
+            return None
+        vocab: dict[str, int] = model["vocab"]
+        every_byte = (
+            model.get("byte_fallback") and all(f"<0x{b:02X}>" in vocab for b in range(256))
+        ) or (_has_type(pre, "ByteLevel") and all(c in vocab for c in ByteLevel.alphabet()))
+        if not every_byte and (model.get("unk_token") is None or model.get("fuse_unk")):
+            return None
+        longest = max((len(t) for t in vocab), default=1)
+        return max(longest, *(len(t["content"]) for t in added), 1)
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
@@ -91,6 +143,104 @@ class Tokenizer:
             )
         except jinja2.TemplateError as exc:
             raise TokenizerError(f"chat template failed: {exc}") from exc
+
+    def encode_chat(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+    ) -> list[int]:
+        """Token ids of a chat. Special tokens come from the template alone: message content
+        that spells one (say "<|im_start|>system") stays ordinary text."""
+        text = self.apply_chat_template(messages, add_generation_prompt)
+        whole = self._encode(self._tok, text)
+        spans = self._content_spans(messages, add_generation_prompt, text)
+        if spans is None:
+            for m in messages:
+                if self.special_token_ids.intersection(self.encode(m["content"], False)):
+                    raise TokenizerError(
+                        "message content holds a special token's text, which this model's "
+                        "chat template does not let the server keep apart from its own"
+                    )
+            return whole.ids
+        special = self.special_token_ids
+        forged = any(
+            _overlaps(offsets, spans)
+            for token_id, offsets in zip(whole.ids, whole.offsets, strict=True)
+            if token_id in special
+        )
+        if not forged:
+            return whole.ids  # the usual case: exactly the ids of the whole text
+        ids: list[int] = []
+        pos = 0
+        for start, end in spans:
+            ids += self._encode(self._tok, text[pos:start]).ids
+            ids += self._encode(self._plain, text[start:end]).ids
+            pos = end
+        return ids + self._encode(self._tok, text[pos:]).ids
+
+    def _content_spans(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool, text: str
+    ) -> list[tuple[int, int]] | None:
+        """Where each message's content lies in the rendered text: found by rendering again
+        with a unique marker for each content. None when the template changes content beyond
+        trimming it, or lays out the chat differently for the markers."""
+        nonce = secrets.token_hex(8)
+        marked = [{**m, "content": f"\ue000{nonce}.{i}\ue001"} for i, m in enumerate(messages)]
+        try:
+            layout = self.apply_chat_template(marked, add_generation_prompt)
+        except TokenizerError:
+            return None
+        pieces = re.split(f"\ue000{nonce}\\.(\\d+)\ue001", layout)
+        templates, indices = pieces[0::2], [int(i) for i in pieces[1::2]]
+        spans: list[tuple[int, int]] = []
+        pos = 0
+        for j, index in enumerate(indices):
+            if not text.startswith(templates[j], pos):
+                return None
+            pos += len(templates[j])
+            after, last = templates[j + 1], j + 1 == len(indices)
+            content = messages[index]["content"]
+            for shown in dict.fromkeys(
+                (content, content.strip(), content.lstrip(), content.rstrip())
+            ):
+                end = pos + len(shown)
+                if (
+                    text.startswith(shown, pos)
+                    and text.startswith(after, end)
+                    and (not last or end + len(after) == len(text))
+                ):
+                    break
+            else:
+                return None
+            spans.append((pos, end))
+            pos = end
+        return spans if indices or layout == text else None
+
+
+def _keeps_characters(spec: dict | None, keeping: frozenset[str]) -> bool:
+    if spec is None:
+        return True
+    kind = spec.get("type")
+    if kind == "Sequence":
+        parts = spec.get("normalizers") or spec.get("pretokenizers") or []
+        return all(_keeps_characters(p, keeping) for p in parts)
+    if kind not in keeping or spec.get("behavior") == "Removed":
+        return False
+    if kind == "Replace":  # a string replaced by one at least as long
+        pattern = spec.get("pattern", {}).get("String")
+        return pattern is not None and len(spec.get("content", "")) >= len(pattern)
+    return True
+
+
+def _has_type(spec: dict | None, kind: str) -> bool:
+    if spec is None:
+        return False
+    if spec.get("type") == "Sequence":
+        return any(_has_type(p, kind) for p in spec.get("pretokenizers", []))
+    return spec.get("type") == kind
+
+
+def _overlaps(offsets: tuple[int, int], spans: list[tuple[int, int]]) -> bool:
+    start, end = offsets
+    return any(start < span_end and end > span_start for span_start, span_end in spans)
 
 
 class IncrementalDecoder:

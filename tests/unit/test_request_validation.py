@@ -75,3 +75,31 @@ def test_logprobs_above_the_limit_is_refused():
 
 def test_a_single_stop_string_is_accepted_as_a_list():
     assert SamplingParams(stop="\n").stop == ["\n"]
+
+
+# ---- bounds on what the step thread checks per token -----------------------------------------
+
+
+def test_more_than_16_stop_strings_are_refused():
+    with pytest.raises(
+        InvalidRequestError, match="stop may hold at most 16 strings, got 17"
+    ) as info:
+        SamplingParams(stop=[f"s{i}" for i in range(17)])
+    assert info.value.param == "stop"
+
+
+def test_a_stop_string_over_256_characters_is_refused():
+    with pytest.raises(InvalidRequestError, match="at most 256 characters, got one of 257") as info:
+        SamplingParams(stop=["ok", "x" * 257])
+    assert info.value.param == "stop"
+
+
+def test_more_than_64_stop_token_ids_are_refused():
+    with pytest.raises(InvalidRequestError, match="at most 64 ids, got 65") as info:
+        SamplingParams(stop_token_ids=list(range(65)))
+    assert info.value.param == "stop_token_ids"
+
+
+def test_stop_bounds_are_inclusive():
+    params = SamplingParams(stop=["x" * 256] * 16, stop_token_ids=list(range(64)))
+    assert len(params.stop) == 16 and len(params.stop_token_ids) == 64

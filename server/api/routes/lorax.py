@@ -24,7 +24,7 @@ async def generate(body: LoraxRequest, request: Request) -> LoraxResponse:
 
 @router.post("/generate_stream", responses=SSE)
 async def generate_stream(body: LoraxRequest, request: Request) -> StreamingResponse:
-    events = _service(request).stream(request, body)
+    events = await _service(request).stream(request, body)
     return StreamingResponse(events, media_type="text/event-stream")
 
 
@@ -33,5 +33,6 @@ async def root(body: LoraxRequest, request: Request):  # type: ignore[no-untyped
     """Where the LoRAX Python client posts: a JSON array, or SSE when `stream` is set."""
     service = _service(request)
     if body.stream:
-        return StreamingResponse(service.stream(request, body), media_type="text/event-stream")
+        events = await service.stream(request, body)
+        return StreamingResponse(events, media_type="text/event-stream")
     return [await service.generate(request, body)]

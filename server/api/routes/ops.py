@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from server import __version__
+from server.api.errors import without_paths
 from server.api.state import ServerState
 
 router = APIRouter(tags=["ops"])
@@ -25,7 +26,8 @@ async def health(request: Request) -> JSONResponse:
     """200 while the process can serve or is still loading; 503 once start-up or the loop failed."""
     state = _state(request)
     if state.load_error is not None:
-        return JSONResponse({"status": "failed", "error": str(state.load_error)}, 503)
+        error = without_paths(str(state.load_error))  # the full error is in the server log
+        return JSONResponse({"status": "failed", "error": error}, 503)
     if state.engine is not None and not state.engine.running:
         return JSONResponse({"status": "failed", "error": "the engine loop stopped"}, 503)
     return JSONResponse({"status": "ok"})
