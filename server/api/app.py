@@ -13,6 +13,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server import __version__
 from server.api.errors import install_handlers
+from server.api.hosts import AllowedHosts
+from server.api.metrics_port import MetricsListener
 from server.api.routes import adapters, files, fine_tuning, lorax, openai, ops
 from server.api.state import ServerState
 from server.config import EngineConfig, ServerConfig
@@ -89,11 +91,15 @@ def create_app(state: ServerState) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        metrics_listener = MetricsListener(state)
+        if state.config.metrics_port is not None:
+            await metrics_listener.start()
         starting = asyncio.create_task(state.start())
         try:
             yield
         finally:
             starting.cancel()
+            await metrics_listener.stop()
             await state.stop()
 
     app = FastAPI(
@@ -101,6 +107,10 @@ def create_app(state: ServerState) -> FastAPI:
         version=__version__,
         description="Multi-adapter LoRA serving with OpenAI- and LoRAX-compatible APIs.",
         lifespan=lifespan,
+        # Served by routes/ops.py instead, behind the inference key.
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.server = state
     install_handlers(app)
@@ -114,6 +124,8 @@ def create_app(state: ServerState) -> FastAPI:
     ):
         app.include_router(router)
     app.add_middleware(UploadLimit, max_bytes=state.config.max_upload_mb * 2**20)
+    if state.config.allowed_hosts:
+        app.add_middleware(AllowedHosts, allowed=state.config.allowed_hosts)
     return app
 
 
