@@ -22,7 +22,7 @@ from server.config import ServerConfig
 from server.engine.llm_engine import LLMEngine
 from server.metrics import Metrics
 from tests.integration.conftest import ENGINE_FLAGS, MODEL_NAME, serve_flags
-from tests.integration.live_server import ADMIN_KEY, API_KEY, LiveServer, free_port
+from tests.integration.live_server import ADMIN_KEY, API_KEY, REPO_ROOT, LiveServer, free_port
 
 # Access classes.
 PROBE, INFERENCE, ADMIN = "probe", "inference", "admin"
@@ -138,6 +138,25 @@ def test_every_route_the_app_serves_has_an_expected_access_class() -> None:
     missing, gone = sorted(served - ROUTES.keys()), sorted(ROUTES.keys() - served)
     assert not missing, f"routes missing from ROUTES (and docs/api.md): {missing}"
     assert not gone, f"ROUTES lists routes the app does not serve: {gone}"
+
+
+def test_the_table_in_the_api_docs_is_this_one() -> None:
+    """docs/api.md's route-by-route table: cells are no key / API key / admin key, per config."""
+    text = (REPO_ROOT / "docs" / "api.md").read_text()
+    table = text[text.index("Route by route") :].split("\n\n")[1]
+    documented: dict[tuple[str, str], list[str]] = {}
+    for row in table.splitlines()[2:]:
+        first, *cells = [cell.strip() for cell in row.strip("|").split("|")]
+        for method, path in re.findall(r"`(GET|POST|DELETE) ([^`]+)`", first):
+            documented[method, re.sub(r"\{\w+\}", "{}", path)] = cells
+    expected = {
+        (method, re.sub(r"\{\w+\}", "{}", path)): [
+            " ".join("✓" if key in PASSES[config][access] else "✗" for key in PRESENTED)
+            for config in CONFIGS
+        ]
+        for (method, path), access in ROUTES.items()
+    }
+    assert documented == expected
 
 
 @pytest.mark.parametrize(("method", "path"), list(ROUTES))
