@@ -31,8 +31,13 @@ def _state(**config: Any) -> ServerState:
     return ServerState(ServerConfig(**config), _never_loads, "base-7b", Metrics("base-7b"))
 
 
+class _NoAdapters(list):
+    def list(self) -> list:
+        return []
+
+
 def _with_engine(state: ServerState) -> ServerState:
-    """Just enough of a loaded engine for /info."""
+    """Just enough of a loaded engine for /info and /v1/models."""
     pool = SimpleNamespace(
         num_pages=4,
         page_bytes=8,
@@ -49,7 +54,7 @@ def _with_engine(state: ServerState) -> ServerState:
         device="cpu",
         max_model_len=128,
         adapter_cache=None,
-        registry=[],
+        registry=_NoAdapters(),
     )
     state.engine = SimpleNamespace(engine=llm, running=True)  # type: ignore[assignment]
     return state
@@ -82,6 +87,12 @@ def test_info_shows_the_model_path_and_data_dir_to_the_admin_key() -> None:
 def test_info_shows_paths_to_the_only_key_which_holds_admin_rights() -> None:
     state = _with_engine(_state(api_key=API, data_dir=DATA_DIR))
     assert _client(state, API).get("/info").json()["model_path"] == MODEL_PATH
+
+
+def test_models_root_is_the_model_path_for_the_admin_key_only() -> None:
+    state = _with_engine(_state(api_key=API, admin_api_key=ADMIN))
+    assert _client(state, API).get("/v1/models").json()["data"][0]["root"] == "base-7b"
+    assert _client(state, ADMIN).get("/v1/models").json()["data"][0]["root"] == MODEL_PATH
 
 
 def test_health_names_no_cause_of_a_failed_start() -> None:
