@@ -196,12 +196,11 @@ def test_server_paths_are_shown_only_to_admin_rights(configured: tuple[str, Live
         assert (str(live.model_dir) in models) == admin, (name, presented)
 
 
+@pytest.mark.parametrize("configured", ["both keys"], indirect=True)  # has --metrics-port
 def test_the_metrics_port_serves_metrics_without_a_key_and_nothing_else(
     configured: tuple[str, LiveServer],
 ) -> None:
-    name, live = configured
-    if name != "both keys":
-        pytest.skip("only the server with both keys has --metrics-port")
+    _, live = configured
     port = live.args[live.args.index("--metrics-port") + 1]
     scrape = httpx.get(f"http://127.0.0.1:{port}/metrics")
     assert scrape.status_code == 200
@@ -210,12 +209,11 @@ def test_the_metrics_port_serves_metrics_without_a_key_and_nothing_else(
     assert httpx.get(f"{live.url}/metrics").status_code == 401
 
 
+@pytest.mark.parametrize("configured", ["no keys"], indirect=True)  # has --allowed-hosts
 def test_the_keyless_server_refuses_hosts_not_allowed_but_not_probes(
     configured: tuple[str, LiveServer],
 ) -> None:
-    name, live = configured
-    if name != "no keys":
-        pytest.skip("only the keyless server has --allowed-hosts")
+    _, live = configured
     rebound = {"Host": f"attacker.example:{live.port}"}
     response = httpx.get(f"{live.url}/v1/models", headers=rebound)
     assert response.status_code == 400
