@@ -99,8 +99,10 @@ def _serve_parser(sub: Any) -> None:
     _add(g, "--port", 8000, "port", type=int)
     _add(g, "--data-dir", "./data", "adapter store, files and jobs (SQLite + blobs)")
     _add(g, "--served-model-name", None, "name of the base model in the API")
-    _add(g, "--api-key", None, "key required by inference routes")
-    _add(g, "--admin-api-key", None, "key required by adapter and job mutations")
+    _add(g, "--api-key", None, "key for inference routes (docs/api.md, Authentication)")
+    _add(g, "--admin-api-key", None, "key for training data, jobs and mutations; opens all")
+    _add(g, "--metrics-port", None, "also serve /metrics here, without keys", type=int)
+    _add(g, "--allowed-hosts", [], "Host header names accepted (default: any)", nargs="*")
     _add(g, "--preload-adapters", [], "adapter directories (or folders of them)", nargs="*")
     _add(g, "--adapter-roots", [], "directories /v1/load_lora_adapter may read", nargs="*")
     _add(g, "--max-upload-mb", 512, "largest upload accepted", type=int)
@@ -133,6 +135,8 @@ def _serve(args: argparse.Namespace) -> int:
         served_model_name=args.served_model_name,
         api_key=args.api_key or None,  # an empty key is no key
         admin_api_key=args.admin_api_key or None,
+        metrics_port=args.metrics_port,
+        allowed_hosts=tuple(args.allowed_hosts),
         preload_adapters=tuple(args.preload_adapters),
         adapter_roots=tuple(args.adapter_roots),
         max_upload_mb=args.max_upload_mb,

@@ -94,7 +94,9 @@ class ServerConfig:
     data_dir: str = "./data"
     served_model_name: str | None = None  # default: the model directory's name
     api_key: str | None = None  # inference routes
-    admin_api_key: str | None = None  # adapter and job mutations
+    admin_api_key: str | None = None  # training data, job internals and mutations
+    metrics_port: int | None = None  # a second port serving only /metrics, without keys
+    allowed_hosts: tuple[str, ...] = ()  # Host header names accepted; empty: any
     preload_adapters: tuple[str, ...] = ()  # directories of adapters, or folders of them
     adapter_roots: tuple[str, ...] = ()  # where /v1/load_lora_adapter may read from
     max_upload_mb: int = 512
@@ -109,6 +111,14 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
             raise ConfigError(f"--port must be in 1..65535, got {self.port}")
+        if self.metrics_port is not None and not 0 < self.metrics_port < 65536:
+            raise ConfigError(f"--metrics-port must be in 1..65535, got {self.metrics_port}")
+        if self.metrics_port == self.port:
+            raise ConfigError(f"--metrics-port must differ from --port ({self.port})")
+        if self.api_key is not None and self.api_key == self.admin_api_key:
+            raise ConfigError("--api-key and --admin-api-key must differ")
+        for host in self.allowed_hosts:
+            _host_pattern(host)
         if self.max_upload_mb < 1:
             raise ConfigError(f"--max-upload-mb must be >= 1, got {self.max_upload_mb}")
         if self.max_request_body_mb < 1:
@@ -123,3 +133,13 @@ class ServerConfig:
             )
         if self.max_waiting < 1:
             raise ConfigError(f"--max-waiting must be >= 1, got {self.max_waiting}")
+
+
+def _host_pattern(host: str) -> None:
+    """A --allowed-hosts entry: a name or address (no port), `*.domain`, or `*` for any."""
+    wildcard_ok = "*" not in host or host == "*" or (host.startswith("*.") and host.count("*") == 1)
+    port_free = ":" not in host or (host.startswith("[") and host.endswith("]"))  # [::1]
+    if not host or not wildcard_ok or not port_free:
+        raise ConfigError(
+            f"--allowed-hosts entries are names without a port, '*.domain' or '*'; got {host!r}"
+        )

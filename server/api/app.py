@@ -11,7 +11,9 @@ from fastapi import FastAPI
 
 from server import __version__
 from server.api.errors import install_handlers
+from server.api.hosts import AllowedHosts
 from server.api.limits import BodyLimit, ConcurrencyLimit, RequestLimits
+from server.api.metrics_port import MetricsListener
 from server.api.routes import adapters, files, fine_tuning, lorax, openai, ops
 from server.api.state import ServerState
 from server.config import EngineConfig, ServerConfig
@@ -25,11 +27,15 @@ def create_app(state: ServerState) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        metrics_listener = MetricsListener(state)
+        if state.config.metrics_port is not None:
+            await metrics_listener.start()
         starting = asyncio.create_task(state.start())
         try:
             yield
         finally:
             starting.cancel()
+            await metrics_listener.stop()
             await state.stop()
 
     app = FastAPI(
@@ -37,6 +43,10 @@ def create_app(state: ServerState) -> FastAPI:
         version=__version__,
         description="Multi-adapter LoRA serving with OpenAI- and LoRAX-compatible APIs.",
         lifespan=lifespan,
+        # Served by routes/ops.py instead, behind the inference key.
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.server = state
     install_handlers(app)
@@ -57,7 +67,9 @@ def create_app(state: ServerState) -> FastAPI:
         max_concurrent=cfg.max_concurrent_requests,
     )
     app.add_middleware(BodyLimit, limits=limits)
-    app.add_middleware(ConcurrencyLimit, limits=limits)  # the outer one: refuses before reading
+    app.add_middleware(ConcurrencyLimit, limits=limits)  # refuses before reading
+    if cfg.allowed_hosts:
+        app.add_middleware(AllowedHosts, allowed=cfg.allowed_hosts)  # outermost: first check
     return app
 
 

@@ -116,8 +116,8 @@ class LiveServer:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
     def metrics(self) -> Metrics:
-        """A scrape of /metrics, parsed by prometheus_client."""
-        response = httpx.get(f"{self.url}/metrics", timeout=30)
+        """A scrape of /metrics (with the inference key), parsed by prometheus_client."""
+        response = httpx.get(f"{self.url}/metrics", headers=self.headers(), timeout=30)
         assert response.status_code == 200, response.text
         return Metrics(response.text)
 

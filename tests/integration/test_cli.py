@@ -29,3 +29,14 @@ def test_an_empty_environment_variable_counts_as_unset(monkeypatch: pytest.Monke
     monkeypatch.setenv("LORAPLEX_MAX_WAITING", "")
     args = build_parser().parse_args(["serve"])
     assert (args.api_key, args.max_waiting) == (None, 1024)
+
+
+def test_the_metrics_port_and_allowed_hosts_come_from_flags_or_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("LORAPLEX_ALLOWED_HOSTS", "localhost:127.0.0.1")
+    monkeypatch.setenv("LORAPLEX_METRICS_PORT", "9100")
+    args = build_parser().parse_args(["serve"])
+    assert (args.metrics_port, args.allowed_hosts) == (9100, ["localhost", "127.0.0.1"])
+    args = build_parser().parse_args(["serve", "--allowed-hosts", "*.example.com"])
+    assert args.allowed_hosts == ["*.example.com"]

@@ -53,12 +53,15 @@ def test_the_dashboard_uses_the_provisioned_datasource() -> None:
     assert {p["datasource"]["uid"] for p in panels if "datasource" in p} == {uid}
 
 
-def test_prometheus_scrapes_the_compose_service_on_its_port() -> None:
+def test_prometheus_scrapes_the_compose_services_unpublished_metrics_port() -> None:
     compose = load_yaml(DEPLOY / "docker-compose.yml")
+    loraplex = compose["services"]["loraplex"]
     scrape = load_yaml(DEPLOY / "prometheus.yml")["scrape_configs"][0]
+    metrics_port = loraplex["environment"]["LORAPLEX_METRICS_PORT"]
     assert scrape["metrics_path"] == "/metrics"
-    assert scrape["static_configs"][0]["targets"] == ["loraplex:8000"]
-    assert "8000:8000" in compose["services"]["loraplex"]["ports"]
+    assert scrape["static_configs"][0]["targets"] == [f"loraplex:{metrics_port}"]
+    assert "8000:8000" in loraplex["ports"]
+    assert not any(p.endswith(f":{metrics_port}") for p in loraplex["ports"])  # keyless: private
     assert set(compose["services"]) == {"loraplex", "prometheus", "grafana"}
 
 

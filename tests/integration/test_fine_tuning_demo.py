@@ -128,7 +128,7 @@ def test_qlora_job_succeeds_and_lowers_validation_loss(server, qlora_job):
     assert qlora_job["status"] == "succeeded", qlora_job["error"]
     assert qlora_job["fine_tuned_model"].startswith(f"ft:{MODEL}:order:")
     assert qlora_job["trained_tokens"] > 0
-    with server.client() as client:
+    with server.client(admin=True) as client:
         events = all_events(client, qlora_job["id"])
         checkpoints = client.get(f"/v1/fine_tuning/jobs/{qlora_job['id']}/checkpoints").json()
     steps = [e for e in events if e["type"] == "metrics" and "learning_rate" in (e["data"] or {})]

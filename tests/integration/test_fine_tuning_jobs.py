@@ -48,7 +48,7 @@ def _create(server: LiveServer, hyperparameters: dict, **body) -> dict:  # type:
 
 
 def _step_events(server: LiveServer, job_id: str) -> list[dict]:
-    with server.client() as client:
+    with server.client(admin=True) as client:
         return [e for e in all_events(client, job_id) if (e["data"] or {}).get("learning_rate")]
 
 
@@ -74,7 +74,7 @@ def test_a_bad_dataset_fails_the_job_and_names_the_line(server):
         bad = b'{"prompt": "a", "completion": "b"}\n{"prompt": 3, "completion": "c"}\n'
         file_id = upload(admin, "bad.jsonl", bad, purpose="user_data")
     job = _create(server, {"max_steps": 5}, training_file=file_id)
-    with server.client() as client:
+    with server.client(admin=True) as client:
         final = wait_for_job(client, job["id"], timeout=60)
         events = all_events(client, job["id"])
     assert final["status"] == "failed"
@@ -88,12 +88,12 @@ def test_a_restart_mid_job_resumes_from_the_last_checkpoint(server):
     job = _create(server, {"max_steps": 60, "checkpoint_steps": 5}, suffix="resumed")
 
     def checkpointed() -> bool:
-        with server.client() as client:
+        with server.client(admin=True) as client:
             return bool(client.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints").json()["data"])
 
     assert wait_until(checkpointed, timeout=120)
     server.restart()
-    with server.client() as client:
+    with server.client(admin=True) as client:
         final = wait_for_job(client, job["id"], timeout=300)
         messages = [e["message"] for e in all_events(client, job["id"])]
         completion = client.post(
@@ -129,8 +129,8 @@ def test_serving_keeps_answering_while_a_job_trains(server):
             )
             latencies.append(time.perf_counter() - start)
             assert response.status_code == 200, response.text
-        still_running = client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()["status"]
     with server.client(admin=True) as admin:
+        still_running = admin.get(f"/v1/fine_tuning/jobs/{job['id']}").json()["status"]
         admin.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel")
     assert still_running == "running"
     assert max(latencies) < 30

@@ -147,7 +147,10 @@ def test_lora_requests_info_names_the_running_and_waiting_adapters(
     assert wait_until(lambda: info()["running_lora_adapters"] == "", timeout=10)
 
 
-def test_metrics_need_no_key_and_use_the_prometheus_content_type(server: LiveServer) -> None:
-    response = httpx.get(f"{server.url}/metrics")
+def test_metrics_need_the_inference_key_and_use_the_prometheus_content_type(
+    server: LiveServer,
+) -> None:
+    assert httpx.get(f"{server.url}/metrics").status_code == 401
+    response = httpx.get(f"{server.url}/metrics", headers=server.headers())
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain; version=")

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import FileResponse
 from starlette.datastructures import UploadFile
 
-from server.api.auth import require_admin_key, require_api_key
+from server.api.auth import require_admin_key
 from server.api.errors import BadRequest, NotFound
 from server.api.schemas.fine_tuning import DeletedFile, FileList, FileObject
 from server.training.data import DataError, parse_jsonl
@@ -87,7 +87,7 @@ async def upload_file(request: Request) -> FileObject:
     return _file(rec)
 
 
-@router.get("/v1/files", response_model=FileList, dependencies=[Depends(require_api_key)])
+@router.get("/v1/files", response_model=FileList, dependencies=[Depends(require_admin_key)])
 async def list_files(
     request: Request,
     purpose: str | None = None,
@@ -104,13 +104,13 @@ async def list_files(
 
 
 @router.get(
-    "/v1/files/{file_id}", response_model=FileObject, dependencies=[Depends(require_api_key)]
+    "/v1/files/{file_id}", response_model=FileObject, dependencies=[Depends(require_admin_key)]
 )
 async def get_file(file_id: str, request: Request) -> FileObject:
     return _file(_get(_store(request), file_id))
 
 
-@router.get("/v1/files/{file_id}/content", dependencies=[Depends(require_api_key)])
+@router.get("/v1/files/{file_id}/content", dependencies=[Depends(require_admin_key)])
 async def file_content(file_id: str, request: Request) -> FileResponse:
     store = _store(request)
     rec = _get(store, file_id)

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request
 
-from server.api.auth import require_admin_key, require_api_key
+from server.api.auth import require_admin_key
 from server.api.errors import BadRequest, NotFound
 from server.api.schemas.fine_tuning import (
     FineTuningCheckpoint,
@@ -71,7 +71,7 @@ async def create_job(body: FineTuningJobRequest, request: Request) -> FineTuning
 @router.get(
     "/v1/fine_tuning/jobs",
     response_model=FineTuningJobList,
-    dependencies=[Depends(require_api_key)],
+    dependencies=[Depends(require_admin_key)],
 )
 async def list_jobs(
     request: Request, after: str | None = None, limit: Limit = 20
@@ -86,7 +86,7 @@ async def list_jobs(
 @router.get(
     "/v1/fine_tuning/jobs/{job_id}",
     response_model=FineTuningJob,
-    dependencies=[Depends(require_api_key)],
+    dependencies=[Depends(require_admin_key)],
 )
 async def get_job(job_id: str, request: Request) -> FineTuningJob:
     return job_object(_job(_manager(request), job_id))
@@ -95,7 +95,7 @@ async def get_job(job_id: str, request: Request) -> FineTuningJob:
 @router.get(
     "/v1/fine_tuning/jobs/{job_id}/events",
     response_model=FineTuningEventList,
-    dependencies=[Depends(require_api_key)],
+    dependencies=[Depends(require_admin_key)],
 )
 async def job_events(
     job_id: str, request: Request, after: str | None = None, limit: Limit = 20
@@ -126,7 +126,7 @@ async def job_events(
 @router.get(
     "/v1/fine_tuning/jobs/{job_id}/checkpoints",
     response_model=FineTuningCheckpointList,
-    dependencies=[Depends(require_api_key)],
+    dependencies=[Depends(require_admin_key)],
 )
 async def job_checkpoints(
     job_id: str, request: Request, after: str | None = None, limit: Limit = 10

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
-from server.api.auth import require_api_key
+from server.api.auth import has_admin_rights, require_api_key
 from server.api.schemas.openai import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -46,11 +46,13 @@ async def models(request: Request) -> ModelList:
     state = _state(request)
     llm = state.llm
     created = int(state.started)
+    # vLLM's root is the model's path: a server path, so for admin rights only.
+    root = str(llm.config.model) if has_admin_rights(request) else state.model_name
     cards = [
         ModelCard(
             id=state.model_name,
             created=created,
-            root=str(llm.config.model),
+            root=root,
             max_model_len=llm.max_model_len,
         )
     ]

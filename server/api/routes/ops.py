@@ -1,16 +1,17 @@
-"""Operations: /health, /ready, /info, /metrics."""
+"""Operations: /health and /ready (open probes), /info, /metrics and the API description."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 
-from fastapi import APIRouter, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from server import __version__
-from server.api.errors import without_paths
+from server.api.auth import has_admin_rights, require_api_key
 from server.api.state import ServerState
 
 router = APIRouter(tags=["ops"])
@@ -23,11 +24,13 @@ def _state(request: Request) -> ServerState:
 
 @router.get("/health")
 async def health(request: Request) -> JSONResponse:
-    """200 while the process can serve or is still loading; 503 once start-up or the loop failed."""
+    """200 while the process can serve or is still loading; 503 once start-up or the loop failed.
+
+    Open to all, so it names no cause (that may hold a path): the server's log has it.
+    """
     state = _state(request)
     if state.load_error is not None:
-        error = without_paths(str(state.load_error))  # the full error is in the server log
-        return JSONResponse({"status": "failed", "error": error}, 503)
+        return JSONResponse({"status": "failed", "error": "start-up failed"}, 503)
     if state.engine is not None and not state.engine.running:
         return JSONResponse({"status": "failed", "error": "the engine loop stopped"}, 503)
     return JSONResponse({"status": "ok"})
@@ -42,15 +45,17 @@ async def ready(request: Request) -> JSONResponse:
     return JSONResponse({"status": "loading"}, 503, headers={"Retry-After": "5"})
 
 
-@router.get("/info")
+@router.get("/info", dependencies=[Depends(require_api_key)])
 async def info(request: Request) -> dict:
+    """The model, engine settings and pool use; server paths only for admin rights."""
     state = _state(request)
     llm = state.llm
     cfg, ecfg, pool = llm.model_config, llm.config, llm.pool
+    paths = {"model_path": ecfg.model, "data_dir": state.config.data_dir}
     return {
         "version": __version__,
         "model": state.model_name,
-        "model_path": ecfg.model,
+        **(paths if has_admin_rights(request) else {}),
         "architecture": cfg.architecture,
         "num_layers": cfg.num_layers,
         "hidden_size": cfg.hidden_size,
@@ -75,10 +80,14 @@ async def info(request: Request) -> dict:
     }
 
 
-@router.get("/metrics")
+@router.get("/metrics", dependencies=[Depends(require_api_key)])
 async def metrics(request: Request) -> Response:
-    """Prometheus text format; gauges are refreshed first, so an idle server reports its state."""
-    state = _state(request)
+    """Prometheus text format (also served without keys on --metrics-port)."""
+    return await scrape(_state(request))
+
+
+async def scrape(state: ServerState) -> Response:
+    """The metrics; gauges are refreshed first, so an idle server reports its state."""
     engine = state.engine
     if engine is not None and engine.running:
         # On the step thread, between steps: the scheduler's queues are not thread-safe.
@@ -86,3 +95,15 @@ async def metrics(request: Request) -> Response:
             refresh = engine.call(lambda: state.metrics.observe_state(engine.engine))
             await asyncio.wait_for(refresh, timeout=SCRAPE_REFRESH_TIMEOUT_S)
     return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+# FastAPI's own /openapi.json and /docs are turned off in create_app: these take a key.
+@router.get("/openapi.json", include_in_schema=False, dependencies=[Depends(require_api_key)])
+async def openapi(request: Request) -> JSONResponse:
+    return JSONResponse(request.app.openapi())
+
+
+@router.get("/docs", include_in_schema=False, dependencies=[Depends(require_api_key)])
+async def docs() -> HTMLResponse:
+    """Swagger UI; it fetches /openapi.json without a key, so it works on a keyless server."""
+    return get_swagger_ui_html(openapi_url="/openapi.json", title="loraplex")

@@ -1,0 +1,190 @@
+"""Access settings without a model: /info redaction, --allowed-hosts, the metrics listener's
+app, the 401 messages and the checks on the settings themselves. (Route by route, against
+live servers: tests/integration/test_auth_matrix.py.)"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from server.api.app import create_app
+from server.api.hosts import host_allowed, host_name
+from server.api.metrics_port import metrics_app
+from server.api.state import ServerState
+from server.config import ConfigError, EngineConfig, ServerConfig
+from server.engine.llm_engine import LLMEngine
+from server.metrics import Metrics
+
+MODEL_PATH = "/srv/models/base-7b"
+DATA_DIR = "/srv/loraplex-data"
+API, ADMIN = "inference-key", "admin-key"
+
+
+def _never_loads() -> LLMEngine:
+    raise AssertionError("these tests load no model")
+
+
+def _state(**config: Any) -> ServerState:
+    return ServerState(ServerConfig(**config), _never_loads, "base-7b", Metrics("base-7b"))
+
+
+class _NoAdapters(list):
+    def list(self) -> list:
+        return []
+
+
+def _with_engine(state: ServerState) -> ServerState:
+    """Just enough of a loaded engine for /info and /v1/models."""
+    pool = SimpleNamespace(
+        num_pages=4,
+        page_bytes=8,
+        geometry=SimpleNamespace(block_size=16),
+        used_by_kind={"kv": 1, "adapter": 0},
+        num_free=3,
+    )
+    llm = SimpleNamespace(
+        model_config=SimpleNamespace(
+            architecture="LlamaForCausalLM", num_layers=2, hidden_size=64, num_params=1000
+        ),
+        config=EngineConfig(model=MODEL_PATH, quantize="none", dtype="float32", device="cpu"),
+        pool=pool,
+        device="cpu",
+        max_model_len=128,
+        adapter_cache=None,
+        registry=_NoAdapters(),
+    )
+    state.engine = SimpleNamespace(engine=llm, running=True)  # type: ignore[assignment]
+    return state
+
+
+def _client(state: ServerState, key: str | None = None, host: str = "testserver") -> TestClient:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return TestClient(create_app(state), headers=headers, base_url=f"http://{host}")
+
+
+# ---- /info ------------------------------------------------------------------------------------
+
+
+def test_info_shows_no_server_paths_to_the_inference_key() -> None:
+    state = _with_engine(_state(api_key=API, admin_api_key=ADMIN, data_dir=DATA_DIR))
+    response = _client(state, API).get("/info")
+    assert response.status_code == 200
+    info = response.json()
+    assert "model_path" not in info and "data_dir" not in info
+    assert "/srv" not in response.text
+    assert info["model"] == "base-7b"
+
+
+def test_info_shows_the_model_path_and_data_dir_to_the_admin_key() -> None:
+    state = _with_engine(_state(api_key=API, admin_api_key=ADMIN, data_dir=DATA_DIR))
+    info = _client(state, ADMIN).get("/info").json()
+    assert (info["model_path"], info["data_dir"]) == (MODEL_PATH, DATA_DIR)
+
+
+def test_info_shows_paths_to_the_only_key_which_holds_admin_rights() -> None:
+    state = _with_engine(_state(api_key=API, data_dir=DATA_DIR))
+    assert _client(state, API).get("/info").json()["model_path"] == MODEL_PATH
+
+
+def test_models_root_is_the_model_path_for_the_admin_key_only() -> None:
+    state = _with_engine(_state(api_key=API, admin_api_key=ADMIN))
+    assert _client(state, API).get("/v1/models").json()["data"][0]["root"] == "base-7b"
+    assert _client(state, ADMIN).get("/v1/models").json()["data"][0]["root"] == MODEL_PATH
+
+
+def test_health_names_no_cause_of_a_failed_start() -> None:
+    state = _state()
+    state.load_error = FileNotFoundError(f"{MODEL_PATH}/config.json")
+    response = _client(state).get("/health")
+    assert response.status_code == 503
+    assert response.json() == {"status": "failed", "error": "start-up failed"}
+
+
+# ---- --allowed-hosts ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("header", "name"),
+    [("a.example:8000", "a.example"), ("A.Example", "a.example"), ("[::1]:80", "[::1]")],
+)
+def test_the_host_name_drops_the_port_and_case(header: str, name: str) -> None:
+    assert host_name(header) == name
+
+
+def test_wildcards_match_subdomains_only() -> None:
+    allowed = ("*.example.com", "localhost")
+    assert host_allowed("api.example.com", allowed)
+    assert not host_allowed("example.com", allowed)
+    assert not host_allowed("evilexample.com", allowed)
+    assert host_allowed("localhost", allowed)
+    assert host_allowed("anything", ("*",))
+
+
+def test_a_host_not_allowed_is_400_naming_it() -> None:
+    http = _client(_state(allowed_hosts=("localhost",)), host="attacker.example:8000")
+    response = http.get("/v1/models")
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["code"] == "host_not_allowed"
+    assert error["message"] == "the Host header 'attacker.example' is not one of --allowed-hosts"
+
+
+def test_an_allowed_host_reaches_the_route() -> None:
+    http = _client(_state(allowed_hosts=("localhost",)), host="localhost:8000")
+    assert http.get("/v1/models").status_code == 503  # the route itself: no model loaded
+
+
+def test_probes_answer_any_host() -> None:
+    http = _client(_state(allowed_hosts=("localhost",)), host="10.0.0.7:8000")
+    assert http.get("/health").status_code == 200
+    assert http.get("/ready").status_code == 503
+
+
+def test_without_allowed_hosts_any_host_is_served() -> None:
+    assert _client(_state(), host="whatever.example").get("/v1/models").status_code == 503
+
+
+@pytest.mark.parametrize("entry", ["localhost:8000", "api.*.com", "*example.com", "**", ""])
+def test_an_allowed_hosts_entry_that_cannot_match_is_a_config_error(entry: str) -> None:
+    with pytest.raises(ConfigError, match="--allowed-hosts"):
+        ServerConfig(allowed_hosts=(entry,))
+
+
+# ---- keys and the metrics port -----------------------------------------------------------------
+
+
+def test_the_same_key_for_inference_and_admin_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="must differ"):
+        ServerConfig(api_key="k", admin_api_key="k")
+
+
+def test_the_metrics_port_must_differ_from_the_api_port() -> None:
+    with pytest.raises(ConfigError, match="--metrics-port"):
+        ServerConfig(port=8000, metrics_port=8000)
+
+
+def test_with_only_an_admin_key_inference_asks_for_the_admin_key() -> None:
+    response = _client(_state(admin_api_key=ADMIN)).get("/v1/models")
+    assert response.status_code == 401
+    message = response.json()["error"]["message"]
+    assert message == "missing API key: send 'Authorization: Bearer <admin API key>'"
+
+
+def test_training_data_with_the_inference_key_is_401_naming_the_admin_key() -> None:
+    response = _client(_state(api_key=API, admin_api_key=ADMIN), API).get("/v1/files")
+    assert response.status_code == 401
+    assert response.json()["error"]["message"] == (
+        "invalid API key: this route needs the admin API key"
+    )
+
+
+def test_the_metrics_listener_serves_metrics_without_a_key_and_nothing_else() -> None:
+    http = TestClient(metrics_app(_state(api_key=API, admin_api_key=ADMIN)))
+    response = http.get("/metrics")
+    assert response.status_code == 200
+    assert "loraplex_num_requests_running" in response.text
+    assert http.get("/v1/models").status_code == 404
+    assert http.get("/info").status_code == 404
