@@ -134,15 +134,25 @@ def test_adapter_overflowing_to_inf_fails_alone_and_later_requests_are_unaffecte
     solo = engine_with_adapters()
     expected = _solo_runs(solo, PROMPTS, ADAPTERS)
 
-    engine = engine_with_adapters(num_pages=12, max_model_len=128)
-    outs = engine.generate([*PROMPTS, PROMPTS[0]], GREEDY, [*ADAPTERS, "huge"])
+    engine = engine_with_adapters()
+    ids = [
+        engine.add_request(p, GREEDY, adapter_name=a)
+        for p, a in zip(PROMPTS, ADAPTERS, strict=True)
+    ]
+    # A long prompt: its NaN keys and values reach past where the others' keys end.
+    bad_id = engine.add_request(list(range(3, 100)), GREEDY, adapter_name="huge")
+    first = {o.request_id: o for o in engine.step()}
+    final: dict = {}
+    while engine.has_unfinished_requests():
+        final.update((o.request_id, o) for o in engine.step() if o.finished)
 
-    bad = outs[-1]
+    assert set(first) == {*ids, bad_id}  # one batch
+    bad = first[bad_id]
     assert bad.finished and bad.finish_reason == "error"
     assert bad.error == "adapter 'huge' produced non-finite values (inf or NaN) for this request"
     assert bad.token_ids == []
-    assert [o.token_ids for o in outs[:-1]] == expected
-    # Its pages (full of NaN) went back to the pool and serve the next requests.
+    assert [final[i].token_ids for i in ids] == expected
+    # What it held went back; its pages, full of NaN, now serve other requests.
     assert engine.pool.num_free + engine.adapter_cache.reclaimable_pages() == engine.pool.num_pages
     later = engine.generate(PROMPTS, GREEDY, ADAPTERS)
     assert [o.token_ids for o in later] == expected
