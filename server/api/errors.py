@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from adapters import AdapterError, AdapterExistsError
-from server.engine.async_engine import EngineDeadError, EngineStepError
+from server.engine.async_engine import EngineDeadError, EngineStepError, RequestFailedError
 from server.engine.llm_engine import AdapterBusyError, UnknownAdapterError
 from server.engine.sampling_params import InvalidRequestError
 
@@ -95,6 +95,13 @@ class InternalError(APIError):
     status, type, code, lorax_type = 500, "server_error", "internal_error", "internal"
 
 
+class RequestFailed(GenerationError):
+    """The engine ended this request alone (e.g. its adapter produced non-finite values):
+    a 4xx, since a retry would fail the same way (LoRAX: 424, as every generation error)."""
+
+    status, type, code = 422, "invalid_request_error", "request_failed"
+
+
 class ClientDisconnected(APIError):
     """The client went away; nobody reads the reply (499, nginx's code for this)."""
 
@@ -119,6 +126,7 @@ DOMAIN_ERRORS: tuple[type[Exception], ...] = (
     AdapterBusyError,
     EngineDeadError,
     EngineStepError,
+    RequestFailedError,
     ClientDisconnect,
 )
 
@@ -172,6 +180,8 @@ def translate(exc: Exception) -> APIError:
         return Unavailable(without_paths(str(exc)))
     if isinstance(exc, EngineStepError):
         return GenerationError(without_paths(str(exc)))
+    if isinstance(exc, RequestFailedError):
+        return RequestFailed(str(exc))
     if isinstance(exc, ClientDisconnect):
         return ClientDisconnected("client disconnected")
     error_id = uuid.uuid4().hex[:16]

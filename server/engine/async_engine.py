@@ -32,6 +32,10 @@ class EngineStepError(RuntimeError):
     """A step failed; the requests in it were ended."""
 
 
+class RequestFailedError(RuntimeError):
+    """The engine ended one request with an error of its own (e.g. non-finite values)."""
+
+
 @dataclass
 class _Inbox:
     adds: list[Sequence] = field(default_factory=list)
@@ -112,6 +116,8 @@ class AsyncLLMEngine:
                 if isinstance(item, BaseException):
                     raise item
                 finished = item.finished
+                if item.error is not None:
+                    raise RequestFailedError(item.error)
                 yield item
         finally:
             self._streams.pop(rid, None)

@@ -16,7 +16,7 @@ import torch
 from server.config import ConfigError, EngineConfig
 from server.engine.model_runner import ModelRunner
 from server.engine.outputs import OutputText, RequestOutput
-from server.engine.sampler import sample
+from server.engine.sampler import NON_FINITE, sample
 from server.engine.sampling_params import InvalidRequestError, SamplingParams
 from server.engine.scheduler import Scheduler, SchedulerOutput
 from server.engine.sequence import Sequence, SequenceStatus
@@ -58,6 +58,11 @@ class AdapterBusyError(RuntimeError):
         super().__init__(
             f"adapter {name!r} is in use by {num_requests} request(s); retry when they finish"
         )
+
+
+def _non_finite_message(seq: Sequence) -> str:
+    source = "the base model" if seq.adapter_name is None else f"adapter {seq.adapter_name!r}"
+    return f"{source} produced non-finite values (inf or NaN) for this request"
 
 
 class LLMEngine:
@@ -250,15 +255,22 @@ class LLMEngine:
         outputs = []
         for seq, (token, logprob) in zip(sampling, results, strict=True):
             req = self._requests[seq.request_id]
-            seq.append_token(token)
-            self._record_token(seq, now)
-            reason = self._finish_reason(req, token)
+            if token == NON_FINITE:
+                seq.error = _non_finite_message(seq)
+                logger.warning("request %s failed: %s", seq.request_id, seq.error)
+                reason: str | None = "error"
+                new_ids: list[int] = []
+            else:
+                seq.append_token(token)
+                self._record_token(seq, now)
+                reason = self._finish_reason(req, token)
+                new_ids = [token]
             if reason is not None:
                 self.scheduler.finish(seq, reason)
                 self._record_finish(seq, now)
                 del self._requests[seq.request_id]
             outputs.append(
-                self._output(req, [token], [logprob] if logprob else [], reason is not None)
+                self._output(req, new_ids, [logprob] if logprob else [], reason is not None)
             )
         return outputs
 
@@ -321,6 +333,7 @@ class LLMEngine:
             stop_reason=seq.stop_reason,
             logprobs=logprobs,
             adapter_name=seq.adapter_name,
+            error=seq.error,
         )
 
     # ---- offline --------------------------------------------------------------------------

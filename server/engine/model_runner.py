@@ -55,10 +55,12 @@ class ModelRunner:
             ids.extend(s.seq.token_ids[s.start : s.start + s.num_new_tokens])
         counts = torch.tensor([s.num_new_tokens for s in batch])
         starts = torch.tensor([s.start for s in batch])
+        # Attention reads whole blocks, masked: a row's padding repeats its own first page, so
+        # it never reads another owner's page (a masked 0 x NaN there would still be NaN).
         max_blocks = max(len(s.seq.block_table) for s in batch)
-        tables = torch.zeros(len(batch), max_blocks, dtype=torch.long)
-        for i, s in enumerate(batch):
-            tables[i, : len(s.seq.block_table)] = torch.tensor(s.seq.block_table)
+        tables = torch.tensor(
+            [t + t[:1] * (max_blocks - len(t)) for t in (s.seq.block_table for s in batch)]
+        )
 
         # Flat token -> (sequence, position).
         cu = torch.cumsum(counts, 0)

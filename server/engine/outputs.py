@@ -19,10 +19,11 @@ class RequestOutput:
     text: str  # all released output text so far
     finished: bool
     num_prompt_tokens: int
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     stop_reason: str | int | None = None  # the stop string or stop token that ended it
     logprobs: list[TokenLogprob] = field(default_factory=list)
     adapter_name: str | None = None
+    error: str | None = None  # why the engine ended it, when finish_reason is "error"
 
     @property
     def num_output_tokens(self) -> int:

@@ -10,6 +10,9 @@ import torch
 
 from server.engine.sequence import Sequence, TokenLogprob
 
+# Sampled in place of a token for a row whose logits are not all finite (the request failed).
+NON_FINITE = -1
+
 
 def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> None:
     """In place. repetition_penalty over prompt and output (as transformers does);
@@ -46,7 +49,10 @@ def _filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.
 
 @torch.inference_mode()
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[tuple[int, TokenLogprob | None]]:
-    """logits: [S, vocab] float32, one row per sequence -> (token id, logprob info) per row."""
+    """logits: [S, vocab] float32, one row per sequence -> (token id, logprob info) per row;
+    the token is NON_FINITE for a row whose logits hold an inf or a NaN."""
+    # Checked before penalties and filters, which put -inf into healthy rows.
+    finite = logits.isfinite().all(dim=-1)  # [S]
     want_logprobs = [s.params.logprobs is not None for s in seqs]
     raw_logprobs = logits.log_softmax(dim=-1) if any(want_logprobs) else None
     apply_penalties(logits, seqs)
@@ -76,11 +82,12 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[tuple[int, TokenL
         )
         tokens[idx] = (probs / noise).argmax(dim=-1)
 
-    token_list = tokens.tolist()
+    # The verdict rides in the tokens' one device-to-host copy.
+    token_list = torch.where(finite, tokens, NON_FINITE).tolist()
     results: list[tuple[int, TokenLogprob | None]] = []
     for row, (seq, token) in enumerate(zip(seqs, token_list, strict=True)):
         info = None
-        if raw_logprobs is not None and seq.params.logprobs is not None:
+        if raw_logprobs is not None and seq.params.logprobs is not None and token != NON_FINITE:
             lp = raw_logprobs[row]
             top: list[tuple[int, float]] = []
             if seq.params.logprobs > 0:

@@ -118,8 +118,12 @@ class DeviceAdapterCache:
         return seq.adapter_id == NO_ADAPTER or seq.adapter_id in self._resident
 
     def can_admit(self, seq: Sequence, kv_blocks: int) -> bool:
-        if seq.adapter_id == NO_ADAPTER or seq.adapter_id in self._resident:
+        if seq.adapter_id == NO_ADAPTER:
             return True
+        r = self._resident.get(seq.adapter_id)
+        if r is not None:
+            # Admission pins an idle adapter: its pages stop being reclaimable for KV blocks.
+            return r.refcount > 0 or kv_blocks <= self.pool.available() - len(r.pages)
         if not self._free_slots and not self._idle():
             return False
         return self.pages_needed(seq.adapter_id) + kv_blocks <= self.pool.available()

@@ -23,7 +23,12 @@ class KVCacheManager:
     def allocate(self, seq: Sequence, num_new_tokens: int) -> None:
         needed = self.blocks_needed(seq, num_new_tokens)
         if needed:
-            seq.block_table.extend(self.pool.allocate(needed, KV))
+            pages = self.pool.allocate(needed, KV)
+            # A reused page holds its last owner's values (another request's KV, an adapter's
+            # weights), maybe inf or NaN; attention reads whole blocks, where a masked slot
+            # still multiplies its value (0 x NaN = NaN).
+            self.pool.clear(pages)
+            seq.block_table.extend(pages)
 
     def free(self, seq: Sequence) -> None:
         if seq.block_table:

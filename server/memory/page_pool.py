@@ -100,6 +100,11 @@ class PagePool:
         self.used_by_kind[kind] += num_pages
         return pages
 
+    def clear(self, pages: list[int]) -> None:
+        """Zero pages (no sync: one fill per page, queued on the device)."""
+        for page in pages:
+            self.buffer[page].zero_()
+
     def free(self, pages: list[int], kind: str) -> None:
         self._free.extend(reversed(pages))
         self.used_by_kind[kind] -= len(pages)

@@ -24,7 +24,10 @@ class AttentionGroup:
     q_index: torch.Tensor  # [B, max_q] flat token index of each query (padding -> 0)
     q_valid: torch.Tensor  # [B, max_q] bool, real queries
     out_index: torch.Tensor  # [N] flat token index of each real query, == q_index[q_valid]
-    block_tables: torch.Tensor  # [B, max_blocks] pages holding each sequence's keys, in order
+    # [B, max_blocks] pages holding each sequence's keys, in order, padded with its first page.
+    # Slots past a sequence's keys are zero (pages are cleared when handed out as KV), so
+    # whole blocks may be read: nothing there belongs to another request.
+    block_tables: torch.Tensor
     mask: torch.Tensor  # [B, 1, max_q, max_blocks * block_size] bool, True = may attend
 
 
