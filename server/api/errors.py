@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from adapters import AdapterError, AdapterExistsError
+from adapters.faults import DiskFullError
 from server.engine.async_engine import EngineDeadError, EngineStepError
 from server.engine.llm_engine import AdapterBusyError, UnknownAdapterError
 from server.engine.sampling_params import InvalidRequestError
@@ -67,6 +68,12 @@ class PayloadTooLarge(APIError):
     status, type, code, lorax_type = 413, "invalid_request_error", "payload_too_large", "validation"
 
 
+class InsufficientStorage(APIError):
+    """A data-dir quota reached or a full disk (WebDAV's 507)."""
+
+    status, type, code, lorax_type = 507, "server_error", "insufficient_storage", "storage"
+
+
 class Overloaded(APIError):
     status, type, code, lorax_type = 429, "rate_limit_error", "overloaded", "overloaded"
 
@@ -92,6 +99,7 @@ DOMAIN_ERRORS: tuple[type[Exception], ...] = (
     EngineDeadError,
     EngineStepError,
     ClientDisconnect,
+    DiskFullError,
 )
 
 
@@ -135,6 +143,8 @@ def translate(exc: Exception) -> APIError:
         return Unavailable(str(exc))
     if isinstance(exc, EngineStepError):
         return GenerationError(str(exc))
+    if isinstance(exc, DiskFullError):
+        return InsufficientStorage(str(exc))
     if isinstance(exc, ClientDisconnect):
         return ClientDisconnected("client disconnected")
     logger.exception("unexpected error", exc_info=exc)
