@@ -105,11 +105,8 @@ class FileReceiver:
         assert self._file is not None, "the upload is closed"
         num_examples = None
         if self.validator is not None:
-            if self._line_too_long:
-                self.validator.skip(f"longer than {_mb(MAX_LINE_BYTES)}")
-            elif self._line:
-                self.validator.feed(bytes(self._line))
-            self._line.clear()
+            if self._line or self._line_too_long:
+                self._end_line(bytes(self._line))
             if purpose == "fine-tune":
                 num_examples = self.validator.finish()
         with disk_full_as_error("storing a file"):
@@ -142,21 +139,29 @@ class FileReceiver:
 
     def _feed(self, data: bytes) -> None:
         """Check every line that `data` completes; keep the unfinished rest (bounded)."""
-        assert self.validator is not None
         start = 0
         while (end := data.find(b"\n", start)) != -1:
-            if self._line_too_long:
-                self.validator.skip(f"longer than {_mb(MAX_LINE_BYTES)}")
-                self._line_too_long = False
-            elif self._line:
-                self._line += data[start:end]
-                self.validator.feed(bytes(self._line))
+            if not self._line and end - start <= MAX_LINE_BYTES and not self._line_too_long:
+                self._end_line(data[start:end])  # the common case: a whole line, no copy
             else:
-                self.validator.feed(data[start:end])
-            self._line.clear()
+                self._append(data[start:end])
+                self._end_line(bytes(self._line))
             start = end + 1
-        if not self._line_too_long:
-            self._line += data[start:]
-            if len(self._line) > MAX_LINE_BYTES:
-                self._line_too_long = True
-                self._line.clear()
+        self._append(data[start:])
+
+    def _append(self, piece: bytes) -> None:
+        if self._line_too_long:
+            return
+        self._line += piece
+        if len(self._line) > MAX_LINE_BYTES:
+            self._line_too_long = True
+            self._line.clear()
+
+    def _end_line(self, line: bytes) -> None:
+        assert self.validator is not None
+        if self._line_too_long:
+            self.validator.skip(f"longer than {_mb(MAX_LINE_BYTES)}")
+        else:
+            self.validator.feed(line)
+        self._line_too_long = False
+        self._line.clear()

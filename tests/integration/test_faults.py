@@ -351,3 +351,24 @@ def test_past_max_queued_jobs_a_new_job_is_a_429(limited):
     assert refused.status_code == 429, refused.text
     assert refused.headers["retry-after"].isdigit()
     assert "--max-queued-jobs" in refused.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("content", "status"), [(TRAIN_ROWS, 200), (b'{"prompt": "a"}\n', 400)], ids=["good", "bad"]
+)
+def test_a_purpose_sent_after_the_file_still_gets_the_file_checked(limited, content, status):
+    boundary = "b0undary"
+    body = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="t.jsonl"\r\n'
+        f"Content-Type: application/jsonl\r\n\r\n".encode()
+        + content
+        + f'\r\n--{boundary}\r\nContent-Disposition: form-data; name="purpose"\r\n\r\n'
+        f"fine-tune\r\n--{boundary}--\r\n".encode()
+    )
+    headers = {"content-type": f"multipart/form-data; boundary={boundary}"}
+    with limited.client(admin=True) as admin:
+        response = admin.post("/v1/files", content=body, headers=headers)
+    assert response.status_code == status, response.text
+    if status == 400:
+        assert "line 1: missing key 'completion'" in response.json()["error"]["message"]
+    _delete_all_files(limited)
