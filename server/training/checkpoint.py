@@ -135,15 +135,19 @@ def write_adapter_atomically(
     adapter_dir: Path, config: dict[str, Any], weights: AdapterWeights
 ) -> None:
     """Write a PEFT adapter directory under a temporary name, then rename it into place."""
-    adapter_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = adapter_dir.parent / f"{TEMP_PREFIX}{adapter_dir.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    write_adapter(tmp, config, weights)
-    fsync_tree(tmp)
-    if adapter_dir.exists():
-        shutil.rmtree(adapter_dir)
-    os.rename(tmp, adapter_dir)
-    _fsync_dir(adapter_dir.parent)
+    try:
+        with disk_full_as_error("writing the trained adapter"):
+            adapter_dir.parent.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            write_adapter(tmp, config, weights)
+            fsync_tree(tmp)
+            if adapter_dir.exists():
+                shutil.rmtree(adapter_dir)
+            os.rename(tmp, adapter_dir)
+            _fsync_dir(adapter_dir.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def fsync_tree(directory: Path) -> None:

@@ -20,6 +20,7 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from adapters.faults import DiskFullError
 from server.training.data import DataError, count_examples
 from server.training.hparams import HParamsError, hparams_for
 from server.training.jobs import ACTIVE, Job, JobStore, new_id
@@ -290,6 +291,11 @@ class JobManager:
         except AdapterError as exc:
             self._finish(
                 job, "failed", error={"code": "invalid_adapter", "message": str(exc), "param": None}
+            )
+            return
+        except DiskFullError as exc:
+            self._finish(
+                job, "failed", error={"code": "disk_full", "message": str(exc), "param": None}
             )
             return
         valid = result.get("valid_loss")
