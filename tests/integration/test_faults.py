@@ -274,8 +274,8 @@ def test_a_large_upload_streams_in_bounded_memory(limited):
         sampler.join()
     assert response.status_code == 200, response.text
     assert response.json()["bytes"] == len(data)
-    # Read whole, as before, it took about 30x its size; streamed it takes a few chunks.
-    assert peak - before < 64 * 2**20, (before, peak)
+    # Read whole, as before, the server grew by about 160 MB here; streamed, by about 2 MB.
+    assert peak - before < 32 * 2**20, (before, peak)
     _delete_all_files(limited)
 
 
