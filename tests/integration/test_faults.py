@@ -221,8 +221,8 @@ QUOTA_MB = 48
 
 @pytest.fixture(scope="module")
 def limited(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    """Room for 48 MB of data, 32 MB per file, one job waiting at most."""
-    args = ["--max-lora-rank", "8", "--max-upload-mb", "200", "--max-file-mb", "32"]
+    """Room for 48 MB of data, 32 MB per file, 40 MB per request, one job waiting at most."""
+    args = ["--max-lora-rank", "8", "--max-upload-mb", "40", "--max-file-mb", "32"]
     args += ["--data-quota-mb", str(QUOTA_MB), "--max-queued-jobs", "1"]
     server = LiveServer(model_dir, tmp_path_factory.mktemp("limited") / "data", args).start()
     yield server
@@ -288,6 +288,29 @@ def test_a_file_over_max_file_mb_is_a_413_and_leaves_nothing(limited):
         )
     assert response.status_code == 413, response.text
     assert "--max-file-mb" in response.json()["error"]["message"]
+    assert not any((limited.data_dir / "files").iterdir())
+
+
+def test_a_body_over_max_upload_mb_is_a_413_and_leaves_nothing(limited):
+    # Sent without a Content-Length, so the limit is met while the file streams to disk.
+    data = _big_jsonl(41 * 2**20)
+    boundary = "b0undary"
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nuser_data\r\n'
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="t.jsonl"\r\n\r\n'
+    ).encode()
+
+    def body() -> Iterator[bytes]:
+        yield head
+        for start in range(0, len(data), 1 << 20):
+            yield data[start : start + (1 << 20)]
+        yield f"\r\n--{boundary}--\r\n".encode()
+
+    headers = {"content-type": f"multipart/form-data; boundary={boundary}"}
+    with limited.client(admin=True, timeout=120) as admin:
+        response = admin.post("/v1/files", content=body(), headers=headers)
+    assert response.status_code == 413, response.text
+    assert "--max-upload-mb" in response.json()["error"]["message"]
     assert not any((limited.data_dir / "files").iterdir())
 
 
