@@ -2,8 +2,9 @@
 
 Test hook: LORAPLEX_FAULT_POINTS="point[=action],..." names points in the write paths (the
 adapter store, the training-file store, checkpoint writing) and what happens when a process
-reaches one: `kill` (the default) SIGKILLs the process; `crash` SIGKILLs its parent first
-(from a training worker: the server and the worker die together, like a power loss);
+reaches one: `kill` (the default) SIGKILLs the process; `crash` in a training worker (a
+multiprocessing child) SIGKILLs the server that started it first, then the worker, like a
+power loss (elsewhere it is `kill`);
 `enospc` raises the error a full disk gives. Unset, every point is one falsy check. It is
 read once, at import; tests set it in a server's environment (or call set_fault_points).
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import multiprocessing
 import os
 import signal
 from collections.abc import Iterator
@@ -66,8 +68,9 @@ def fault_point(name: str) -> None:
     logger.warning("fault point %s: %s", name, action)
     if action == "enospc":
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    if action == "crash":
-        os.kill(os.getppid(), signal.SIGKILL)
+    parent = multiprocessing.parent_process()
+    if action == "crash" and parent is not None and parent.pid is not None:
+        os.kill(parent.pid, signal.SIGKILL)
     os.kill(os.getpid(), signal.SIGKILL)
 
 
