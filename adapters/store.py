@@ -3,6 +3,7 @@
 An add writes into a temp dir inside the store, validates, fsyncs, renames into place, and
 only then inserts the index row. A crash before the insert leaves a temp or unindexed dir,
 which the next start-up removes; so an adapter is either fully registered or absent.
+A full disk is a DiskFullError (no path in it) and leaves nothing behind either.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from urllib.parse import quote, unquote
 
 from adapters.config import AdapterSpec
 from adapters.errors import AdapterError, AdapterExistsError
+from adapters.faults import disk_full_as_error, fault_point
 from adapters.format import ADAPTER_FILES, WEIGHTS_FILE
 
 logger = logging.getLogger(__name__)
@@ -156,35 +158,37 @@ class AdapterStore:
             raise ValueError("pass exactly one of files, source_dir, writer")
         if self.get(name) is not None:
             raise AdapterExistsError(f"adapter {name!r} already exists")
-        staging = Path(tempfile.mkdtemp(prefix=_TEMP_PREFIX, dir=self.blobs))
-        try:
-            if files is not None:
-                _write_files(staging, files)
-            elif source_dir is not None:
-                for file in ADAPTER_FILES:
-                    if (source_dir / file).is_file():
-                        shutil.copyfile(source_dir / file, staging / file)
-            else:
-                assert writer is not None
-                writer(staging)
-            spec = validate(staging)
-            self._sync_dir_contents(staging)
-            record = AdapterRecord(
-                name=name,
-                sha256=_sha256(staging / WEIGHTS_FILE),
-                created_at=int(time.time()),
-                size_bytes=sum(f.stat().st_size for f in staging.iterdir()),
-                rank=spec.rank,
-                alpha=spec.alpha,
-                target_modules=spec.target_modules,
-                rope_scaling_factor=spec.rope_scaling_factor,
-                source=source,
-                spec_json=json.dumps(spec.to_dict()),
-            )
-            self._commit(staging, record)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+        with disk_full_as_error("storing an adapter"):
+            staging = Path(tempfile.mkdtemp(prefix=_TEMP_PREFIX, dir=self.blobs))
+            try:
+                if files is not None:
+                    _write_files(staging, files)
+                elif source_dir is not None:
+                    for file in ADAPTER_FILES:
+                        if (source_dir / file).is_file():
+                            shutil.copyfile(source_dir / file, staging / file)
+                else:
+                    assert writer is not None
+                    writer(staging)
+                fault_point("store.write")
+                spec = validate(staging)
+                self._sync_dir_contents(staging)
+                record = AdapterRecord(
+                    name=name,
+                    sha256=_sha256(staging / WEIGHTS_FILE),
+                    created_at=int(time.time()),
+                    size_bytes=sum(f.stat().st_size for f in staging.iterdir()),
+                    rank=spec.rank,
+                    alpha=spec.alpha,
+                    target_modules=spec.target_modules,
+                    rope_scaling_factor=spec.rope_scaling_factor,
+                    source=source,
+                    spec_json=json.dumps(spec.to_dict()),
+                )
+                self._commit(staging, record)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
         logger.info("stored adapter %s (%s, %d bytes)", name, source, record.size_bytes)
         return record
 
@@ -196,6 +200,7 @@ class AdapterStore:
                 deleted = self._db.execute("DELETE FROM adapters WHERE name = ?", (name,)).rowcount
             if not deleted:
                 return False
+            fault_point("store.delete")
             # Moved aside under the lock so a re-add of the name never meets the old files.
             doomed = None
             if final.exists():
@@ -234,6 +239,7 @@ class AdapterStore:
                 shutil.rmtree(final)
             staging.rename(final)
             try:
+                fault_point("store.before_index")
                 self._fsync(self.blobs)
                 with self._db:
                     self._db.execute(

@@ -119,6 +119,9 @@ def _serve_parser(sub: Any) -> None:
     _add(g, "--log-level", "info", "logging level")
     _add(g, "--max-concurrent-jobs", 1, "fine-tuning jobs that train at once", type=int)
     _add(g, "--training-threads", None, "CPU threads per training job", type=int)
+    _add(g, "--max-queued-jobs", 64, "fine-tuning jobs waiting to train before 429", type=int)
+    _add(g, "--max-file-mb", 512, "largest file accepted by /v1/files", type=int)
+    _add(g, "--data-quota-mb", None, "files + adapters + job outputs in --data-dir", type=int)
     p.set_defaults(func=_serve)
 
 
@@ -147,6 +150,9 @@ def _serve(args: argparse.Namespace) -> int:
         log_level=args.log_level,
         max_concurrent_jobs=args.max_concurrent_jobs,
         training_threads=args.training_threads,
+        max_queued_jobs=args.max_queued_jobs,
+        max_file_mb=args.max_file_mb,
+        data_quota_mb=args.data_quota_mb,
     )
     app = create_app(build_state(server, engine_config(args, model)))
     logger.info(

@@ -107,6 +107,9 @@ class ServerConfig:
     log_level: str = "info"
     max_concurrent_jobs: int = 1  # fine-tuning jobs training at once
     training_threads: int | None = None  # CPU threads per job; default half the cores
+    max_queued_jobs: int = 64  # fine-tuning jobs waiting to train before 429
+    max_file_mb: int = 512  # one uploaded file (the body is also held to max_upload_mb)
+    data_quota_mb: int | None = None  # files + adapters + job outputs in data_dir; None: no quota
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -133,6 +136,12 @@ class ServerConfig:
             )
         if self.max_waiting < 1:
             raise ConfigError(f"--max-waiting must be >= 1, got {self.max_waiting}")
+        if self.max_queued_jobs < 1:
+            raise ConfigError(f"--max-queued-jobs must be >= 1, got {self.max_queued_jobs}")
+        if self.max_file_mb < 1:
+            raise ConfigError(f"--max-file-mb must be >= 1, got {self.max_file_mb}")
+        if self.data_quota_mb is not None and self.data_quota_mb < 1:
+            raise ConfigError(f"--data-quota-mb must be >= 1, got {self.data_quota_mb}")
 
 
 def _host_pattern(host: str) -> None:

@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from adapters import AdapterError, AdapterExistsError
+from adapters.faults import DiskFullError
 from server.engine.async_engine import EngineDeadError, EngineStepError, RequestFailedError
 from server.engine.llm_engine import AdapterBusyError, UnknownAdapterError
 from server.engine.sampling_params import InvalidRequestError
@@ -75,6 +76,12 @@ class RequestTimeout(APIError):
     status, type, code, lorax_type = 408, "invalid_request_error", "request_timeout", "validation"
 
 
+class InsufficientStorage(APIError):
+    """A data-dir quota reached or a full disk (WebDAV's 507)."""
+
+    status, type, code, lorax_type = 507, "server_error", "insufficient_storage", "storage"
+
+
 class Overloaded(APIError):
     status, type, code, lorax_type = 429, "rate_limit_error", "overloaded", "overloaded"
 
@@ -128,6 +135,7 @@ DOMAIN_ERRORS: tuple[type[Exception], ...] = (
     EngineStepError,
     RequestFailedError,
     ClientDisconnect,
+    DiskFullError,
 )
 
 
@@ -182,6 +190,8 @@ def translate(exc: Exception) -> APIError:
         return GenerationError(without_paths(str(exc)))
     if isinstance(exc, RequestFailedError):
         return RequestFailed(str(exc))
+    if isinstance(exc, DiskFullError):
+        return InsufficientStorage(str(exc))
     if isinstance(exc, ClientDisconnect):
         return ClientDisconnected("client disconnected")
     error_id = uuid.uuid4().hex[:16]

@@ -80,6 +80,7 @@ class ServerState:
             llm.device.type,
             threads,
             self.config.max_concurrent_jobs,
+            self.config.max_queued_jobs,
         )
 
     @property

@@ -3,7 +3,8 @@
 A checkpoint is a directory `step-NNNNNN` holding the trainable tensors (safetensors), the
 optimizer, scheduler and RNG states (torch.save, read back with weights_only=True), a servable
 PEFT adapter, and meta.json (step, losses, hyperparameters, data fingerprint). It is assembled
-under a temporary name and renamed into place, so a crash never leaves a half-written one.
+under a temporary name and renamed into place, so a crash never leaves a half-written one;
+a full disk is a DiskFullError and removes the partial copy.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from adapters.faults import disk_full_as_error, fault_point
 from adapters.format import AdapterWeights, write_adapter
 
 logger = logging.getLogger(__name__)
@@ -30,6 +32,7 @@ STATE_FILE = "state.pt"
 META_FILE = "meta.json"
 ADAPTER_DIR = "adapter"
 _PREFIX = "step-"
+TEMP_PREFIX = ".tmp-"  # what is being written; a crash leaves it for JobStore.recover
 
 
 @dataclass(frozen=True)
@@ -77,22 +80,28 @@ def save_checkpoint(
     keep: int,
 ) -> CheckpointInfo:
     """Write a checkpoint atomically, then drop all but the newest `keep`."""
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"{_PREFIX}{step:06d}"
-    tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    tensors = {name: t.detach().to("cpu").contiguous() for name, t in trainable.items()}
-    save_file(tensors, str(tmp / TRAINABLE_FILE))
-    torch.save(state, tmp / STATE_FILE)
-    write_adapter(tmp / ADAPTER_DIR, *adapter)
+    tmp = root / f"{TEMP_PREFIX}{final.name}-{os.getpid()}"
     meta = {**meta, "step": step, "created_at": time.time()}
-    (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-    fsync_tree(tmp)
-    if final.exists():  # a rerun of the same step after a crash that followed the rename
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    _fsync_dir(root)
+    try:
+        with disk_full_as_error("writing a training checkpoint"):
+            root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            tensors = {name: t.detach().to("cpu").contiguous() for name, t in trainable.items()}
+            save_file(tensors, str(tmp / TRAINABLE_FILE))
+            fault_point("checkpoint.write")
+            torch.save(state, tmp / STATE_FILE)
+            write_adapter(tmp / ADAPTER_DIR, *adapter)
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+            fsync_tree(tmp)
+            if final.exists():  # a rerun of the same step after a crash that followed the rename
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            _fsync_dir(root)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    fault_point("checkpoint.renamed")
     for old in list_checkpoints(root)[:-keep]:
         shutil.rmtree(old.path, ignore_errors=True)
     logger.info("checkpoint at step %d written to %s", step, final)
@@ -126,15 +135,19 @@ def write_adapter_atomically(
     adapter_dir: Path, config: dict[str, Any], weights: AdapterWeights
 ) -> None:
     """Write a PEFT adapter directory under a temporary name, then rename it into place."""
-    adapter_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = adapter_dir.parent / f".tmp-{adapter_dir.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    write_adapter(tmp, config, weights)
-    fsync_tree(tmp)
-    if adapter_dir.exists():
-        shutil.rmtree(adapter_dir)
-    os.rename(tmp, adapter_dir)
-    _fsync_dir(adapter_dir.parent)
+    tmp = adapter_dir.parent / f"{TEMP_PREFIX}{adapter_dir.name}-{os.getpid()}"
+    try:
+        with disk_full_as_error("writing the trained adapter"):
+            adapter_dir.parent.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            write_adapter(tmp, config, weights)
+            fsync_tree(tmp)
+            if adapter_dir.exists():
+                shutil.rmtree(adapter_dir)
+            os.rename(tmp, adapter_dir)
+            _fsync_dir(adapter_dir.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def fsync_tree(directory: Path) -> None:

@@ -37,10 +37,13 @@ MESSAGE_KEYS = frozenset({"role", "content", "name"})
 class DataError(ValueError):
     """A training file that cannot be used; `problems` holds (line number or None, message)."""
 
-    def __init__(self, source: str, problems: list[tuple[int | None, str]]) -> None:
+    def __init__(
+        self, source: str, problems: list[tuple[int | None, str]], total: int | None = None
+    ) -> None:
+        # total: how many problems there were, when `problems` holds only the first ones.
         self.problems = problems
         shown = [f"{source} line {n}: {p}" if n else f"{source}: {p}" for n, p in problems]
-        more = len(problems) - MAX_REPORTED
+        more = (total or len(problems)) - MAX_REPORTED
         text = "; ".join(shown[:MAX_REPORTED]) + (f" (and {more} more)" if more > 0 else "")
         super().__init__(text)
 
@@ -110,41 +113,84 @@ def _check_fields(fmt: str, obj: dict[str, Any]) -> str | None:
     return None
 
 
-def parse_jsonl(lines: Iterable[bytes | str], source: str = "data") -> list[Example]:
-    """Validate every line; raise DataError listing the bad lines by number."""
-    examples: list[Example] = []
-    problems: list[tuple[int | None, str]] = []
-    first: tuple[int, str] | None = None
-    for number, raw in enumerate(lines, start=1):
+class JsonlValidator:
+    """Checks a training file line by line as it arrives, keeping no examples in memory.
+
+    feed() each line (bytes, without or with its newline); finish() raises DataError naming
+    the bad lines, else returns the number of examples.
+    """
+
+    def __init__(self, source: str = "data") -> None:
+        self.source = source
+        self.num_lines = 0
+        self.num_examples = 0
+        self.problems: list[tuple[int | None, str]] = []  # the first MAX_REPORTED
+        self.num_problems = 0
+        self._first: tuple[int, str] | None = None
+
+    def feed(self, raw: bytes | str) -> Example | None:
+        """Check the next line; its Example, or None for a blank or bad line."""
+        self.num_lines += 1
+        number = self.num_lines
         try:
             text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
         except UnicodeDecodeError:
-            problems.append((number, "not valid UTF-8"))
-            continue
+            return self._problem(number, "not valid UTF-8")
         if not text.strip():
-            continue
+            return None
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as exc:
-            problems.append((number, f"invalid JSON: {exc.msg} at column {exc.colno}"))
-            continue
+            return self._problem(number, f"invalid JSON: {exc.msg} at column {exc.colno}")
         fmt, problem = _example_format(obj)
         if fmt is None or problem is not None:
-            problems.append((number, problem or "invalid example"))
-            continue
-        if first is None:
-            first = (number, fmt)
-        elif fmt != first[1]:
-            problems.append(
-                (number, f"a {fmt} example, but line {first[0]} is {first[1]}; use one format")
-            )
-            continue
-        examples.append(Example(number, fmt, obj))
-    if problems:
-        raise DataError(source, problems)
-    if not examples:
-        raise DataError(source, [(None, "has no examples")])
+            return self._problem(number, problem or "invalid example")
+        if self._first is None:
+            self._first = (number, fmt)
+        elif fmt != self._first[1]:
+            first_line, first_fmt = self._first
+            problem = f"a {fmt} example, but line {first_line} is {first_fmt}; use one format"
+            return self._problem(number, problem)
+        self.num_examples += 1
+        return Example(number, fmt, obj)
+
+    def skip(self, problem: str) -> None:
+        """Count the next line as bad without reading it (a line too long to hold)."""
+        self.num_lines += 1
+        self._problem(self.num_lines, problem)
+
+    def finish(self) -> int:
+        """The number of examples; DataError if any line was bad or none was an example."""
+        if self.problems:
+            raise DataError(self.source, self.problems, self.num_problems)
+        if not self.num_examples:
+            raise DataError(self.source, [(None, "has no examples")])
+        return self.num_examples
+
+    def _problem(self, number: int, problem: str) -> None:
+        self.num_problems += 1
+        if len(self.problems) < MAX_REPORTED:
+            self.problems.append((number, problem))
+
+
+def parse_jsonl(lines: Iterable[bytes | str], source: str = "data") -> list[Example]:
+    """Validate every line; raise DataError listing the bad lines by number."""
+    validator = JsonlValidator(source)
+    examples = [ex for raw in lines if (ex := validator.feed(raw)) is not None]
+    validator.finish()
     return examples
+
+
+def count_examples(path: str | Path) -> int:
+    """Validate a JSONL training file as a stream; its number of examples."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(str(path), [(None, "file does not exist")])
+    validator = JsonlValidator(path.name)
+    with path.open("rb") as f:
+        for raw in f:
+            validator.feed(raw)
+    return validator.finish()
 
 
 def load_jsonl(path: str | Path) -> list[Example]:

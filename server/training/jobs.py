@@ -3,12 +3,18 @@
 The server process and the job worker process both open it (WAL mode): the worker appends
 events and checkpoints and records its result; the server reads them and moves jobs through
 their states. File blobs live under <data_dir>/files, job outputs under <data_dir>/jobs/<id>.
+
+A file is written under a temporary name, fsynced and renamed before its row is inserted; a
+delete removes the row before the blob. recover() (the server, at start) removes what a crash
+between the two steps leaves, so listings and the disk agree.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
 import sqlite3
 import threading
 import time
@@ -16,6 +22,11 @@ import uuid
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from adapters.faults import disk_full_as_error, fault_point
+from server.training.checkpoint import TEMP_PREFIX, list_checkpoints
+
+logger = logging.getLogger(__name__)
 
 DB_FILE = "loraplex.db"
 ACTIVE = ("validating_files", "queued", "running")
@@ -142,24 +153,47 @@ class JobStore:
     def file_path(self, file_id: str) -> Path:
         return self.files_dir / f"{file_id}.jsonl"
 
+    def staging_path(self) -> Path:
+        """A fresh temporary name in the files directory, for a blob being written."""
+        return self.files_dir / f"{TEMP_PREFIX}{uuid.uuid4().hex}"
+
     def add_file(
         self, filename: str, purpose: str, data: bytes, num_examples: int | None
     ) -> FileRecord:
-        """Write the blob (temp, fsync, rename), then its row."""
+        """Store a blob given whole (small files); uploads stream through commit_file."""
+        tmp = self.staging_path()
+        try:
+            with disk_full_as_error("storing a file"), open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            return self.commit_file(tmp, filename, purpose, num_examples)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def commit_file(
+        self, staged: Path, filename: str, purpose: str, num_examples: int | None
+    ) -> FileRecord:
+        """Rename a written, fsynced blob into place, then insert its row."""
         rec = FileRecord(
-            new_id("file"), filename, purpose, len(data), int(time.time()), num_examples
+            new_id("file"),
+            filename,
+            purpose,
+            staged.stat().st_size,
+            int(time.time()),
+            num_examples,
         )
         path = self.file_path(rec.id)
-        tmp = path.with_suffix(".tmp")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.rename(path)
-        self._run(
-            "INSERT INTO files VALUES (?, ?, ?, ?, ?, ?)",
-            (rec.id, rec.filename, rec.purpose, rec.bytes, rec.created_at, rec.num_examples),
-        )
+        with disk_full_as_error("storing a file"):
+            fault_point("files.before_rename")
+            staged.rename(path)
+            try:
+                _fsync_dir(self.files_dir)
+                fault_point("files.before_index")
+                self._run("INSERT INTO files VALUES (?, ?, ?, ?, ?, ?)", _file_row(rec))
+            except BaseException:
+                path.unlink(missing_ok=True)
+                raise
         return rec
 
     def get_file(self, file_id: str) -> FileRecord | None:
@@ -182,8 +216,47 @@ class JobStore:
     def delete_file(self, file_id: str) -> bool:
         with self._lock, self._db:
             removed = self._db.execute("DELETE FROM files WHERE id = ?", (file_id,)).rowcount
+        fault_point("files.delete")
         self.file_path(file_id).unlink(missing_ok=True)
         return removed > 0
+
+    def recover(self) -> list[Path]:
+        """Remove what interrupted writes left (temporary files and directories, blobs
+        without a row) and index complete checkpoints a crash left unrecorded. Call before
+        uploads or workers start: their temporary files look the same."""
+        removed: list[Path] = []
+        ids = {row[0] for row in self._run("SELECT id FROM files")}
+        for path in self.files_dir.iterdir():
+            if path.name.startswith(TEMP_PREFIX) or path.stem not in ids:
+                _remove(path)
+                removed.append(path)
+        for file_id in sorted(ids):
+            if not self.file_path(file_id).is_file():
+                logger.warning("file %s is recorded but its blob is missing", file_id)
+        for job_dir in self.jobs_dir.iterdir():
+            for parent in (job_dir, job_dir / "checkpoints"):
+                if parent.is_dir():
+                    for path in parent.iterdir():
+                        if path.name.startswith(TEMP_PREFIX):
+                            _remove(path)
+                            removed.append(path)
+            self._reindex_checkpoints(job_dir.name, job_dir / "checkpoints")
+        for path in removed:
+            logger.warning("removed %s, left by an interrupted write", path.name)
+        return removed
+
+    def _reindex_checkpoints(self, job_id: str, root: Path) -> None:
+        """Rows for the complete checkpoints on disk, and none for those gone."""
+        self.prune_checkpoints(job_id)
+        recorded = {Path(c.path) for c in self.checkpoints(job_id)}
+        for info in list_checkpoints(root):
+            if info.path not in recorded:
+                metrics = {
+                    "step": info.step,
+                    "train_loss": info.train_loss,
+                    "valid_loss": info.valid_loss,
+                }
+                self.add_checkpoint(job_id, info.step, metrics, str(info.path))
 
     # ---- jobs -----------------------------------------------------------------------------
 
@@ -300,6 +373,25 @@ class JobStore:
             "SELECT * FROM ft_checkpoints WHERE job_id = ? ORDER BY step DESC", (job_id,)
         )
         return [Checkpoint(r[0], r[1], r[2], r[3], json.loads(r[4]), r[5]) for r in rows]
+
+
+def _file_row(rec: FileRecord) -> tuple:
+    return (rec.id, rec.filename, rec.purpose, rec.bytes, rec.created_at, rec.num_examples)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 _JOB_FIELDS = [f.name for f in fields(Job)]  # the ft_jobs columns, in order

@@ -4,7 +4,8 @@ validating_files -> queued -> running -> succeeded | failed | cancelled. Jobs ru
 by default, each in a worker process (server.training.worker); a finished job's adapter is
 registered under its `fine_tuned_model` name at once, so the next request can use it. On start
 the manager requeues jobs a previous server left running; their workers resume from the last
-checkpoint.
+checkpoint. At most `max_queued` jobs wait (validating_files or queued); past that a new job
+is refused with JobQueueFullError.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from server.training.data import DataError, load_jsonl
+from adapters.faults import DiskFullError
+from server.training.data import DataError, count_examples
 from server.training.hparams import HParamsError, hparams_for
 from server.training.jobs import ACTIVE, Job, JobStore, new_id
 from server.training.worker import run_job
@@ -45,6 +47,10 @@ class JobRequestError(ValueError):
 
 class JobNotFoundError(KeyError):
     """No job with that id."""
+
+
+class JobQueueFullError(Exception):
+    """As many jobs wait as --max-queued-jobs allows; retry when one has started."""
 
 
 def _hyperparameters(method: dict[str, Any], legacy: dict[str, Any] | None) -> dict[str, Any]:
@@ -80,6 +86,7 @@ class JobManager:
         device: str,
         threads: int,
         max_concurrent: int = 1,
+        max_queued: int = 64,
     ) -> None:
         self.store = store
         self.registry = registry
@@ -88,6 +95,7 @@ class JobManager:
         self.device = device
         self.threads = threads
         self.max_concurrent = max_concurrent
+        self.max_queued = max_queued
         self._workers: dict[str, BaseProcess] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -95,6 +103,7 @@ class JobManager:
         self._stopping = False
 
     async def start(self) -> None:
+        await asyncio.to_thread(self.store.recover)  # before any upload or worker writes
         for job in self.store.jobs_with_status("running"):
             self.store.update_job(job.id, status="queued", result=None)
             self.store.add_event(job.id, "Server restarted; resuming from the last checkpoint")
@@ -153,6 +162,12 @@ class JobManager:
         seed = body.get("seed")
         if seed is not None and not (isinstance(seed, int) and 0 <= seed < 2**31):
             raise JobRequestError("seed must be an integer in [0, 2**31)", "seed")
+        waiting = len(self.store.jobs_with_status("validating_files", "queued"))
+        if waiting >= self.max_queued:
+            raise JobQueueFullError(
+                f"{waiting} fine-tuning jobs are already waiting (--max-queued-jobs "
+                f"{self.max_queued}); retry when one has started"
+            )
         job = Job(
             id=new_id("ftjob"),
             created_at=int(time.time()),
@@ -210,9 +225,7 @@ class JobManager:
         try:
             for file_id in (job.training_file, job.validation_file):
                 if file_id is not None:
-                    examples = load_jsonl(self.store.file_path(file_id))
-                    if not examples:
-                        raise DataError(file_id, [(None, "the file holds no examples")])
+                    count_examples(self.store.file_path(file_id))  # streamed, none kept
         except (DataError, OSError) as exc:
             self._finish(
                 job,
@@ -278,6 +291,11 @@ class JobManager:
         except AdapterError as exc:
             self._finish(
                 job, "failed", error={"code": "invalid_adapter", "message": str(exc), "param": None}
+            )
+            return
+        except DiskFullError as exc:
+            self._finish(
+                job, "failed", error={"code": "disk_full", "message": str(exc), "param": None}
             )
             return
         valid = result.get("valid_loss")

@@ -13,6 +13,7 @@ import os
 import time
 from typing import Any
 
+from adapters.faults import DiskFullError
 from server.training.data import DataError
 from server.training.events import TrainingEvent
 from server.training.hparams import hparams_for
@@ -97,6 +98,8 @@ def run_job(data_dir: str, job_id: str, model_dir: str, device: str, threads: in
         )
         result = trainer.train()
     except DataError as exc:
+        if os.getppid() != parent:
+            return  # an orphan's outcome is not the job's: the restarted server reruns it
         store.update_job(
             job_id,
             result={
@@ -109,8 +112,17 @@ def run_job(data_dir: str, job_id: str, model_dir: str, device: str, threads: in
             },
         )
         return
+    except DiskFullError as exc:
+        logger.error("job %s failed: %s", job_id, exc)
+        if os.getppid() != parent:
+            return
+        error = {"code": "disk_full", "message": str(exc), "param": None}
+        store.update_job(job_id, result={"status": "failed", "error": error})
+        return
     except Exception as exc:
         logger.exception("job %s failed", job_id)
+        if os.getppid() != parent:
+            return
         store.update_job(
             job_id,
             result={

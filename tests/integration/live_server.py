@@ -39,6 +39,7 @@ class LiveServer:
     model_dir: Path
     data_dir: Path
     args: list[str] = field(default_factory=list)  # extra `serve` flags
+    env: dict[str, str] = field(default_factory=dict)  # extra environment (fault points)
     api_key: str | None = API_KEY
     admin_key: str | None = ADMIN_KEY
     port: int = 0
@@ -76,6 +77,7 @@ class LiveServer:
         # The server shares the machine's cores with the test process (see tests/conftest.py).
         env["OMP_NUM_THREADS"] = os.environ.get("LORAPLEX_TEST_THREADS", "2")
         env["PYTHONPATH"] = str(REPO_ROOT)
+        env.update(self.env)
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
                 self.command(), cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
@@ -105,6 +107,13 @@ class LiveServer:
             self.proc.kill()
             self.proc.wait()
         self.proc = None
+
+    def wait_killed(self, timeout: float = 60.0) -> int:
+        """Wait for a server that kills itself (a fault point); its exit status."""
+        assert self.proc is not None, "not running"
+        code = self.proc.wait(timeout=timeout)
+        self.proc = None
+        return code
 
     def restart(self) -> LiveServer:
         self.stop()

@@ -8,13 +8,14 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import FileResponse
-from starlette.datastructures import UploadFile
 
 from server.api.auth import require_admin_key
-from server.api.errors import BadRequest, NotFound
+from server.api.errors import BadRequest, InsufficientStorage, NotFound, PayloadTooLarge
+from server.api.multipart import stream_form
 from server.api.schemas.fine_tuning import DeletedFile, FileList, FileObject
-from server.training.data import DataError, parse_jsonl
+from server.training.data import DataError
 from server.training.jobs import FileRecord, JobStore
+from server.training.uploads import FileReceiver, FileTooLargeError, QuotaExceededError
 
 router = APIRouter(tags=["files"])
 PURPOSES = ("fine-tune", "batch", "user_data", "assistants", "evals")
@@ -64,26 +65,39 @@ def _get(store: JobStore, file_id: str) -> FileRecord:
     },
 )
 async def upload_file(request: Request) -> FileObject:
-    """Store a file; fine-tune files must be valid training JSONL (bad lines are named)."""
+    """Store a file as it arrives; fine-tune files must be valid training JSONL (bad lines are
+    named). 413 past --max-file-mb, 507 past --data-quota-mb or on a full disk."""
     store = _store(request)
-    form = await request.form()
-    upload, purpose = form.get("file"), form.get("purpose")
-    if not isinstance(upload, UploadFile):
+    config = request.app.state.server.config
+    quota = config.data_quota_mb * 2**20 if config.data_quota_mb is not None else None
+
+    def open_receiver(filename: str, fields: dict[str, str]) -> FileReceiver:
+        purpose = fields.get("purpose")
+        if purpose is not None and purpose not in PURPOSES:
+            raise BadRequest(f"purpose must be one of {', '.join(PURPOSES)}", "purpose")
+        name = Path(filename or "upload.jsonl").name
+        validate = purpose in (None, "fine-tune")  # the purpose may come after the file
+        return FileReceiver(store, name, config.max_file_mb * 2**20, quota, validate)
+
+    try:
+        fields, receiver = await stream_form(request, "file", open_receiver)
+    except FileTooLargeError as exc:
+        raise PayloadTooLarge(str(exc), "file") from exc
+    except QuotaExceededError as exc:
+        raise InsufficientStorage(str(exc), "file") from exc
+    if not isinstance(receiver, FileReceiver):
         raise BadRequest("the multipart field 'file' is required", "file")
-    if purpose not in PURPOSES:
-        raise BadRequest(f"purpose must be one of {', '.join(PURPOSES)}", "purpose")
-    data = await upload.read()
-    filename = Path(upload.filename or "upload.jsonl").name
-    num_examples = None
-    if purpose == "fine-tune":
-        try:
-            examples = await asyncio.to_thread(parse_jsonl, data.splitlines(), filename)
-        except DataError as exc:
-            raise BadRequest(str(exc), "file") from exc
-        if not examples:
-            raise BadRequest(f"{filename} holds no training examples", "file")
-        num_examples = len(examples)
-    rec = await asyncio.to_thread(store.add_file, filename, purpose, data, num_examples)
+    purpose = fields.get("purpose")
+    try:
+        if purpose not in PURPOSES:
+            raise BadRequest(f"purpose must be one of {', '.join(PURPOSES)}", "purpose")
+        rec = await asyncio.to_thread(receiver.commit, purpose)
+    except DataError as exc:
+        raise BadRequest(str(exc), "file") from exc
+    except QuotaExceededError as exc:
+        raise InsufficientStorage(str(exc), "file") from exc
+    finally:
+        await asyncio.to_thread(receiver.abort)  # a no-op once committed
     return _file(rec)
 
 

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query, Request
 
 from server.api.auth import require_admin_key
-from server.api.errors import BadRequest, NotFound
+from server.api.errors import BadRequest, NotFound, Overloaded
 from server.api.schemas.fine_tuning import (
     FineTuningCheckpoint,
     FineTuningCheckpointList,
@@ -20,10 +20,16 @@ from server.api.schemas.fine_tuning import (
 )
 from server.training.hparams import hparams_for
 from server.training.jobs import Job
-from server.training.manager import JobManager, JobNotFoundError, JobRequestError
+from server.training.manager import (
+    JobManager,
+    JobNotFoundError,
+    JobQueueFullError,
+    JobRequestError,
+)
 
 router = APIRouter(tags=["fine-tuning"])
 Limit = Annotated[int, Query(ge=1, le=100)]
+QUEUE_RETRY_AFTER_S = 30  # a queued job waits for a whole training run to end
 
 
 def _manager(request: Request) -> JobManager:
@@ -65,6 +71,8 @@ async def create_job(body: FineTuningJobRequest, request: Request) -> FineTuning
         job = _manager(request).create(body.model_dump())
     except JobRequestError as exc:
         raise BadRequest(exc.message, exc.param) from exc
+    except JobQueueFullError as exc:
+        raise Overloaded(str(exc), headers={"Retry-After": str(QUEUE_RETRY_AFTER_S)}) from exc
     return job_object(job)
 
 
