@@ -139,7 +139,7 @@ def _from_zip(data: bytes, max_bytes: int) -> dict[str, bytes]:
                     raise AdapterError(
                         f"archive member {short_repr(info.filename)} is a link; links are refused"
                     )
-                if info.is_dir() or path is None:
+                if path is None or info.is_dir():  # is_dir() fails on an empty name
                     continue
                 files[_unique(path, files)] = info
             _check_declared((i.file_size for i in files.values()), max_bytes)

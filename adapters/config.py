@@ -280,10 +280,7 @@ def _rank(value: Any, what: str, max_lora_rank: int) -> int:
 def _alpha(value: Any, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise AdapterError(f"{what} must be a number, got {short_repr(value)}")
-    try:
-        alpha = float(value)
-    except OverflowError:  # an int beyond float range
-        alpha = math.inf
+    alpha = _as_float(value)
     if not math.isfinite(alpha):
         raise AdapterError(f"{what} must be a finite number, got {short_repr(value)}")
     if alpha <= 0:
@@ -291,11 +288,18 @@ def _alpha(value: Any, what: str) -> float:
     return alpha
 
 
+def _as_float(value: int | float) -> float:
+    try:
+        return float(value)
+    except OverflowError:  # an int beyond float range
+        return math.inf if value > 0 else -math.inf
+
+
 def _rope_scaling_factor(value: Any) -> float:
     if (
         isinstance(value, bool)
         or not isinstance(value, int | float)
-        or not math.isfinite(value)
+        or not math.isfinite(_as_float(value))
         or value < 1
     ):
         raise AdapterError(

@@ -278,3 +278,12 @@ def test_zip_whose_count_understates_its_index_is_still_bounded() -> None:
 def test_zip_without_an_end_record_is_refused() -> None:
     with pytest.raises(AdapterError, match="no end of central directory"):
         extract_adapter_files(zip_bytes(FILES)[:-22], "a.zip", LIMIT)
+
+
+def test_zip_member_with_an_empty_name_is_skipped() -> None:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, data in FILES.items():
+            zf.writestr(name, data)
+        zf.writestr(zipfile.ZipInfo(""), b"x")  # zipfile.ZipInfo.is_dir() fails on this name
+    assert extract_adapter_files(buf.getvalue(), "a.zip", LIMIT) == FILES
