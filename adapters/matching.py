@@ -2,7 +2,9 @@
 
 Follows peft 0.21: `check_target_module_exists` and `_maybe_include_all_linear_layers`
 (tuners/tuners_utils.py), `get_pattern_key` (utils/other.py) for rank_pattern/alpha_pattern,
-and `_set_trainable` for modules_to_save.
+and `_set_trainable` for modules_to_save. Patterns from configs run on RE2 rather than
+Python's re (same match semantics for module names, but linear time), so a pattern like
+"(.*)*(.*)*Z" cannot hold the GIL for minutes.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ MAX_PATTERN_CHARS = 1024
 MAX_PATTERNS = 1024
 # RE2's budget for one compiled program and its DFA cache; a pattern needing more is refused.
 _RE2_MAX_MEM = 2 << 20
+Regex = Any  # a compiled re2 pattern (re2 ships no type stubs)
 _FIRST_LAYER_INDEX = re.compile(r".*?\.[^.]*\.(?P<idx>\d+)\.")  # ours, not a user pattern
 
 
@@ -39,9 +42,6 @@ def str_list(value: Any, key: str) -> list[str]:
     if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
         raise AdapterError(f"{key} must be a list of module names, got {short_repr(value)}")
     return list(value)
-
-
-Regex = Any  # a compiled re2 pattern (re2 ships no type stubs)
 
 
 def check_pattern_count(num_patterns: int, what: str) -> None:

@@ -10,7 +10,7 @@ import pytest
 
 from adapters import AdapterError, AdapterSpec, BaseModelInfo, parse_adapter_config
 from adapters.config import MAX_SCALING
-from adapters.matching import MAX_PATTERNS
+from adapters.matching import MAX_PATTERN_CHARS, MAX_PATTERNS
 from tests.unit.adapter_fixtures import MAX_RANK, tiny_base
 
 BASE = tiny_base()
@@ -416,3 +416,12 @@ def test_huge_values_in_messages_are_shortened() -> None:
     with pytest.raises(AdapterError) as info:
         parse(bias="x" * 100_000)
     assert len(str(info.value)) < 300
+
+
+def test_the_most_and_longest_pattern_keys_allowed_parse_quickly() -> None:
+    padding = "y" * (MAX_PATTERN_CHARS - 16)
+    keys = {f"{i:04d}[a-z]{{1000}}{padding}": 2 for i in range(MAX_PATTERNS)}
+    assert max(map(len, keys)) <= MAX_PATTERN_CHARS
+    start = time.perf_counter()
+    refused("rank_pattern key .* matches no module", rank_pattern=keys, alpha_pattern=keys)
+    assert time.perf_counter() - start < 5
