@@ -11,8 +11,16 @@ from functools import cached_property
 from typing import Any
 
 from adapters.base import MODULE_ORDER, BaseModelInfo, parse_linear_name
-from adapters.errors import AdapterError
-from adapters.matching import pattern_key, saved_modules, str_list, targeted_linears
+from adapters.errors import AdapterError, short_repr
+from adapters.matching import (
+    Regex,
+    check_pattern_count,
+    pattern_key,
+    pattern_keys,
+    saved_modules,
+    str_list,
+    targeted_linears,
+)
 
 __all__ = ["AdapterError", "AdapterSpec", "BaseModelInfo", "LoraTarget", "parse_adapter_config"]
 
@@ -25,6 +33,11 @@ _VARIANT_KEYS = (
     "kasa_config",
     "use_qalora",
 )
+
+# |scaling| bound. Real adapters use 0.25 (QLoRA: 16/64) to about 32 (rsLoRA, alpha = 2r at
+# r 256); 1024 leaves 30x headroom over that, while a larger factor only serves to push
+# scaling * B @ A x past fp16/bf16 range (1e30 turned every output into NaN).
+MAX_SCALING = 1024.0
 
 
 @dataclass(frozen=True)
@@ -111,7 +124,7 @@ def parse_adapter_config(
     try:
         # Unsorted: the order of rank_pattern/alpha_pattern keys decides which one applies.
         key = json.dumps(raw)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RecursionError):
         key = None
     if key is None or json.loads(key) != raw:  # only plain JSON data is memoized
         return _parse(raw, base, max_lora_rank)
@@ -131,26 +144,45 @@ def _parse(raw: Mapping[str, Any], base: BaseModelInfo, max_lora_rank: int) -> A
     alpha = _alpha(raw.get("lora_alpha", 8), "lora_alpha")
     use_rslora = _flag(raw, "use_rslora")
     rank_pattern = {
-        k: _rank(v, f"rank_pattern[{k!r}]", max_lora_rank)
+        k: _rank(v, f"rank_pattern[{short_repr(k)}]", max_lora_rank)
         for k, v in _pattern(raw, "rank_pattern").items()
     }
     alpha_pattern = {
-        k: _alpha(v, f"alpha_pattern[{k!r}]") for k, v in _pattern(raw, "alpha_pattern").items()
+        k: _alpha(v, f"alpha_pattern[{short_repr(k)}]")
+        for k, v in _pattern(raw, "alpha_pattern").items()
     }
+    rank_keys = pattern_keys(rank_pattern, "rank_pattern")
+    alpha_keys = pattern_keys(alpha_pattern, "alpha_pattern")
     modules_to_save = str_list(raw.get("modules_to_save"), "modules_to_save")
     saved = saved_modules(modules_to_save, base)
 
     targets = []
-    for name in targeted_linears(raw, base, modules_to_save):
+    used_keys: set[str] = set()
+    names = targeted_linears(raw, base, modules_to_save)
+    for name in names:
         layer_module = parse_linear_name(name)
         assert layer_module is not None, name
         layer, module = layer_module
-        r = rank_pattern.get(pattern_key(rank_pattern, name, "rank_pattern"), rank)
-        a = alpha_pattern.get(pattern_key(alpha_pattern, name, "alpha_pattern"), alpha)
+        r_key = pattern_key(rank_keys, name)
+        a_key = pattern_key(alpha_keys, name)
+        r = rank_pattern.get(r_key, rank)
+        a = alpha_pattern.get(a_key, alpha)
+        used_keys.update((r_key, a_key))
         in_features, out_features = base.linear_shapes[module]
         scaling = a / math.sqrt(r) if use_rslora else a / r
+        if abs(scaling) > MAX_SCALING:
+            _refuse_scaling(
+                f"alpha_pattern[{short_repr(a_key)}]" if a_key in alpha_pattern else "lora_alpha",
+                f"rank_pattern[{short_repr(r_key)}]" if r_key in rank_pattern else "r",
+                a,
+                r,
+                use_rslora,
+                name,
+            )
         targets.append(LoraTarget(layer, module, r, a, scaling, in_features, out_features))
     targets.sort(key=lambda t: (t.layer, MODULE_ORDER[t.module]))
+    _check_all_match(rank_keys, "rank_pattern", used_keys, names)
+    _check_all_match(alpha_keys, "alpha_pattern", used_keys, names)
 
     base_name = raw.get("base_model_name_or_path")
     return AdapterSpec(
@@ -166,13 +198,39 @@ def _parse(raw: Mapping[str, Any], base: BaseModelInfo, max_lora_rank: int) -> A
     )
 
 
+def _check_all_match(
+    keys: list[tuple[str, Regex]], what: str, used_keys: set[str], names: list[str]
+) -> None:
+    # peft warns that such keys "were ignored"; a typo there silently changes the adapter.
+    for key, regex in keys:
+        if key not in used_keys and not any(regex.match(name) for name in names):
+            raise AdapterError(
+                f"{what} key {short_repr(key)} matches no module this adapter targets; "
+                "fix or remove it"
+            )
+
+
+def _refuse_scaling(
+    alpha_field: str, rank_field: str, alpha: float, rank: int, use_rslora: bool, name: str
+) -> None:
+    formula = (
+        f"{alpha_field} / sqrt({rank_field})" if use_rslora else f"{alpha_field} / {rank_field}"
+    )
+    raise AdapterError(
+        f"{alpha_field} {alpha:g} with {rank_field} {rank} gives {name} a LoRA scaling "
+        f"({formula}) beyond the supported range of +-{MAX_SCALING:g}"
+    )
+
+
 def _check_kind(raw: Mapping[str, Any]) -> None:
     peft_type = raw.get("peft_type")
     if peft_type is not None and (not isinstance(peft_type, str) or peft_type.upper() != "LORA"):
-        raise AdapterError(f"peft_type {peft_type!r} is not supported; only LORA adapters are")
+        raise AdapterError(
+            f"peft_type {short_repr(peft_type)} is not supported; only LORA adapters are"
+        )
     task_type = raw.get("task_type")
     if task_type is not None and task_type != "CAUSAL_LM":
-        raise AdapterError(f"task_type {task_type!r} is not supported; only CAUSAL_LM is")
+        raise AdapterError(f"task_type {short_repr(task_type)} is not supported; only CAUSAL_LM is")
 
 
 def _refuse_unsupported(raw: Mapping[str, Any]) -> None:
@@ -182,7 +240,7 @@ def _refuse_unsupported(raw: Mapping[str, Any]) -> None:
         raise AdapterError("LoRA bias (lora_bias: true) is not supported")
     bias = raw.get("bias", "none")
     if bias != "none":
-        raise AdapterError(f"bias {bias!r} is not supported; only bias 'none' is")
+        raise AdapterError(f"bias {short_repr(bias)} is not supported; only bias 'none' is")
     if raw.get("fan_in_fan_out"):
         raise AdapterError(
             "fan_in_fan_out: true (GPT-2 style Conv1D weights) is not supported; "
@@ -202,41 +260,51 @@ def _refuse_unsupported(raw: Mapping[str, Any]) -> None:
 def _flag(raw: Mapping[str, Any], key: str) -> bool:
     value = raw.get(key, False)
     if not isinstance(value, bool):
-        raise AdapterError(f"{key} must be true or false, got {value!r}")
+        raise AdapterError(f"{key} must be true or false, got {short_repr(value)}")
     return value
 
 
 def _rank(value: Any, what: str, max_lora_rank: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise AdapterError(f"{what} must be an integer rank, got {value!r}")
+        raise AdapterError(f"{what} must be an integer rank, got {short_repr(value)}")
     if value < 1:
-        raise AdapterError(f"{what} must be >= 1, got {value}")
+        raise AdapterError(f"{what} must be >= 1, got {short_repr(value)}")
     if value > max_lora_rank:
         raise AdapterError(
-            f"{what} is rank {value}, above the server's maximum LoRA rank {max_lora_rank} "
-            "(set by --max-lora-rank)"
+            f"{what} is rank {short_repr(value)}, above the server's maximum LoRA rank "
+            f"{max_lora_rank} (set by --max-lora-rank)"
         )
     return value
 
 
 def _alpha(value: Any, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise AdapterError(f"{what} must be a number, got {value!r}")
-    if not math.isfinite(value) or value <= 0:
-        raise AdapterError(f"{what} must be positive, got {value}")
-    return float(value)
+        raise AdapterError(f"{what} must be a number, got {short_repr(value)}")
+    alpha = _as_float(value)
+    if not math.isfinite(alpha):
+        raise AdapterError(f"{what} must be a finite number, got {short_repr(value)}")
+    if alpha <= 0:
+        raise AdapterError(f"{what} must be positive, got {short_repr(value)}")
+    return alpha
+
+
+def _as_float(value: int | float) -> float:
+    try:
+        return float(value)
+    except OverflowError:  # an int beyond float range
+        return math.inf if value > 0 else -math.inf
 
 
 def _rope_scaling_factor(value: Any) -> float:
     if (
         isinstance(value, bool)
         or not isinstance(value, int | float)
-        or not math.isfinite(value)
+        or not math.isfinite(_as_float(value))
         or value < 1
     ):
         raise AdapterError(
             "rope_scaling_factor must be a number >= 1 (the linear RoPE factor the adapter "
-            f"was trained with), got {value!r}"
+            f"was trained with), got {short_repr(value)}"
         )
     return float(value)
 
@@ -244,5 +312,8 @@ def _rope_scaling_factor(value: Any) -> float:
 def _pattern(raw: Mapping[str, Any], key: str) -> dict[str, Any]:
     value = raw.get(key) or {}
     if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
-        raise AdapterError(f"{key} must map module-name patterns to values, got {value!r}")
+        raise AdapterError(
+            f"{key} must map module-name patterns to values, got {short_repr(value)}"
+        )
+    check_pattern_count(len(value), key)
     return dict(value)

@@ -32,6 +32,8 @@ _PREFIX = "base_model.model."
 _FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
 _LORA_KEY = re.compile(r"base_model\.model\.(.+)\.lora_([AB])(?:\.([^.]+))?\.weight")
 _SAVED_KEY = re.compile(r"base_model\.model\.(.+?)(?:\.modules_to_save\.([^.]+))?\.weight")
+# The largest float16 value: weights must survive the cast to any served dtype.
+MAX_WEIGHT_ABS = 65504.0
 _MAX_NAMED = 3  # unexpected keys quoted in an error message
 
 # Where a safetensors key goes: ("A" | "B", layer, module) or ("saved", full module name).
@@ -91,7 +93,8 @@ def load_config(data: bytes | str) -> dict[str, Any]:
     """Parse adapter_config.json contents."""
     try:
         raw = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (ValueError, RecursionError) as e:
+        # ValueError covers bad UTF-8, bad JSON and integers past Python's digit limit.
         raise AdapterError(f"{CONFIG_FILE} is not valid JSON: {e}") from e
     if not isinstance(raw, dict):
         raise AdapterError(f"{CONFIG_FILE} must hold a JSON object")
@@ -185,10 +188,10 @@ def _read(
                 return spec, None
             tensors: dict[Placement, torch.Tensor] = {}
             for key, where in placements.items():
-                t = f.get_tensor(key)
-                if check_values and not torch.isfinite(t).all():
-                    raise AdapterError(f"tensor {key} contains NaN or Inf values")
-                tensors[where] = t.to(torch.float32)
+                t = f.get_tensor(key).to(torch.float32)
+                if check_values:
+                    _check_values(key, t)
+                tensors[where] = t
     except SafetensorError as e:
         raise AdapterError(f"{WEIGHTS_FILE} is not a valid safetensors file: {e}") from e
     weights = AdapterWeights(
@@ -199,6 +202,16 @@ def _read(
         saved={name: tensors["saved", name] for name in spec.saved_modules},
     )
     return spec, weights
+
+
+def _check_values(key: str, t: torch.Tensor) -> None:
+    # After the cast to float32, so a float64 1e300 counts as the inf it becomes.
+    if not torch.isfinite(t).all():
+        raise AdapterError(f"tensor {key} contains NaN or Inf values")
+    if t.numel() and t.abs().max().item() > MAX_WEIGHT_ABS:
+        raise AdapterError(
+            f"tensor {key} holds values beyond +-{MAX_WEIGHT_ABS:g}, which overflow in float16"
+        )
 
 
 def _check_layout(

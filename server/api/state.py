@@ -90,17 +90,27 @@ class ServerState:
         return self.jobs
 
     def _preload(self) -> None:
+        """Register --preload-adapters folders; a bad one is logged and skipped, not fatal."""
         for root in self.config.preload_adapters:
             path = Path(root)
-            dirs = (
-                [path]
-                if (path / "adapter_config.json").is_file()
-                else sorted(p for p in path.iterdir() if (p / "adapter_config.json").is_file())
-            )
+            try:
+                dirs = (
+                    [path]
+                    if (path / "adapter_config.json").is_file()
+                    else sorted(p for p in path.iterdir() if (p / "adapter_config.json").is_file())
+                )
+            except OSError as exc:
+                logger.error("not preloading adapters from %s: %s", path, exc)
+                continue
             for d in dirs:
-                if self.registry.get(d.name) is None:
+                if self.registry.get(d.name) is not None:
+                    continue
+                try:
                     self.registry.register_dir(d.name, d, source="preload")
-                    logger.info("preloaded adapter %s from %s", d.name, d)
+                except Exception as exc:  # one bad folder must not keep the rest from serving
+                    logger.error("skipping preloaded adapter %s (%s): %s", d.name, d, exc)
+                    continue
+                logger.info("preloaded adapter %s from %s", d.name, d)
 
     @property
     def async_engine(self) -> AsyncLLMEngine:

@@ -17,6 +17,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from adapters.config import MAX_SCALING
+from adapters.errors import AdapterError, short_repr
+from adapters.matching import ALL_LINEAR, MAX_PATTERNS, check_pattern
+
 METHODS = ("qlora", "longlora")
 QUANTIZE_CHOICES = ("nf4", "none")
 
@@ -80,10 +84,33 @@ class HParams:
         for name, (ok, rule) in _RULES.items():
             value = getattr(self, name)
             if value is not None and not ok(value):
-                raise HParamsError(f"hyperparameter {name} {rule}, got {value!r}")
-        if isinstance(self.target_modules, list) and not self.target_modules:
-            raise HParamsError("target_modules must name at least one module")
+                raise HParamsError(f"hyperparameter {name} {rule}, got {short_repr(value)}")
+        self._check_modules()
+        try:
+            scaling = self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+        except OverflowError:  # r beyond float range: the scaling is ~0, the rank is refused
+            scaling = 0.0
+        if scaling > MAX_SCALING:
+            raise HParamsError(
+                f"hyperparameter lora_alpha {self.lora_alpha:g} with r {self.r} gives a LoRA "
+                f"scaling of {scaling:g}, beyond the supported {MAX_SCALING:g}"
+            )
         return self
+
+    def _check_modules(self) -> None:
+        """target_modules (a list, or an RE2 regex as a string) and modules_to_save."""
+        targets = self.target_modules
+        if isinstance(targets, list) and not targets:
+            raise HParamsError("target_modules must name at least one module")
+        for name in ("target_modules", "modules_to_save"):
+            value = getattr(self, name)
+            if isinstance(value, list) and len(value) > MAX_PATTERNS:
+                raise HParamsError(f"{name} may name at most {MAX_PATTERNS} modules")
+        if isinstance(targets, str) and targets.lower() != ALL_LINEAR:
+            try:
+                check_pattern(targets, "target_modules")
+            except AdapterError as exc:
+                raise HParamsError(str(exc)) from exc
 
     @property
     def is_longlora(self) -> bool:
@@ -193,7 +220,7 @@ def _checked(overrides: dict[str, Any]) -> dict[str, Any]:
             raise HParamsError(f"unknown hyperparameter {key!r}{hint}")
         if not _fits(value, hints[key]):
             raise HParamsError(
-                f"hyperparameter {key} must be {_type_name(hints[key])}, got {value!r}"
+                f"hyperparameter {key} must be {_type_name(hints[key])}, got {short_repr(value)}"
             )
     # JSON may carry 2 for a float field; keep the dataclass's declared types.
     return {k: float(v) if hints[k] is float else v for k, v in overrides.items()}
@@ -210,7 +237,10 @@ def _fits(value: Any, hint: Any) -> bool:
     if isinstance(value, bool):
         return hint is bool
     if hint is float:
-        return isinstance(value, int | float) and math.isfinite(value)
+        try:
+            return isinstance(value, int | float) and math.isfinite(value)
+        except OverflowError:  # an int beyond float range
+            return False
     return isinstance(value, hint)
 
 

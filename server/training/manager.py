@@ -24,6 +24,7 @@ from adapters.faults import DiskFullError
 from server.training.data import DataError, count_examples
 from server.training.hparams import HParamsError, hparams_for
 from server.training.jobs import ACTIVE, Job, JobStore, new_id
+from server.training.lora import adapter_spec
 from server.training.worker import run_job
 
 if TYPE_CHECKING:
@@ -148,6 +149,10 @@ class JobManager:
                 f"{self.registry.max_lora_rank}; the adapter could not be served",
                 "method.hyperparameters.r",
             )
+        try:
+            adapter_spec(hp, self.registry.base)  # target_modules must match the served model
+        except HParamsError as exc:
+            raise JobRequestError(str(exc), "method.hyperparameters") from exc
         for param in ("training_file", "validation_file"):
             file_id = body.get(param)
             if file_id is None and param == "validation_file":

@@ -5,13 +5,16 @@ from __future__ import annotations
 import gzip
 import io
 import os
+import random
 import struct
 import tarfile
+import time
 import zipfile
 
 import pytest
 
 from adapters import AdapterError, extract_adapter_files
+from adapters.archive import MAX_MEMBERS
 
 CONFIG = b'{"r": 2}'
 WEIGHTS = b"safetensors bytes"
@@ -191,3 +194,96 @@ def test_gzip_of_garbage_is_not_a_tar() -> None:
 def test_corrupt_zip_is_refused() -> None:
     with pytest.raises(AdapterError, match="not a valid zip file"):
         extract_adapter_files(b"PK\x03\x04" + os.urandom(100), "a.zip", LIMIT)
+
+
+# ---- archives built to exhaust the server --------------------------------------------------
+
+
+def gzip_members(data: bytes, piece: int) -> bytes:
+    """data as a multi-member gzip, one member per piece bytes (as bgzip and pigz -i write)."""
+    return b"".join(gzip.compress(data[i : i + piece], 1) for i in range(0, len(data), piece))
+
+
+def test_multi_member_gzip_unpacks_in_linear_time() -> None:
+    # 50k members over 8 MB: re-copying the rest of the input per member moves ~200 GB.
+    padding = random.Random(0).randbytes(8 << 20)
+    tar = tar_bytes(FILES | {"padding.bin": padding}, compress=False)
+    assert len(tar) // 160 >= 50_000
+    archive = gzip_members(tar, 160)
+    start = time.perf_counter()
+    assert extract_adapter_files(archive, "a.tar.gz", 16 << 20) == FILES
+    assert time.perf_counter() - start < 5
+
+
+def test_gzip_with_too_many_members_is_refused() -> None:
+    archive = gzip.compress(tar_bytes(FILES, compress=False)) + gzip.compress(b"") * 70_000
+    with pytest.raises(AdapterError, match="more than 65536 gzip members"):
+        extract_adapter_files(archive, "a.tar.gz", LIMIT)
+
+
+def test_tar_member_flood_is_refused_by_count() -> None:
+    members = FILES | {f"junk/{i}": b"" for i in range(MAX_MEMBERS + 1)}
+    with pytest.raises(AdapterError, match=f"more than {MAX_MEMBERS} members"):
+        extract_adapter_files(tar_bytes(members, compress=False), "a.tar", 16 << 20)
+
+
+def test_zip_member_count_is_refused_before_the_index_is_parsed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    archive = zip_bytes(FILES | {f"junk/{i}": b"" for i in range(MAX_MEMBERS)})
+
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("zipfile parsed the index of an oversized zip")
+
+    monkeypatch.setattr(zipfile, "ZipFile", never)
+    with pytest.raises(AdapterError, match=f"archive has {MAX_MEMBERS + 2} members, more than"):
+        extract_adapter_files(archive, "a.zip", LIMIT)
+
+
+def zip64_claiming(num_entries: int, index_bytes: int = 100) -> bytes:
+    """A small zip whose end records are rewritten as zip64 ones claiming num_entries."""
+    plain = zip_bytes(FILES)
+    eocd = plain.rindex(b"PK\x05\x06")
+    body = plain[:eocd]
+    index_offset = struct.unpack_from("<L", plain, eocd + 16)[0]
+    record = struct.pack(
+        "<4sQ2H2L4Q", b"PK\x06\x06", 44, 45, 45, 0, 0, num_entries, num_entries,
+        index_bytes, index_offset,
+    )  # fmt: skip
+    locator = struct.pack("<4sLQL", b"PK\x06\x07", 0, len(body), 1)
+    classic = struct.pack(
+        "<4s4H2LH", b"PK\x05\x06", 0, 0, 0xFFFF, 0xFFFF, 0xFFFFFFFF, 0xFFFFFFFF, 0
+    )
+    return body + record + locator + classic
+
+
+def test_zip64_member_count_is_read_from_the_zip64_end_record() -> None:
+    with pytest.raises(AdapterError, match="archive has 1000000 members"):
+        extract_adapter_files(zip64_claiming(10**6), "a.zip", LIMIT)
+
+
+def test_zip_index_larger_than_its_bound_is_refused() -> None:
+    with pytest.raises(AdapterError, match="zip index is 1073741824 bytes"):
+        extract_adapter_files(zip64_claiming(2, index_bytes=1 << 30), "a.zip", LIMIT)
+
+
+def test_zip_whose_count_understates_its_index_is_still_bounded() -> None:
+    archive = bytearray(zip_bytes(FILES | {f"junk/{i}": b"" for i in range(MAX_MEMBERS)}))
+    eocd = archive.rindex(b"PK\x05\x06")
+    struct.pack_into("<2H", archive, eocd + 8, 2, 2)  # claims 2 entries
+    with pytest.raises(AdapterError, match=f"more than {MAX_MEMBERS} members"):
+        extract_adapter_files(bytes(archive), "a.zip", LIMIT)
+
+
+def test_zip_without_an_end_record_is_refused() -> None:
+    with pytest.raises(AdapterError, match="no end of central directory"):
+        extract_adapter_files(zip_bytes(FILES)[:-22], "a.zip", LIMIT)
+
+
+def test_zip_member_with_an_empty_name_is_skipped() -> None:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, data in FILES.items():
+            zf.writestr(name, data)
+        zf.writestr(zipfile.ZipInfo(""), b"x")  # zipfile.ZipInfo.is_dir() fails on this name
+    assert extract_adapter_files(buf.getvalue(), "a.zip", LIMIT) == FILES

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 import pytest
 
 from adapters import AdapterError, AdapterSpec, BaseModelInfo, parse_adapter_config
+from adapters.config import MAX_SCALING
+from adapters.matching import MAX_PATTERN_CHARS, MAX_PATTERNS
 from tests.unit.adapter_fixtures import MAX_RANK, tiny_base
 
 BASE = tiny_base()
@@ -148,7 +151,7 @@ def test_target_that_matches_a_norm_is_refused() -> None:
 
 
 def test_invalid_target_regex_is_named() -> None:
-    refused(r"target_modules '\(q' is not a valid regular expression", target_modules="(q")
+    refused(r"target_modules '\(q' is not a supported regular expression", target_modules="(q")
 
 
 # ---- ranks and scaling ---------------------------------------------------------------------
@@ -205,7 +208,9 @@ def test_non_positive_alpha_is_refused() -> None:
 
 
 def test_nan_alpha_is_refused() -> None:
-    refused("alpha_pattern\\['q_proj'\\] must be positive", alpha_pattern={"q_proj": math.nan})
+    refused(
+        "alpha_pattern\\['q_proj'\\] must be a finite number", alpha_pattern={"q_proj": math.nan}
+    )
 
 
 # ---- modules_to_save -----------------------------------------------------------------------
@@ -327,3 +332,96 @@ def test_targets_in_layer_lists_one_layers_targets() -> None:
     spec = parse(target_modules="all-linear")
     assert [t.module for t in spec.targets_in_layer(1)][:2] == ["q_proj", "k_proj"]
     assert len(spec.targets_in_layer(1)) == 7
+
+
+# ---- untrusted patterns and numbers --------------------------------------------------------
+
+REDOS = "(.*)*(.*)*(.*)*(.*)*Z"
+
+
+@pytest.mark.parametrize(
+    ("field", "config"),
+    [
+        ("rank_pattern key", {"rank_pattern": {r"(q)\1_proj": 2}}),
+        ("alpha_pattern key", {"alpha_pattern": {"(?<=self_attn.)q_proj": 2}}),
+        ("target_modules", {"target_modules": "(?=q)q_proj"}),
+        ("exclude_modules", {"exclude_modules": r"(q)\1"}),
+        ("layers_pattern", {"layers_to_transform": [0], "layers_pattern": r"(l)\1"}),
+        ("target_modules", {"target_modules": r"\pL{1000}"}),  # RE2 program over max_mem
+    ],
+)
+def test_a_pattern_re2_cannot_run_is_refused_naming_its_field(field: str, config: Any) -> None:
+    refused(f"^{field} .* is not a supported regular expression", **config)
+
+
+@pytest.mark.parametrize("field", ["rank_pattern", "alpha_pattern", "target_modules"])
+def test_catastrophic_backtracking_pattern_is_refused_in_linear_time(field: str) -> None:
+    config = {field: REDOS} if field == "target_modules" else {field: {REDOS: 8}}
+    start = time.perf_counter()
+    refused(field, **config)
+    assert time.perf_counter() - start < 0.5
+
+
+def test_a_pattern_key_that_matches_no_targeted_module_is_refused() -> None:
+    refused(
+        "rank_pattern key 'k_proj' matches no module this adapter targets",
+        rank_pattern={"k_proj": 2},
+    )
+
+
+def test_an_overly_long_pattern_is_refused() -> None:
+    refused("target_modules 'qqq.* is 5000 characters long", target_modules="q" * 5000)
+
+
+def test_too_many_pattern_keys_are_refused() -> None:
+    keys = {f"layers\\.{i}\\.self_attn\\.q_proj": 2 for i in range(MAX_PATTERNS + 1)}
+    refused(
+        f"rank_pattern has {MAX_PATTERNS + 1} patterns; at most {MAX_PATTERNS}", rank_pattern=keys
+    )
+
+
+def test_regex_semantics_match_peft_under_re2() -> None:
+    spec = parse(target_modules=r".*\.(q|v)_proj", exclude_modules=r".*layers\.1\..*")
+    assert keys(spec) == [(0, "q_proj"), (0, "v_proj")]
+    spec = parse(layers_to_transform=[1], layers_pattern="layers")
+    assert keys(spec) == [(1, "q_proj"), (1, "v_proj")]
+
+
+@pytest.mark.parametrize("alpha", [math.inf, -math.inf, 10**400])
+def test_non_finite_alpha_is_refused(alpha: float) -> None:
+    refused("lora_alpha must be a finite number", lora_alpha=alpha)
+
+
+def test_alpha_giving_a_huge_scaling_is_refused_naming_lora_alpha() -> None:
+    refused(r"lora_alpha 1e\+30 with r 4 gives .* beyond the supported range", lora_alpha=1e30)
+
+
+def test_scaling_bound_applies_to_pattern_overrides_and_rslora() -> None:
+    refused(r"alpha_pattern\['v_proj'\] 8192 with r 4", alpha_pattern={"v_proj": 8192})
+    refused(
+        r"lora_alpha 4000 with rank_pattern\['q_proj'\] 1 .*lora_alpha / rank_pattern",
+        lora_alpha=4000,
+        r=8,
+        rank_pattern={"q_proj": 1},
+    )
+    refused(r"lora_alpha / sqrt\(r\)", lora_alpha=4096, r=4, use_rslora=True)
+
+
+def test_scaling_at_the_bound_is_accepted() -> None:
+    spec = parse(r=4, lora_alpha=4 * MAX_SCALING)
+    assert {t.scaling for t in spec.targets} == {MAX_SCALING}
+
+
+def test_huge_values_in_messages_are_shortened() -> None:
+    with pytest.raises(AdapterError) as info:
+        parse(bias="x" * 100_000)
+    assert len(str(info.value)) < 300
+
+
+def test_the_most_and_longest_pattern_keys_allowed_parse_quickly() -> None:
+    padding = "y" * (MAX_PATTERN_CHARS - 16)
+    keys = {f"{i:04d}[a-z]{{1000}}{padding}": 2 for i in range(MAX_PATTERNS)}
+    assert max(map(len, keys)) <= MAX_PATTERN_CHARS
+    start = time.perf_counter()
+    refused("rank_pattern key .* matches no module", rank_pattern=keys, alpha_pattern=keys)
+    assert time.perf_counter() - start < 5

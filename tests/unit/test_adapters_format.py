@@ -57,6 +57,23 @@ def test_inf_is_refused_naming_the_tensor(adapter: Path) -> None:
         read_adapter(adapter, BASE, MAX_RANK)
 
 
+def test_values_beyond_float16_range_are_refused_naming_the_tensor(adapter: Path) -> None:
+    rewrite_tensors(adapter, lambda t: t[Q0_A].fill_(1e6))
+    with pytest.raises(AdapterError, match=f"tensor {Q0_A} holds values beyond"):
+        read_adapter(adapter, BASE, MAX_RANK)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"{" * 100_000 + b"}" * 100_000, b'{"r": ' + b"9" * 5000 + b"}", b"\xff\xfe"],
+    ids=["deeply-nested", "huge-int", "bad-utf8"],
+)
+def test_unparseable_config_json_is_refused(adapter: Path, data: bytes) -> None:
+    (adapter / CONFIG_FILE).write_bytes(data)
+    with pytest.raises(AdapterError, match=f"{CONFIG_FILE} is not valid JSON"):
+        read_adapter(adapter, BASE, MAX_RANK)
+
+
 def test_half_precision_tensors_are_read_as_float32(adapter: Path) -> None:
     def to_half(tensors: dict[str, torch.Tensor]) -> None:
         for key in tensors:

@@ -67,6 +67,20 @@ def test_unknown_keys_are_refused_by_name_with_a_suggestion():
         ("s2_group_ratio", 0.3, "must be 1/k"),
         ("quantize", "int8", "quantize must be one of nf4, none"),
         ("target_modules", [], "at least one module"),
+        (
+            "target_modules",
+            r"(q)\1_proj",
+            "target_modules .* is not a supported regular expression",
+        ),
+        (
+            "target_modules",
+            "(?=q)q_proj",
+            "target_modules .* is not a supported regular expression",
+        ),
+        ("target_modules", "q" * 5000, "target_modules .* is 5000 characters long"),
+        ("target_modules", ["q_proj"] * 5000, "target_modules may name at most"),
+        ("lora_alpha", 1e30, "lora_alpha 1e\\+30 with r 64 gives a LoRA scaling"),
+        ("lora_alpha", 10**400, "lora_alpha must be a number"),
     ],
 )
 def test_bad_values_are_refused_by_name(key, value, message):

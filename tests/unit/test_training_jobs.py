@@ -9,6 +9,7 @@ import pytest
 
 from server.training.jobs import JobStore
 from server.training.manager import JobManager, JobRequestError, _hyperparameters, fine_tuned_name
+from tests.unit.adapter_fixtures import tiny_base
 
 
 @pytest.fixture
@@ -16,7 +17,7 @@ def manager(tmp_path):  # type: ignore[no-untyped-def]
     store = JobStore(tmp_path)
     line = json.dumps({"prompt": "a", "completion": "b"}).encode()
     store.add_file("train.jsonl", "fine-tune", line, 1)
-    registry = SimpleNamespace(max_lora_rank=64)
+    registry = SimpleNamespace(max_lora_rank=64, base=tiny_base())
     return JobManager(store, registry, "base", tmp_path, "cpu", 1)  # type: ignore[arg-type]
 
 
@@ -70,6 +71,25 @@ def test_a_rank_the_server_cannot_serve_is_refused(manager):
         "method": {"type": "qlora", "hyperparameters": {"r": 128}},
     }
     _refused(manager, body, "method.hyperparameters.r", "exceeds the server's --max-lora-rank")
+
+
+@pytest.mark.parametrize(
+    ("target_modules", "match"),
+    [
+        ("(.*)*(.*)*(.*)*(.*)*Z", "targets no module of the base model"),
+        (r"(a)\1", "target_modules .* is not a supported regular expression"),
+        (["lm_head"], "LoRA on lm_head is not supported"),
+    ],
+)
+def test_target_modules_are_matched_against_the_served_model_at_creation(
+    manager, target_modules, match
+):
+    body = {
+        "model": "base",
+        "training_file": _file(manager),
+        "method": {"type": "qlora", "hyperparameters": {"target_modules": target_modules}},
+    }
+    _refused(manager, body, "method.hyperparameters", match)
 
 
 def test_a_missing_training_file_is_refused(manager):
