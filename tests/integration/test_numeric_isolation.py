@@ -3,6 +3,7 @@ request, before, during and after, gets exactly what it gets alone."""
 
 from __future__ import annotations
 
+import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -26,15 +27,18 @@ MESSAGE = f"adapter {NAME!r} produced non-finite values (inf or NaN) for this re
 def overflowing(
     server: LiveServer, spare_adapters: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> str:
-    """An uploaded adapter whose weights are all 1e20: finite, so accepted, but its LoRA
-    product overflows float32 to inf."""
-    src = spare_adapters / "spare-0"
+    """An uploaded MLP adapter at the edge of what registration accepts (every weight 6e4,
+    within float16's range; scaling 1000, under the bound of 1024): accepted, but through
+    gate x up and then down its LoRA product overflows float32 to inf."""
+    src = spare_adapters / "spare-1"  # gate_proj, up_proj, down_proj
     state = load_file(str(src / WEIGHTS_FILE))
-    huge = {k: torch.full_like(v, 1e20) for k, v in state.items()}
+    huge = {k: torch.full_like(v, 6e4) for k, v in state.items()}
+    config = json.loads((src / CONFIG_FILE).read_text())
+    config["lora_alpha"] = config["r"] * 1000
     weights = tmp_path_factory.mktemp("overflows") / WEIGHTS_FILE
     save_file(huge, weights)
     files = [
-        ("files", (CONFIG_FILE, (src / CONFIG_FILE).read_bytes())),
+        ("files", (CONFIG_FILE, json.dumps(config).encode())),
         ("files", (WEIGHTS_FILE, weights.read_bytes())),
     ]
     with server.client(admin=True) as http:

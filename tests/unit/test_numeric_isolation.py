@@ -3,6 +3,7 @@ are never read, and a request whose adapter produces inf or NaN fails alone."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -27,14 +28,18 @@ ADAPTERS = [None, "attn", "mlp", None, "attn", "mlp"]
 
 
 def _huge(src: Path, out: Path) -> Path:
-    """A copy of a PEFT adapter whose weights are all 1e20: finite, but the LoRA product
-    overflows float32 to inf, then NaN downstream."""
+    """A copy of a PEFT adapter at the edge of what registration accepts: every weight 6e4
+    (float16 range) and scaling 1000 (the bound is 1024). Each is finite, but through an MLP
+    (gate and up deltas multiplied, then down's) the product overflows float32 to inf, then
+    NaN downstream."""
     out.mkdir()
     state = load_file(str(src / "adapter_model.safetensors"))
     save_file(
-        {k: torch.full_like(v, 1e20) for k, v in state.items()}, out / "adapter_model.safetensors"
+        {k: torch.full_like(v, 6e4) for k, v in state.items()}, out / "adapter_model.safetensors"
     )
-    (out / "adapter_config.json").write_text((src / "adapter_config.json").read_text())
+    config = json.loads((src / "adapter_config.json").read_text())
+    config["lora_alpha"] = config["r"] * 1000
+    (out / "adapter_config.json").write_text(json.dumps(config))
     return out
 
 
@@ -46,7 +51,7 @@ def adapter_dirs(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
         "attn": save_peft_adapter(base, root / "attn", seed=1, **ATTN),
         "mlp": save_peft_adapter(base, root / "mlp", seed=2, **MLP),
     }
-    dirs["huge"] = _huge(dirs["attn"], root / "huge")
+    dirs["huge"] = _huge(dirs["mlp"], root / "huge")
     return dirs
 
 
