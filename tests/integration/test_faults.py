@@ -77,7 +77,7 @@ def assert_listings_match_disk(live: LiveServer) -> None:
     data = live.data_dir
     leftovers = list(data.rglob(".tmp-*"))
     assert not leftovers, leftovers
-    with live.client() as client:
+    with live.client(admin=True) as client:
         files = {f["id"] for f in client.get("/v1/files").json()["data"]}
         adapters = {a["id"] for a in client.get("/v1/adapters").json()["data"]}
         jobs = client.get("/v1/fine_tuning/jobs").json()["data"]
@@ -135,12 +135,12 @@ def test_a_server_killed_at_any_write_point_restarts_with_nothing_half_written(
         with pytest.raises(httpx.TransportError):
             reach(live)
         _restart_after_kill(live, steps[i + 1][0] if i + 1 < len(steps) else "")
-        with live.client() as client:
+        with live.client(admin=True) as client:
             assert client.get("/v1/files").json()["data"] == [], point
             assert client.get("/v1/adapters").json()["data"] == [], point
         assert_listings_match_disk(live)
     _upload_adapter(live, files)
-    with live.client(admin=True) as admin, live.client() as client:
+    with live.client(admin=True) as admin, live.client(admin=True) as client:
         file_id = upload(admin, "train.jsonl", TRAIN_ROWS)
         content = client.get(f"/v1/files/{file_id}/content").content
         completion = client.post(
@@ -162,7 +162,7 @@ def test_crashes_mid_checkpoint_resume_the_job_to_success(live):
     assert_listings_match_disk(live)  # the unrecorded step-5 checkpoint is indexed
     _restart_after_kill(live)
     assert_listings_match_disk(live)
-    with live.client() as client:
+    with live.client(admin=True) as client:
         final = wait_for_job(client, job_id, timeout=240)
         events = [e["message"] for e in all_events(client, job_id)]
         completion = client.post(
@@ -191,7 +191,7 @@ def test_a_full_disk_is_a_clear_error_and_the_server_keeps_serving(live, spare_a
             files=_adapter_files(spare_adapters / "spare-0"),
         )
     job_id = _create_job(live, file_id, max_steps=10, checkpoint_steps=5)
-    with live.client() as client:
+    with live.client(admin=True) as client:
         final = wait_for_job(client, job_id, timeout=240)
         completion = client.post(
             "/v1/completions",
@@ -243,7 +243,7 @@ def _rss_bytes(pid: int) -> int:
 
 
 def _delete_all_files(server: LiveServer) -> None:
-    with server.client(admin=True) as admin, server.client() as client:
+    with server.client(admin=True) as admin, server.client(admin=True) as client:
         for f in client.get("/v1/files").json()["data"]:
             admin.delete(f"/v1/files/{f['id']}")
 
@@ -326,7 +326,7 @@ def test_an_upload_past_the_data_quota_is_a_507_naming_it(limited):
             files={"file": ("b.jsonl", _big_jsonl(30 * 2**20))},
             data={"purpose": "user_data"},
         )
-    with limited.client() as client:
+    with limited.client(admin=True) as client:
         listed = client.get("/v1/files").json()["data"]
     assert first.status_code == 200, first.text
     assert second.status_code == 507, second.text
@@ -354,7 +354,7 @@ def test_past_max_queued_jobs_a_new_job_is_a_429(limited):
     with limited.client(admin=True) as admin:
         file_id = upload(admin, "train.jsonl", TRAIN_ROWS)
     running = _create_job(limited, file_id, max_steps=5000, checkpoint_steps=0)
-    with limited.client(admin=True) as admin, limited.client() as client:
+    with limited.client(admin=True) as admin, limited.client(admin=True) as client:
 
         def started() -> bool:
             return client.get(f"/v1/fine_tuning/jobs/{running}").json()["status"] == "running"

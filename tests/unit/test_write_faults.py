@@ -102,7 +102,7 @@ def test_recovery_removes_leftovers_and_indexes_unrecorded_checkpoints(tmp_path)
 def test_past_max_queued_jobs_a_new_job_is_refused(tmp_path):
     store = JobStore(tmp_path)
     file_id = store.add_file("train.jsonl", "fine-tune", ROW, 1).id
-    registry = SimpleNamespace(max_lora_rank=64)
+    registry = SimpleNamespace(max_lora_rank=64, base=tiny_base())
     manager = JobManager(store, registry, "base", tmp_path, "cpu", 1, max_queued=2)  # type: ignore[arg-type]
     body = {"model": "base", "training_file": file_id}
     first = manager.create(body)
