@@ -28,8 +28,9 @@ from server.engine.setup import (
     make_pool,
 )
 from server.engine.stats import StepStats
+from server.lora.batch import build_lora_batch, group_by_adapter
 from server.lora.layers import enable_lora
-from server.memory.adapter_cache import DeviceAdapterCache
+from server.lora.residency import DeviceAdapterCache
 from server.memory.kv_cache import KVCacheManager
 from server.model.tokenizer import Tokenizer
 
@@ -86,8 +87,8 @@ class LLMEngine:
                 cfg.max_position_embeddings,
             )
         self.pool = make_pool(config, cfg)
-        self.kv = KVCacheManager(self.pool)
-        if self.kv.max_blocks_per_seq(self.max_model_len) > self.pool.num_pages:
+        max_blocks = -(-self.max_model_len // self.pool.geometry.block_size)
+        if max_blocks > self.pool.num_pages:
             raise ConfigError(
                 f"the page pool ({self.pool.num_pages} pages of "
                 f"{self.pool.geometry.block_size} tokens) cannot hold one sequence of "
@@ -104,6 +105,8 @@ class LLMEngine:
                 config.max_loras,
                 lora_backend(self.device, config.lora_backend),
             )
+        # Idle adapters' pages become KV blocks when free pages run short.
+        self.kv = KVCacheManager(self.pool, reclaimer=self.adapter_cache)
         self.scheduler = Scheduler(
             self.kv, config.max_num_seqs, config.max_num_batched_tokens, self.adapter_cache
         )
@@ -241,9 +244,11 @@ class LLMEngine:
         for s in sched.scheduled:
             if s.seq.first_scheduled_time is None:
                 s.seq.first_scheduled_time = now
-        # Grouped by adapter, each adapter's tokens form one run for the batched LoRA ops.
-        sched.scheduled.sort(key=lambda s: s.seq.adapter_id)
-        lora = self.adapter_cache.build_batch(sched.scheduled) if self.adapter_cache else None
+        lora = None
+        if self.adapter_cache is not None:
+            group_by_adapter(sched.scheduled, lambda s: s.seq.adapter_id)
+            chunks = ((s.seq.adapter_id, s.num_new_tokens) for s in sched.scheduled)
+            lora = build_lora_batch(chunks, self.adapter_cache)
         logits = self.runner.execute(sched.scheduled, lora)
         self.scheduler.advance(sched)
         return self._process(sched, logits)

@@ -9,8 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from server.engine.sampling_params import SamplingParams
-
-NO_ADAPTER = -1
+from server.lora.batch import NO_ADAPTER
 
 
 class SequenceStatus(enum.Enum):

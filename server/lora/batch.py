@@ -1,60 +1,32 @@
-"""Per-step LoRA metadata: runs of tokens per adapter, and the device tables kernels read."""
+"""Per-step LoRA metadata: runs of tokens per adapter.
+
+The batched LoRA ops work on runs: consecutive tokens of the flat batch sharing one adapter.
+`group_by_adapter` orders a step's sequences so that every adapter's tokens form exactly one
+run; `build_lora_batch` relies on that order and checks it.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 
-from server.lora.layout import LORA_MODULES, MAX_SLICES
-from server.lora.ops import SegmentTensors, SliceWeights, lora_apply
+from server.lora.layout import LORA_MODULES
+from server.lora.ops import SegmentTensors, lora_apply
+from server.lora.slots import SlotTables
 
 if TYPE_CHECKING:
-    from server.memory.adapter_cache import ResidentAdapter
+    from server.lora.residency import DeviceAdapterCache, ResidentAdapter
+
+NO_ADAPTER = -1
+T = TypeVar("T")
 
 
-class SlotTables:
-    """Every slot's LoRA offsets, ranks and scalings on the device: [layers, modules, slots, 3].
-
-    Written when an adapter becomes resident or leaves, never per step; a step only gathers the
-    rows of the slots it uses.
-    """
-
-    def __init__(self, num_layers: int, max_loras: int, device: torch.device) -> None:
-        shape = (num_layers, len(LORA_MODULES), max_loras, MAX_SLICES)
-        self.a_offsets = torch.zeros(shape, dtype=torch.int64, device=device)
-        self.b_offsets = torch.zeros(shape, dtype=torch.int64, device=device)
-        self.ranks = torch.zeros(shape, dtype=torch.int32, device=device)
-        self.scalings = torch.zeros(shape, dtype=torch.float32, device=device)
-
-    def fill(self, slot: int, slices: dict[tuple[int, int], list[SliceWeights | None]]) -> None:
-        """Write the slot's whole column (zeros where the adapter has no slice)."""
-        host = {
-            name: torch.zeros(t.shape[0], t.shape[1], MAX_SLICES, dtype=t.dtype)
-            for name, t in self._named().items()
-        }
-        for (layer, module), per_slice in slices.items():
-            for s, w in enumerate(per_slice):
-                if w is not None:
-                    host["a_offsets"][layer, module, s] = w.a_offset
-                    host["b_offsets"][layer, module, s] = w.b_offset
-                    host["ranks"][layer, module, s] = w.rank
-                    host["scalings"][layer, module, s] = w.scaling
-        for name, t in self._named().items():
-            t[:, :, slot].copy_(host[name])
-
-    def clear(self, slot: int) -> None:
-        for t in self._named().values():
-            t[:, :, slot] = 0
-
-    def _named(self) -> dict[str, torch.Tensor]:
-        return {
-            "a_offsets": self.a_offsets,
-            "b_offsets": self.b_offsets,
-            "ranks": self.ranks,
-            "scalings": self.scalings,
-        }
+def group_by_adapter(items: list[T], adapter_id: Callable[[T], int]) -> None:
+    """Sort a step's sequences in place (stable) so each adapter's tokens are one run."""
+    items.sort(key=adapter_id)
 
 
 @dataclass
@@ -159,3 +131,27 @@ class LoRABatch:
     def embed_runs(self) -> list[Run]:
         """Runs whose adapter brings its own embedding table."""
         return [r for r in self.runs if r.adapter.weights.embed_chunks]
+
+
+def build_lora_batch(
+    chunks: Iterable[tuple[int, int]], residency: DeviceAdapterCache
+) -> LoRABatch | None:
+    """Runs of a step's tokens from (adapter_id, num_tokens) per sequence, in batch order
+    (grouped by adapter); None when no token uses an adapter."""
+    runs: list[Run] = []
+    start = 0
+    for adapter_id, num_tokens in chunks:
+        if adapter_id != NO_ADAPTER:
+            if runs and runs[-1].adapter.adapter_id == adapter_id and runs[-1].end == start:
+                runs[-1].length += num_tokens
+            else:
+                assert all(r.adapter.adapter_id != adapter_id for r in runs), (
+                    "a step's sequences must be grouped by adapter (group_by_adapter)"
+                )
+                resident = residency.get(adapter_id)
+                assert resident is not None, f"adapter {adapter_id} is not resident"
+                runs.append(Run(start, num_tokens, resident))
+        start += num_tokens
+    if not runs:
+        return None
+    return LoRABatch(runs, residency.pool.buffer.view(-1), residency.tables, residency.backend)
