@@ -16,7 +16,7 @@ import torch
 from server.config import ConfigError, EngineConfig
 from server.engine.model_runner import ModelRunner
 from server.engine.outputs import OutputText, RequestOutput
-from server.engine.sampler import NON_FINITE, sample
+from server.engine.sampler import NON_FINITE, Sampler
 from server.engine.sampling_params import InvalidRequestError, SamplingParams
 from server.engine.scheduler import Scheduler, SchedulerOutput
 from server.engine.sequence import Sequence, SequenceStatus
@@ -103,6 +103,7 @@ class LLMEngine:
                 registry,
                 cfg,
                 config.max_loras,
+                config.max_lora_rank,
                 lora_backend(self.device, config.lora_backend),
             )
         # Idle adapters' pages become KV blocks when free pages run short.
@@ -110,7 +111,16 @@ class LLMEngine:
         self.scheduler = Scheduler(
             self.kv, config.max_num_seqs, config.max_num_batched_tokens, self.adapter_cache
         )
-        self.runner = ModelRunner(self.model, self.pool, self.device, kernel_backend(config))
+        self.runner = ModelRunner(
+            self.model,
+            self.pool,
+            self.device,
+            kernel_backend(config),
+            config.max_num_batched_tokens,
+            config.max_num_seqs,
+            self.max_model_len,
+        )
+        self.sampler = Sampler(config.max_num_seqs, self.device)
         self._requests: dict[str, _Request] = {}
         self._seed_rng = random.Random(config.seed)
         self._stats = StepStats()
@@ -162,8 +172,7 @@ class LLMEngine:
             seq.adapter_id = reg.adapter_id
             seq.rope_scale = reg.spec.rope_scaling_factor
         if not params.greedy:
-            seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(63)
-            seq.generator = torch.Generator(device=self.device).manual_seed(seed)
+            seq.seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(63)
         return seq
 
     def add_sequence(self, seq: Sequence) -> None:
@@ -196,6 +205,7 @@ class LLMEngine:
         if req is None:
             return None
         self.scheduler.finish(req.seq, "abort")
+        self.sampler.release(req.seq)
         self._record_finish(req.seq, time.monotonic())
         return self._output(req, [], [], finished=True)
 
@@ -255,7 +265,7 @@ class LLMEngine:
 
     def _process(self, sched: SchedulerOutput, logits: torch.Tensor) -> list[RequestOutput]:
         sampling = [s.seq for s in sched.scheduled if s.samples]
-        results = sample(logits, sampling) if sampling else []
+        results = self.sampler(logits, sampling) if sampling else []
         now = time.monotonic()
         outputs = []
         for seq, (token, logprob) in zip(sampling, results, strict=True):
@@ -272,6 +282,7 @@ class LLMEngine:
                 new_ids = [token]
             if reason is not None:
                 self.scheduler.finish(seq, reason)
+                self.sampler.release(seq)
                 self._record_finish(seq, now)
                 del self._requests[seq.request_id]
             outputs.append(

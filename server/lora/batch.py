@@ -42,18 +42,55 @@ class Run:
         return self.start + self.length
 
 
+class RunBuffers:
+    """Per-step run tables on the device, allocated once at their maximum (one run per
+    resident adapter) and filled in place, so their addresses never change between steps."""
+
+    def __init__(self, max_runs: int, device: torch.device) -> None:
+        # [3, max_runs] int64: slot, first token, length of each run
+        self.table = torch.zeros(3, max_runs, dtype=torch.int64, device=device)
+        self._host = torch.zeros(3, max_runs, dtype=torch.int64)
+        if device.type == "cuda":
+            self._host = self._host.pin_memory()
+
+    def fill(self, runs: list[Run]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Write the runs (one host-to-device copy); views [G] of slots, starts, lengths."""
+        num_runs = len(runs)
+        assert num_runs <= self.table.shape[1], "more runs than resident adapters"
+        host = self._host[:, :num_runs]
+        host[0] = torch.tensor([r.adapter.slot for r in runs])
+        host[1] = torch.tensor([r.start for r in runs])
+        host[2] = torch.tensor([r.length for r in runs])
+        self.table[:, :num_runs].copy_(host, non_blocking=True)
+        slots, starts, lens = self.table[:, :num_runs]
+        return slots, starts, lens
+
+
 class LoRABatch:
-    """What the LoRA-aware layers need to know about this step's tokens and adapters."""
+    """What the LoRA-aware layers need to know about this step's tokens and adapters.
+
+    Everything the forward reads is on the device before it starts: the run tables (filled
+    by build_lora_batch), the slot tables, and each adapter's pooled views; no layer copies
+    from the host or waits for the device.
+    """
 
     def __init__(
-        self, runs: list[Run], pool: torch.Tensor, tables: SlotTables, backend: str
+        self,
+        runs: list[Run],
+        pool: torch.Tensor,
+        tables: SlotTables,
+        backend: str,
+        run_tensors: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        max_rank: int,
     ) -> None:
         self.runs = runs
         self.pool = pool  # [P] flat view of the page pool
         self.tables = tables
         self.backend = backend
+        self.run_slots, self.run_starts, self.run_lens = run_tensors  # [G] each, on the device
+        self.max_rank = max_rank  # the engine's --max-lora-rank: fixed, never read from runs
+        self.max_run_len = max(r.length for r in runs)
         self._module_tensors: dict[int, tuple[torch.Tensor, ...]] = {}
-        self._run_tensors: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def add_lora(
         self,
@@ -82,42 +119,25 @@ class LoRABatch:
 
     def _segment_tensors(self, layer: int, module: int) -> SegmentTensors:
         # All runs take part; a run whose adapter skips this layer has rank 0 there.
-        if self._run_tensors is None:  # once per step, shared by every module
-            dev = self.pool.device
-            self._run_tensors = (
-                torch.tensor([r.adapter.slot for r in self.runs], device=dev),
-                torch.tensor([r.start for r in self.runs], dtype=torch.int64, device=dev),
-                torch.tensor([r.length for r in self.runs], dtype=torch.int64, device=dev),
-            )
-        slots, starts, lens = self._run_tensors
         cached = self._module_tensors.get(module)
-        if cached is None:
+        if cached is None:  # once per step and module, by device-side gathers
             num_slices = len(LORA_MODULES[module][1])
             t = self.tables
             cached = tuple(
-                table[:, module][:, slots, :num_slices].contiguous()  # [layers, G, S]
+                table[:, module][:, self.run_slots, :num_slices].contiguous()  # [layers, G, S]
                 for table in (t.a_offsets, t.b_offsets, t.ranks, t.scalings)
             )
             self._module_tensors[module] = cached
         a, b, ranks, scalings = cached
-        max_rank = max(
-            (
-                w.rank
-                for r in self.runs
-                for w in r.adapter.weights.slices.get((layer, module), ())
-                if w
-            ),
-            default=0,
-        )
         return SegmentTensors(
-            starts,
-            lens,
+            self.run_starts,
+            self.run_lens,
             a[layer],
             b[layer],
             ranks[layer],
             scalings[layer],
-            max_rank,
-            max(r.length for r in self.runs),
+            self.max_rank,
+            self.max_run_len,
         )
 
     def norm_runs(self, name: str) -> list[tuple[int, int, torch.Tensor]]:
@@ -154,4 +174,11 @@ def build_lora_batch(
         start += num_tokens
     if not runs:
         return None
-    return LoRABatch(runs, residency.pool.buffer.view(-1), residency.tables, residency.backend)
+    return LoRABatch(
+        runs,
+        residency.pool.buffer.view(-1),
+        residency.tables,
+        residency.backend,
+        residency.run_buffers.fill(runs),
+        residency.max_rank,
+    )

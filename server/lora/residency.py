@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from server.lora.batch import NO_ADAPTER
+from server.lora.batch import NO_ADAPTER, RunBuffers
 from server.lora.layout import Layout
 from server.lora.pooled import PooledWeights, layout_adapter, write_to_pool
 from server.lora.slots import SlotTables
@@ -63,6 +63,7 @@ class DeviceAdapterCache:
         registry: AdapterRegistry,
         cfg: ModelConfig,
         max_loras: int,
+        max_rank: int,
         backend: str = "torch",
         prefetch_depth: int = 8,
     ) -> None:
@@ -72,7 +73,9 @@ class DeviceAdapterCache:
         self.max_loras = max_loras
         self.backend = backend
         self.prefetch_depth = prefetch_depth
+        self.max_rank = max_rank
         self.tables = SlotTables(cfg.num_layers, max_loras, pool.buffer.device)
+        self.run_buffers = RunBuffers(max_loras, pool.buffer.device)
         self.stats = ResidencyStats()
         self._resident: OrderedDict[int, ResidentAdapter] = OrderedDict()  # LRU first
         self._free_slots = list(range(max_loras - 1, -1, -1))
