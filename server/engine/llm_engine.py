@@ -121,9 +121,29 @@ class LLMEngine:
             self.max_model_len,
         )
         self.sampler = Sampler(config.max_num_seqs, self.device)
+        if self.device.type == "cuda":
+            self._warm_up()
         self._requests: dict[str, _Request] = {}
         self._seed_rng = random.Random(config.seed)
         self._stats = StepStats()
+
+    def _warm_up(self) -> None:
+        """Before the server is ready: compile the kernel variants of a prefill and a decode
+        step, then capture the decode CUDA graphs (unless --enforce-eager), so no request
+        pays a compile or a capture."""
+        start = time.perf_counter()
+        prompt = list(range(1, min(32, self.max_model_len - 2) + 1))
+        self.generate([prompt], SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
+        self._stats = StepStats()
+        if self.config.enforce_eager:
+            logger.info("--enforce-eager: decode steps run without CUDA graphs")
+        elif self.runner.kernel_backend != "triton" or (
+            self.adapter_cache is not None and self.adapter_cache.backend != "triton"
+        ):
+            logger.info("decode CUDA graphs need the Triton kernel and LoRA backends; eager")
+        else:
+            self.runner.capture_graphs(self.adapter_cache)
+        logger.info("warm-up done in %.1fs", time.perf_counter() - start)
 
     # ---- requests -------------------------------------------------------------------------
 

@@ -7,6 +7,8 @@ built per step; that path serves the CPU. The kernel path reads only fixed buffe
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from server.engine.scheduler import ScheduledSeq
@@ -21,6 +23,10 @@ from server.model.context import (
     forward_context,
 )
 from server.model.llama import LlamaForCausalLM
+
+if TYPE_CHECKING:
+    from server.engine.cuda_graphs import DecodeGraphs
+    from server.lora.residency import DeviceAdapterCache
 
 
 class ModelRunner:
@@ -46,6 +52,7 @@ class ModelRunner:
         self.kernel_backend = kernel_backend
         max_blocks = -(-max_model_len // self.block_size)
         self.buffers = StepBuffers(max_num_batched_tokens, max_num_seqs, max_blocks, device)
+        self.graphs: DecodeGraphs | None = None  # set by capture_graphs (CUDA, kernel path)
         for layer, attn in enumerate(model.attention_layers()):
             attn.k_cache, attn.v_cache = pool.kv_views(layer)
         if kernel_backend == "triton":
@@ -60,7 +67,17 @@ class ModelRunner:
         in batch order. Nothing between preparing the inputs and returning the logits waits
         for the device."""
         step = self.prepare(batch, lora)
+        if self.graphs is not None and self.graphs.can_replay(step):
+            return self.graphs.replay(step)
         return self.run(step)
+
+    def capture_graphs(self, residency: DeviceAdapterCache | None) -> None:
+        """Capture decode CUDA graphs at every batch bucket (CUDA and the kernel path only)."""
+        from server.engine.cuda_graphs import DecodeGraphs
+
+        graphs = DecodeGraphs(self, residency)
+        graphs.capture()
+        self.graphs = graphs
 
     def run(self, step: StepInputs) -> torch.Tensor:
         """The forward over prepared inputs -> logits [S, vocab] float32."""

@@ -65,6 +65,11 @@ class RunBuffers:
         slots, starts, lens = self.table[:, :num_runs]
         return slots, starts, lens
 
+    def clear_from(self, num_runs: int) -> None:
+        """Zero the lengths of runs [num_runs, max): a graph reads every run, and these are
+        empty (their kernels' programs exit at once)."""
+        self.table[2, num_runs:].zero_()
+
 
 class LoRABatch:
     """What the LoRA-aware layers need to know about this step's tokens and adapters.
@@ -89,8 +94,28 @@ class LoRABatch:
         self.backend = backend
         self.run_slots, self.run_starts, self.run_lens = run_tensors  # [G] each, on the device
         self.max_rank = max_rank  # the engine's --max-lora-rank: fixed, never read from runs
-        self.max_run_len = max(r.length for r in runs)
+        self.max_run_len = max((r.length for r in runs), default=0)
+        # A CUDA-graph batch reads every run of the buffers and launches for every module; the
+        # host does not know the runs of a replay.
+        self.static = False
         self._module_tensors: dict[int, tuple[torch.Tensor, ...]] = {}
+
+    @classmethod
+    def for_graph(
+        cls,
+        pool: torch.Tensor,
+        tables: SlotTables,
+        backend: str,
+        buffers: RunBuffers,
+        max_rank: int,
+        max_run_len: int,
+    ) -> LoRABatch:
+        """The batch a decode graph captures: all of the run buffers, whatever they hold."""
+        slots, starts, lens = buffers.table
+        batch = cls([], pool, tables, backend, (slots, starts, lens), max_rank)
+        batch.max_run_len = max_run_len
+        batch.static = True
+        return batch
 
     def add_lora(
         self,
@@ -104,7 +129,7 @@ class LoRABatch:
         """out += each token's adapter delta for packed linear `module` of `layer`."""
         # x: [T, in]  out: [T, sum(slice_widths)]
         if self.backend == "triton":
-            if any((layer, module) in r.adapter.weights.slices for r in self.runs):
+            if self.static or any((layer, module) in r.adapter.weights.slices for r in self.runs):
                 from server.lora.triton_ops import lora_triton
 
                 meta = self._segment_tensors(layer, module)
