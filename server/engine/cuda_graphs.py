@@ -81,6 +81,7 @@ class DecodeGraphs:
         self.buckets = batch_buckets(runner.buffers.max_seqs)
         # A page no sequence owns: padding rows write their K/V here.
         self.scratch_page = runner.pool.allocate(1, KV)[0]
+        runner.pool.clear([self.scratch_page])
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._logits: dict[int, torch.Tensor] = {}
         self._mempool = torch.cuda.graph_pool_handle()
