@@ -35,8 +35,11 @@ class ModelSize:
         )
 
 
-def random_model(path: Path, size: ModelSize, seed: int = 0) -> Path:
-    """A randomly initialized Llama checkpoint (transformers layout) with a BPE tokenizer."""
+def random_model(
+    path: Path, size: ModelSize, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> Path:
+    """A randomly initialized Llama checkpoint (transformers layout) with a BPE tokenizer,
+    its weights saved in `dtype` (built in it too, so an 8B model needs 16 GB, not 32)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     if (path / "model.safetensors").is_file():
@@ -53,7 +56,12 @@ def random_model(path: Path, size: ModelSize, seed: int = 0) -> Path:
         eos_token_id=2,
     )
     torch.manual_seed(seed)
-    LlamaForCausalLM(cfg).save_pretrained(path, safe_serialization=True)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        LlamaForCausalLM(cfg).save_pretrained(path, safe_serialization=True)
+    finally:
+        torch.set_default_dtype(default)
     from pydoc_data.topics import topics
 
     from server.demo.tokenizer import train_tokenizer

@@ -108,8 +108,8 @@ def _hf_generate(model, pad_id: int, batch: list[Request], adapter_names=None): 
     new = max(r.output_len for r in batch)
     with torch.no_grad():
         model.generate(
-            input_ids=ids,
-            attention_mask=mask,
+            input_ids=ids.to(model.device),
+            attention_mask=mask.to(model.device),
             max_new_tokens=new,
             min_new_tokens=new,
             do_sample=False,

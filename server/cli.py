@@ -56,6 +56,15 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     _add(g, "--block-size", 16, "minimum tokens per KV block", type=int)
     _add(g, "--pool-mb", None, "device page pool size (KV cache + adapters)", type=int)
     _add(g, "--num-pages", None, "exact page pool size in pages (overrides --pool-mb)", type=int)
+    _add(
+        g,
+        "--gpu-memory-utilization",
+        0.9,
+        "share of the GPU for weights, the largest step's activations and the page pool",
+        type=float,
+    )
+    _add(g, "--training-memory-mb", 0, "GPU memory kept for a fine-tuning worker", type=int)
+    _add(g, "--enforce-eager", False, "no CUDA graphs for decode steps", action="store_true")
     _add(g, "--max-lora-rank", 64, "largest adapter rank accepted", type=int)
     _add(g, "--max-loras", 32, "adapters resident on the device at once", type=int)
     _add(g, "--lora-backend", "auto", "batched LoRA implementation", choices=LORA_BACKEND_CHOICES)
@@ -82,6 +91,9 @@ def engine_config(args: argparse.Namespace, model: str) -> EngineConfig:
         block_size=args.block_size,
         pool_mb=args.pool_mb,
         num_pages=args.num_pages,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        training_memory_mb=args.training_memory_mb,
+        enforce_eager=args.enforce_eager,
         max_lora_rank=args.max_lora_rank,
         max_loras=args.max_loras,
         lora_backend=args.lora_backend,

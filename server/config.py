@@ -28,8 +28,11 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     block_size: int = 16  # minimum tokens per KV block; grown so a page fits an adapter matrix
-    pool_mb: int | None = None  # default: a fraction of free GPU memory, or 1 GiB on CPU
-    pool_fraction: float = 0.85
+    pool_mb: int | None = None  # default: the GPU's share left after reserves, 1 GiB on CPU
+    # Share of the GPU's memory the server may use: weights + activation reserve + pool.
+    gpu_memory_utilization: float = 0.9
+    training_memory_mb: int = 0  # reserved on the GPU for a fine-tuning worker
+    enforce_eager: bool = False  # no CUDA graphs for decode steps
     num_pages: int | None = None  # exact pool size in pages; overrides --pool-mb (tests, bench)
     max_lora_rank: int = 64
     max_loras: int = 32  # adapters resident on the device at once
@@ -60,8 +63,12 @@ class EngineConfig:
             raise ConfigError(f"--pool-mb must be >= 1, got {self.pool_mb}")
         if self.num_pages is not None and self.num_pages < 1:
             raise ConfigError(f"--num-pages must be >= 1, got {self.num_pages}")
-        if not 0 < self.pool_fraction <= 1:
-            raise ConfigError(f"pool fraction must be in (0, 1], got {self.pool_fraction}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ConfigError(
+                f"--gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
+        if self.training_memory_mb < 0:
+            raise ConfigError(f"--training-memory-mb must be >= 0, got {self.training_memory_mb}")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("--device cuda was asked for but CUDA is not available")
 

@@ -16,7 +16,7 @@ import torch
 from server.config import ConfigError, EngineConfig
 from server.engine.model_runner import ModelRunner
 from server.engine.outputs import OutputText, RequestOutput
-from server.engine.sampler import NON_FINITE, sample
+from server.engine.sampler import NON_FINITE, Sampler
 from server.engine.sampling_params import InvalidRequestError, SamplingParams
 from server.engine.scheduler import Scheduler, SchedulerOutput
 from server.engine.sequence import Sequence, SequenceStatus
@@ -28,8 +28,9 @@ from server.engine.setup import (
     make_pool,
 )
 from server.engine.stats import StepStats
+from server.lora.batch import build_lora_batch, group_by_adapter
 from server.lora.layers import enable_lora
-from server.memory.adapter_cache import DeviceAdapterCache
+from server.lora.residency import DeviceAdapterCache
 from server.memory.kv_cache import KVCacheManager
 from server.model.tokenizer import Tokenizer
 
@@ -86,8 +87,8 @@ class LLMEngine:
                 cfg.max_position_embeddings,
             )
         self.pool = make_pool(config, cfg)
-        self.kv = KVCacheManager(self.pool)
-        if self.kv.max_blocks_per_seq(self.max_model_len) > self.pool.num_pages:
+        max_blocks = -(-self.max_model_len // self.pool.geometry.block_size)
+        if max_blocks > self.pool.num_pages:
             raise ConfigError(
                 f"the page pool ({self.pool.num_pages} pages of "
                 f"{self.pool.geometry.block_size} tokens) cannot hold one sequence of "
@@ -102,15 +103,47 @@ class LLMEngine:
                 registry,
                 cfg,
                 config.max_loras,
+                config.max_lora_rank,
                 lora_backend(self.device, config.lora_backend),
             )
+        # Idle adapters' pages become KV blocks when free pages run short.
+        self.kv = KVCacheManager(self.pool, reclaimer=self.adapter_cache)
         self.scheduler = Scheduler(
             self.kv, config.max_num_seqs, config.max_num_batched_tokens, self.adapter_cache
         )
-        self.runner = ModelRunner(self.model, self.pool, self.device, kernel_backend(config))
+        self.runner = ModelRunner(
+            self.model,
+            self.pool,
+            self.device,
+            kernel_backend(config),
+            config.max_num_batched_tokens,
+            config.max_num_seqs,
+            self.max_model_len,
+        )
+        self.sampler = Sampler(config.max_num_seqs, self.device)
+        if self.device.type == "cuda":
+            self._warm_up()
         self._requests: dict[str, _Request] = {}
         self._seed_rng = random.Random(config.seed)
         self._stats = StepStats()
+
+    def _warm_up(self) -> None:
+        """Before the server is ready: compile the kernel variants of a prefill and a decode
+        step, then capture the decode CUDA graphs (unless --enforce-eager), so no request
+        pays a compile or a capture."""
+        start = time.perf_counter()
+        prompt = list(range(1, min(32, self.max_model_len - 2) + 1))
+        self.generate([prompt], SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
+        self._stats = StepStats()
+        if self.config.enforce_eager:
+            logger.info("--enforce-eager: decode steps run without CUDA graphs")
+        elif self.runner.kernel_backend != "triton" or (
+            self.adapter_cache is not None and self.adapter_cache.backend != "triton"
+        ):
+            logger.info("decode CUDA graphs need the Triton kernel and LoRA backends; eager")
+        else:
+            self.runner.capture_graphs(self.adapter_cache)
+        logger.info("warm-up done in %.1fs", time.perf_counter() - start)
 
     # ---- requests -------------------------------------------------------------------------
 
@@ -159,8 +192,7 @@ class LLMEngine:
             seq.adapter_id = reg.adapter_id
             seq.rope_scale = reg.spec.rope_scaling_factor
         if not params.greedy:
-            seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(63)
-            seq.generator = torch.Generator(device=self.device).manual_seed(seed)
+            seq.seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(63)
         return seq
 
     def add_sequence(self, seq: Sequence) -> None:
@@ -193,6 +225,7 @@ class LLMEngine:
         if req is None:
             return None
         self.scheduler.finish(req.seq, "abort")
+        self.sampler.release(req.seq)
         self._record_finish(req.seq, time.monotonic())
         return self._output(req, [], [], finished=True)
 
@@ -241,16 +274,18 @@ class LLMEngine:
         for s in sched.scheduled:
             if s.seq.first_scheduled_time is None:
                 s.seq.first_scheduled_time = now
-        # Grouped by adapter, each adapter's tokens form one run for the batched LoRA ops.
-        sched.scheduled.sort(key=lambda s: s.seq.adapter_id)
-        lora = self.adapter_cache.build_batch(sched.scheduled) if self.adapter_cache else None
+        lora = None
+        if self.adapter_cache is not None:
+            group_by_adapter(sched.scheduled, lambda s: s.seq.adapter_id)
+            chunks = ((s.seq.adapter_id, s.num_new_tokens) for s in sched.scheduled)
+            lora = build_lora_batch(chunks, self.adapter_cache)
         logits = self.runner.execute(sched.scheduled, lora)
         self.scheduler.advance(sched)
         return self._process(sched, logits)
 
     def _process(self, sched: SchedulerOutput, logits: torch.Tensor) -> list[RequestOutput]:
         sampling = [s.seq for s in sched.scheduled if s.samples]
-        results = sample(logits, sampling) if sampling else []
+        results = self.sampler(logits, sampling) if sampling else []
         now = time.monotonic()
         outputs = []
         for seq, (token, logprob) in zip(sampling, results, strict=True):
@@ -267,6 +302,7 @@ class LLMEngine:
                 new_ids = [token]
             if reason is not None:
                 self.scheduler.finish(seq, reason)
+                self.sampler.release(seq)
                 self._record_finish(seq, now)
                 del self._requests[seq.request_id]
             outputs.append(

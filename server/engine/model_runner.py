@@ -1,10 +1,19 @@
-"""ModelRunner: everything on the device. Builds a step's inputs and metadata, runs the model."""
+"""ModelRunner: everything on the device. Builds a step's typed inputs in preallocated
+buffers, runs the model under the step's ForwardContext, returns the sampled rows' logits.
+
+The torch attention path's padded groups (masks sized by the step's longest sequence) are
+built per step; that path serves the CPU. The kernel path reads only fixed buffers.
+"""
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 
 from server.engine.scheduler import ScheduledSeq
+from server.engine.step_inputs import StepBuffers, StepInputs
+from server.lora.batch import LoRABatch
 from server.memory.page_pool import PagePool
 from server.model.context import (
     AttentionGroup,
@@ -15,14 +24,23 @@ from server.model.context import (
 )
 from server.model.llama import LlamaForCausalLM
 
+if TYPE_CHECKING:
+    from server.engine.cuda_graphs import DecodeGraphs
+    from server.lora.residency import DeviceAdapterCache
+
 
 class ModelRunner:
+    """Owns the device side of a step: the model, the KV views, the step buffers."""
+
     def __init__(
         self,
         model: LlamaForCausalLM,
         pool: PagePool,
         device: torch.device,
         kernel_backend: str = "torch",
+        max_num_batched_tokens: int = 2048,
+        max_num_seqs: int = 64,
+        max_model_len: int = 2048,
     ) -> None:
         self.model = model
         self.pool = pool
@@ -32,6 +50,9 @@ class ModelRunner:
         # "triton": attention reads the pool through block tables (server.kernels); "torch":
         # padded SDPA groups over gathered blocks.
         self.kernel_backend = kernel_backend
+        max_blocks = -(-max_model_len // self.block_size)
+        self.buffers = StepBuffers(max_num_batched_tokens, max_num_seqs, max_blocks, device)
+        self.graphs: DecodeGraphs | None = None  # set by capture_graphs (CUDA, kernel path)
         for layer, attn in enumerate(model.attention_layers()):
             attn.k_cache, attn.v_cache = pool.kv_views(layer)
         if kernel_backend == "triton":
@@ -41,15 +62,31 @@ class ModelRunner:
                 attn.paged_kernel = paged_attention_layer
 
     @torch.inference_mode()
-    def execute(self, batch: list[ScheduledSeq], lora: object = None) -> torch.Tensor:
+    def execute(self, batch: list[ScheduledSeq], lora: LoRABatch | None = None) -> torch.Tensor:
         """Run one step over `batch`; returns logits [S, vocab] for the sequences that sample,
-        in batch order."""
-        input_ids, positions, rope_scale, meta, sample_idx = self._prepare(batch)
-        with forward_context(ForwardContext(attn=meta, lora=lora)):
-            hidden = self.model(input_ids, positions, rope_scale)
-        return self.model.compute_logits(hidden[sample_idx])
+        in batch order. Nothing between preparing the inputs and returning the logits waits
+        for the device."""
+        step = self.prepare(batch, lora)
+        if self.graphs is not None and self.graphs.can_replay(step):
+            return self.graphs.replay(step)
+        return self.run(step)
 
-    def _prepare(self, batch: list[ScheduledSeq]):  # type: ignore[no-untyped-def]
+    def capture_graphs(self, residency: DeviceAdapterCache | None) -> None:
+        """Capture decode CUDA graphs at every batch bucket (CUDA and the kernel path only)."""
+        from server.engine.cuda_graphs import DecodeGraphs
+
+        graphs = DecodeGraphs(self, residency)
+        graphs.capture()
+        self.graphs = graphs
+
+    def run(self, step: StepInputs) -> torch.Tensor:
+        """The forward over prepared inputs -> logits [S, vocab] float32."""
+        with forward_context(step.context):
+            hidden = self.model(step.input_ids, step.positions)
+        return self.model.compute_logits(hidden[step.sample_idx])
+
+    def prepare(self, batch: list[ScheduledSeq], lora: LoRABatch | None = None) -> StepInputs:
+        """Build the step's metadata on the host and copy it into the step buffers."""
         ids: list[int] = []
         for s in batch:
             ids.extend(s.seq.token_ids[s.start : s.start + s.num_new_tokens])
@@ -64,11 +101,18 @@ class ModelRunner:
 
         # Flat token -> (sequence, position).
         cu = torch.cumsum(counts, 0)
+        num_tokens = int(cu[-1])
         seq_of_token = torch.repeat_interleave(torch.arange(len(batch)), counts)
-        positions = starts[seq_of_token] + torch.arange(int(cu[-1])) - (cu - counts)[seq_of_token]
+        positions = starts[seq_of_token] + torch.arange(num_tokens) - (cu - counts)[seq_of_token]
         slot_pages = tables[seq_of_token, positions // self.block_size]
         slot_offsets = positions % self.block_size
-        sample_idx = torch.tensor([int(cu[i]) - 1 for i, s in enumerate(batch) if s.samples])
+        buf = self.buffers
+        tokens = buf.fill_tokens(
+            [torch.tensor(ids, dtype=torch.int64), positions, slot_pages, slot_offsets]
+        )
+        sample_idx = buf.fill_sample_idx(
+            torch.tensor([int(cu[i]) - 1 for i, s in enumerate(batch) if s.samples])
+        )
 
         groups = []
         seqs = None
@@ -86,16 +130,18 @@ class ModelRunner:
         rope_scale = None
         if any(s.seq.rope_scale != 1.0 for s in batch):
             scales = torch.tensor([s.seq.rope_scale for s in batch], dtype=torch.float32)
-            rope_scale = scales[seq_of_token].to(self.device)
+            rope_scale = buf.fill_rope_scale(scales[seq_of_token])
 
-        dev = self.device
-        meta = AttentionMetadata(slot_pages.to(dev), slot_offsets.to(dev), groups, seqs)
-        return (
-            torch.tensor(ids, dtype=torch.long, device=dev),
-            positions.to(dev),
-            rope_scale,
-            meta,
-            sample_idx.to(dev),
+        meta = AttentionMetadata(
+            tokens[StepBuffers.SLOT_PAGES], tokens[StepBuffers.SLOT_OFFSETS], groups, seqs
+        )
+        decode_only = all(s.num_new_tokens == 1 for s in batch)
+        return StepInputs(
+            input_ids=tokens[StepBuffers.INPUT_IDS],
+            positions=tokens[StepBuffers.POSITIONS],
+            sample_idx=sample_idx,
+            context=ForwardContext(attn=meta, lora=lora, rope_scale=rope_scale),
+            num_decode_only=len(batch) if decode_only else None,
         )
 
     def _seq_layout(
@@ -106,12 +152,12 @@ class ModelRunner:
         tables: torch.Tensor,
     ) -> SeqLayout:
         """Per-sequence query ranges, key counts and block tables, for the attention kernel."""
-        dev = self.device
+        seqs, block_tables = self.buffers.fill_seqs([flat_starts, counts, starts + counts], tables)
         return SeqLayout(
-            q_starts=flat_starts.to(dev, torch.int32),
-            q_lens=counts.to(dev, torch.int32),
-            ctx_lens=(starts + counts).to(dev, torch.int32),
-            block_tables=tables.to(dev, torch.int32),
+            q_starts=seqs[StepBuffers.Q_STARTS],
+            q_lens=seqs[StepBuffers.Q_LENS],
+            ctx_lens=seqs[StepBuffers.CTX_LENS],
+            block_tables=block_tables,
             max_q_len=int(counts.max()),
         )
 
@@ -140,7 +186,7 @@ class ModelRunner:
         dev = self.device
         return AttentionGroup(
             q_index=q_index.to(dev),
-            q_valid=q_valid.to(dev),
+            valid_rows=q_valid.flatten().nonzero().squeeze(1).to(dev),
             out_index=q_index[q_valid].to(dev),
             block_tables=tables[:, :num_blocks].to(dev),
             mask=mask.unsqueeze(1).to(dev),

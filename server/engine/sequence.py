@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import enum
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from server.engine.sampling_params import SamplingParams
-
-NO_ADAPTER = -1
+from server.lora.batch import NO_ADAPTER
 
 
 class SequenceStatus(enum.Enum):
@@ -44,7 +44,9 @@ class Sequence:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     error: str | None = None  # set with finish_reason "error"
-    generator: torch.Generator | None = None
+    seed: int = 0  # the sampler's noise is a function of (seed, position, token)
+    # Per-row logits processors (structured output): see server.engine.sampler.
+    logits_processors: list[Callable[[Sequence, torch.Tensor], None]] = field(default_factory=list)
     num_preemptions: int = 0
     first_scheduled_time: float | None = None
     first_token_time: float | None = None

@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from server.config import DEFAULT_CPU_POOL_MB, EngineConfig
+from server.config import DEFAULT_CPU_POOL_MB, ConfigError, EngineConfig
+from server.engine.memory_budget import activation_bytes, split_memory
 from server.memory.page_pool import PageGeometry, PagePool
 from server.model.config import ModelConfig
 from server.model.llama import LlamaForCausalLM
@@ -100,8 +101,36 @@ def open_registry(data_dir: str | Path, config: EngineConfig) -> AdapterRegistry
     return registry
 
 
+def _cuda_pool_bytes(config: EngineConfig, cfg: ModelConfig) -> int:
+    free, total = torch.cuda.mem_get_info(config.torch_device)
+    dtype_bytes = torch.finfo(config.torch_dtype).bits // 8
+    activations = activation_bytes(
+        cfg,
+        config.max_num_batched_tokens,
+        config.max_num_seqs,
+        config.max_lora_rank,
+        dtype_bytes,
+    )
+    split = split_memory(
+        total,
+        free,
+        config.gpu_memory_utilization,
+        activations,
+        config.training_memory_mb * 2**20,
+    )
+    logger.info("device memory: %s", split.describe())
+    if split.pool == 0:
+        raise ConfigError(
+            f"no GPU memory is left for the page pool: {split.describe()}; raise "
+            "--gpu-memory-utilization, lower --max-num-batched-tokens, --max-num-seqs or "
+            "--training-memory-mb, or set --pool-mb"
+        )
+    return split.pool
+
+
 def make_pool(config: EngineConfig, cfg: ModelConfig) -> PagePool:
-    """The page pool: --num-pages, --pool-mb, a fraction of free GPU memory, or 1 GiB on CPU."""
+    """The page pool: --num-pages, --pool-mb, the GPU's share left after weights and reserves
+    (--gpu-memory-utilization), or 1 GiB on CPU."""
     geometry = PageGeometry.for_model(cfg, config.block_size, config.max_lora_rank)
     page_bytes = geometry.page_numel * torch.finfo(config.torch_dtype).bits // 8
     if config.num_pages is not None:
@@ -109,8 +138,7 @@ def make_pool(config: EngineConfig, cfg: ModelConfig) -> PagePool:
     elif config.pool_mb is not None:
         pool_bytes = config.pool_mb * 2**20
     elif config.torch_device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(config.torch_device)
-        pool_bytes = int(free * config.pool_fraction)
+        pool_bytes = _cuda_pool_bytes(config, cfg)
     else:
         pool_bytes = DEFAULT_CPU_POOL_MB * 2**20
     num_pages = pool_bytes // page_bytes

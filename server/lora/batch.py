@@ -1,60 +1,32 @@
-"""Per-step LoRA metadata: runs of tokens per adapter, and the device tables kernels read."""
+"""Per-step LoRA metadata: runs of tokens per adapter.
+
+The batched LoRA ops work on runs: consecutive tokens of the flat batch sharing one adapter.
+`group_by_adapter` orders a step's sequences so that every adapter's tokens form exactly one
+run; `build_lora_batch` relies on that order and checks it.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 
-from server.lora.layout import LORA_MODULES, MAX_SLICES
-from server.lora.ops import SegmentTensors, SliceWeights, lora_apply
+from server.lora.layout import LORA_MODULES
+from server.lora.ops import SegmentTensors, lora_apply
+from server.lora.slots import SlotTables
 
 if TYPE_CHECKING:
-    from server.memory.adapter_cache import ResidentAdapter
+    from server.lora.residency import DeviceAdapterCache, ResidentAdapter
+
+NO_ADAPTER = -1
+T = TypeVar("T")
 
 
-class SlotTables:
-    """Every slot's LoRA offsets, ranks and scalings on the device: [layers, modules, slots, 3].
-
-    Written when an adapter becomes resident or leaves, never per step; a step only gathers the
-    rows of the slots it uses.
-    """
-
-    def __init__(self, num_layers: int, max_loras: int, device: torch.device) -> None:
-        shape = (num_layers, len(LORA_MODULES), max_loras, MAX_SLICES)
-        self.a_offsets = torch.zeros(shape, dtype=torch.int64, device=device)
-        self.b_offsets = torch.zeros(shape, dtype=torch.int64, device=device)
-        self.ranks = torch.zeros(shape, dtype=torch.int32, device=device)
-        self.scalings = torch.zeros(shape, dtype=torch.float32, device=device)
-
-    def fill(self, slot: int, slices: dict[tuple[int, int], list[SliceWeights | None]]) -> None:
-        """Write the slot's whole column (zeros where the adapter has no slice)."""
-        host = {
-            name: torch.zeros(t.shape[0], t.shape[1], MAX_SLICES, dtype=t.dtype)
-            for name, t in self._named().items()
-        }
-        for (layer, module), per_slice in slices.items():
-            for s, w in enumerate(per_slice):
-                if w is not None:
-                    host["a_offsets"][layer, module, s] = w.a_offset
-                    host["b_offsets"][layer, module, s] = w.b_offset
-                    host["ranks"][layer, module, s] = w.rank
-                    host["scalings"][layer, module, s] = w.scaling
-        for name, t in self._named().items():
-            t[:, :, slot].copy_(host[name])
-
-    def clear(self, slot: int) -> None:
-        for t in self._named().values():
-            t[:, :, slot] = 0
-
-    def _named(self) -> dict[str, torch.Tensor]:
-        return {
-            "a_offsets": self.a_offsets,
-            "b_offsets": self.b_offsets,
-            "ranks": self.ranks,
-            "scalings": self.scalings,
-        }
+def group_by_adapter(items: list[T], adapter_id: Callable[[T], int]) -> None:
+    """Sort a step's sequences in place (stable) so each adapter's tokens are one run."""
+    items.sort(key=adapter_id)
 
 
 @dataclass
@@ -70,18 +42,80 @@ class Run:
         return self.start + self.length
 
 
+class RunBuffers:
+    """Per-step run tables on the device, allocated once at their maximum (one run per
+    resident adapter) and filled in place, so their addresses never change between steps."""
+
+    def __init__(self, max_runs: int, device: torch.device) -> None:
+        # [3, max_runs] int64: slot, first token, length of each run
+        self.table = torch.zeros(3, max_runs, dtype=torch.int64, device=device)
+        self._host = torch.zeros(3, max_runs, dtype=torch.int64)
+        if device.type == "cuda":
+            self._host = self._host.pin_memory()
+
+    def fill(self, runs: list[Run]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Write the runs (one host-to-device copy); views [G] of slots, starts, lengths."""
+        num_runs = len(runs)
+        assert num_runs <= self.table.shape[1], "more runs than resident adapters"
+        host = self._host[:, :num_runs]
+        host[0] = torch.tensor([r.adapter.slot for r in runs])
+        host[1] = torch.tensor([r.start for r in runs])
+        host[2] = torch.tensor([r.length for r in runs])
+        self.table[:, :num_runs].copy_(host, non_blocking=True)
+        slots, starts, lens = self.table[:, :num_runs]
+        return slots, starts, lens
+
+    def clear_from(self, num_runs: int) -> None:
+        """Zero the lengths of runs [num_runs, max): a graph reads every run, and these are
+        empty (their kernels' programs exit at once)."""
+        self.table[2, num_runs:].zero_()
+
+
 class LoRABatch:
-    """What the LoRA-aware layers need to know about this step's tokens and adapters."""
+    """What the LoRA-aware layers need to know about this step's tokens and adapters.
+
+    Everything the forward reads is on the device before it starts: the run tables (filled
+    by build_lora_batch), the slot tables, and each adapter's pooled views; no layer copies
+    from the host or waits for the device.
+    """
 
     def __init__(
-        self, runs: list[Run], pool: torch.Tensor, tables: SlotTables, backend: str
+        self,
+        runs: list[Run],
+        pool: torch.Tensor,
+        tables: SlotTables,
+        backend: str,
+        run_tensors: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        max_rank: int,
     ) -> None:
         self.runs = runs
         self.pool = pool  # [P] flat view of the page pool
         self.tables = tables
         self.backend = backend
+        self.run_slots, self.run_starts, self.run_lens = run_tensors  # [G] each, on the device
+        self.max_rank = max_rank  # the engine's --max-lora-rank: fixed, never read from runs
+        self.max_run_len = max((r.length for r in runs), default=0)
+        # A CUDA-graph batch reads every run of the buffers and launches for every module; the
+        # host does not know the runs of a replay.
+        self.static = False
         self._module_tensors: dict[int, tuple[torch.Tensor, ...]] = {}
-        self._run_tensors: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    @classmethod
+    def for_graph(
+        cls,
+        pool: torch.Tensor,
+        tables: SlotTables,
+        backend: str,
+        buffers: RunBuffers,
+        max_rank: int,
+        max_run_len: int,
+    ) -> LoRABatch:
+        """The batch a decode graph captures: all of the run buffers, whatever they hold."""
+        slots, starts, lens = buffers.table
+        batch = cls([], pool, tables, backend, (slots, starts, lens), max_rank)
+        batch.max_run_len = max_run_len
+        batch.static = True
+        return batch
 
     def add_lora(
         self,
@@ -95,7 +129,7 @@ class LoRABatch:
         """out += each token's adapter delta for packed linear `module` of `layer`."""
         # x: [T, in]  out: [T, sum(slice_widths)]
         if self.backend == "triton":
-            if any((layer, module) in r.adapter.weights.slices for r in self.runs):
+            if self.static or any((layer, module) in r.adapter.weights.slices for r in self.runs):
                 from server.lora.triton_ops import lora_triton
 
                 meta = self._segment_tensors(layer, module)
@@ -110,42 +144,25 @@ class LoRABatch:
 
     def _segment_tensors(self, layer: int, module: int) -> SegmentTensors:
         # All runs take part; a run whose adapter skips this layer has rank 0 there.
-        if self._run_tensors is None:  # once per step, shared by every module
-            dev = self.pool.device
-            self._run_tensors = (
-                torch.tensor([r.adapter.slot for r in self.runs], device=dev),
-                torch.tensor([r.start for r in self.runs], dtype=torch.int64, device=dev),
-                torch.tensor([r.length for r in self.runs], dtype=torch.int64, device=dev),
-            )
-        slots, starts, lens = self._run_tensors
         cached = self._module_tensors.get(module)
-        if cached is None:
+        if cached is None:  # once per step and module, by device-side gathers
             num_slices = len(LORA_MODULES[module][1])
             t = self.tables
             cached = tuple(
-                table[:, module][:, slots, :num_slices].contiguous()  # [layers, G, S]
+                table[:, module][:, self.run_slots, :num_slices].contiguous()  # [layers, G, S]
                 for table in (t.a_offsets, t.b_offsets, t.ranks, t.scalings)
             )
             self._module_tensors[module] = cached
         a, b, ranks, scalings = cached
-        max_rank = max(
-            (
-                w.rank
-                for r in self.runs
-                for w in r.adapter.weights.slices.get((layer, module), ())
-                if w
-            ),
-            default=0,
-        )
         return SegmentTensors(
-            starts,
-            lens,
+            self.run_starts,
+            self.run_lens,
             a[layer],
             b[layer],
             ranks[layer],
             scalings[layer],
-            max_rank,
-            max(r.length for r in self.runs),
+            self.max_rank,
+            self.max_run_len,
         )
 
     def norm_runs(self, name: str) -> list[tuple[int, int, torch.Tensor]]:
@@ -159,3 +176,34 @@ class LoRABatch:
     def embed_runs(self) -> list[Run]:
         """Runs whose adapter brings its own embedding table."""
         return [r for r in self.runs if r.adapter.weights.embed_chunks]
+
+
+def build_lora_batch(
+    chunks: Iterable[tuple[int, int]], residency: DeviceAdapterCache
+) -> LoRABatch | None:
+    """Runs of a step's tokens from (adapter_id, num_tokens) per sequence, in batch order
+    (grouped by adapter); None when no token uses an adapter."""
+    runs: list[Run] = []
+    start = 0
+    for adapter_id, num_tokens in chunks:
+        if adapter_id != NO_ADAPTER:
+            if runs and runs[-1].adapter.adapter_id == adapter_id and runs[-1].end == start:
+                runs[-1].length += num_tokens
+            else:
+                assert all(r.adapter.adapter_id != adapter_id for r in runs), (
+                    "a step's sequences must be grouped by adapter (group_by_adapter)"
+                )
+                resident = residency.get(adapter_id)
+                assert resident is not None, f"adapter {adapter_id} is not resident"
+                runs.append(Run(start, num_tokens, resident))
+        start += num_tokens
+    if not runs:
+        return None
+    return LoRABatch(
+        runs,
+        residency.pool.buffer.view(-1),
+        residency.tables,
+        residency.backend,
+        residency.run_buffers.fill(runs),
+        residency.max_rank,
+    )

@@ -10,14 +10,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from server.lora.batch import LoRABatch
 from server.lora.layout import LORA_MODULES
-from server.model.config import ModelConfig
+from server.model.config import ModelConfig, PackedSlices
 from server.model.context import get_context
 from server.model.layers import RMSNorm
 from server.model.llama import LlamaForCausalLM
 
 
-def _lora_batch():  # type: ignore[no-untyped-def]
+def _lora_batch() -> LoRABatch | None:
     ctx = get_context()
     return ctx.lora if ctx is not None else None
 
@@ -25,15 +26,13 @@ def _lora_batch():  # type: ignore[no-untyped-def]
 class LoRALinear(nn.Module):
     """A packed linear (q/k/v, o, gate/up or down) plus the batched LoRA of its slices."""
 
-    def __init__(
-        self, base: nn.Module, layer: int, module: int, slice_widths: tuple[int, ...]
-    ) -> None:
+    def __init__(self, base: nn.Module, layer: int, module: int, slices: PackedSlices) -> None:
         super().__init__()
         self.base = base
         self.layer = layer
         self.module = module
-        self.slice_widths = slice_widths
-        self.slice_offsets = tuple(sum(slice_widths[:i]) for i in range(len(slice_widths)))
+        self.slice_widths = slices.widths
+        self.slice_offsets = slices.offsets
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
@@ -83,7 +82,8 @@ class AdapterEmbedding(nn.Module):
         cols = torch.arange(hidden, device=ids.device)
         for run in lora.embed_runs():
             w = run.adapter.weights
-            chunks = torch.tensor(w.embed_chunks, device=ids.device)
+            chunks = w.embed_chunk_offsets  # [chunks] on the device since the adapter loaded
+            assert chunks is not None
             tok = ids[run.start : run.end]
             rows = chunks[tok // w.embed_rows_per_chunk] + (tok % w.embed_rows_per_chunk) * hidden
             out[run.start : run.end] = lora.pool[rows[:, None] + cols[None, :]]
@@ -93,17 +93,11 @@ class AdapterEmbedding(nn.Module):
 def enable_lora(model: LlamaForCausalLM) -> None:
     """Swap in the adapter-aware wrappers, in place."""
     cfg: ModelConfig = model.config
-    widths = {
-        "qkv_proj": (cfg.q_size, cfg.kv_size, cfg.kv_size),
-        "o_proj": (cfg.hidden_size,),
-        "gate_up_proj": (cfg.intermediate_size, cfg.intermediate_size),
-        "down_proj": (cfg.hidden_size,),
-    }
     inner = model.model
     for i, layer in enumerate(inner.layers):
         for m, (name, _) in enumerate(LORA_MODULES):
             parent = layer.self_attn if name in ("qkv_proj", "o_proj") else layer.mlp
-            setattr(parent, name, LoRALinear(getattr(parent, name), i, m, widths[name]))
+            setattr(parent, name, LoRALinear(getattr(parent, name), i, m, cfg.packed_slices(name)))
         for norm in ("input_layernorm", "post_attention_layernorm"):
             wrapped = AdapterRMSNorm(getattr(layer, norm), f"model.layers.{i}.{norm}")
             setattr(layer, norm, wrapped)

@@ -10,14 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from server.model.config import PACKED_LINEARS
+
 # Packed linear (module index) -> the checkpoint modules feeding its slices, in column order.
-LORA_MODULES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("qkv_proj", ("q_proj", "k_proj", "v_proj")),
-    ("o_proj", ("o_proj",)),
-    ("gate_up_proj", ("gate_proj", "up_proj")),
-    ("down_proj", ("down_proj",)),
-)
-MAX_SLICES = 3
+LORA_MODULES: tuple[tuple[str, tuple[str, ...]], ...] = tuple(PACKED_LINEARS.items())
+MAX_SLICES = max(len(parts) for _, parts in LORA_MODULES)
 # Checkpoint module -> (module index, slice index).
 SLICE_OF: dict[str, tuple[int, int]] = {
     name: (m, s) for m, (_, names) in enumerate(LORA_MODULES) for s, name in enumerate(names)

@@ -27,6 +27,7 @@ class PooledWeights:
     modules: dict[tuple[int, int], ModuleWeights]  # (layer, module) -> views for the CPU path
     norms: dict[str, torch.Tensor] = field(default_factory=dict)  # norm name -> [hidden] view
     embed_chunks: list[int] = field(default_factory=list)  # flat offset of each row chunk
+    embed_chunk_offsets: torch.Tensor | None = None  # the same offsets on the device: [chunks]
     embed_rows_per_chunk: int = 0
 
 
@@ -107,4 +108,8 @@ def write_to_pool(
         src = embed[chunk * rows : (chunk + 1) * rows]
         flat[offset : offset + src.numel()].view(src.shape).copy_(src, non_blocking=True)
     pooled.embed_chunks = [off for _, off in chunks]
+    if chunks:
+        pooled.embed_chunk_offsets = torch.tensor(
+            pooled.embed_chunks, dtype=torch.int64, device=flat.device
+        )
     return pooled

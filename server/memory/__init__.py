@@ -1,1 +1,1 @@
-"""Device memory: the unified page pool, KV-cache tables, adapter residency."""
+"""Device memory: the unified page pool and KV-cache tables (adapter residency is server.lora's)."""

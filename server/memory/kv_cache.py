@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 from server.engine.sequence import Sequence
-from server.memory.page_pool import KV, PagePool
+from server.memory.page_pool import KV, PagePool, Reclaimer
 
 
 class KVCacheManager:
-    """Block tables over the page pool: check with can_allocate, then allocate."""
+    """Block tables over the page pool: check with can_allocate, then allocate.
 
-    def __init__(self, pool: PagePool) -> None:
+    `reclaimer` (the adapter residency, when adapters are served) gives back idle adapters'
+    pages when free ones run short, before anything must be preempted.
+    """
+
+    def __init__(self, pool: PagePool, reclaimer: Reclaimer | None = None) -> None:
         self.pool = pool
+        self.reclaimer = reclaimer
         self.block_size = pool.geometry.block_size
 
     def blocks_needed(self, seq: Sequence, num_new_tokens: int) -> int:
@@ -18,12 +23,13 @@ class KVCacheManager:
         return max(0, -(-total // self.block_size) - len(seq.block_table))
 
     def can_allocate(self, seq: Sequence, num_new_tokens: int, reserve: int = 0) -> bool:
-        return self.blocks_needed(seq, num_new_tokens) + reserve <= self.pool.available()
+        needed = self.blocks_needed(seq, num_new_tokens) + reserve
+        return needed <= self.pool.available(self.reclaimer)
 
     def allocate(self, seq: Sequence, num_new_tokens: int) -> None:
         needed = self.blocks_needed(seq, num_new_tokens)
         if needed:
-            pages = self.pool.allocate(needed, KV)
+            pages = self.pool.allocate(needed, KV, self.reclaimer)
             # A reused page holds its last owner's values (another request's KV, an adapter's
             # weights), maybe inf or NaN; attention reads whole blocks, where a masked slot
             # still multiplies its value (0 x NaN = NaN).

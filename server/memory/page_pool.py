@@ -76,7 +76,6 @@ class PagePool:
         self.buffer = torch.zeros(num_pages, self.page_numel, dtype=dtype, device=device)
         self._free = list(range(num_pages - 1, -1, -1))
         self.used_by_kind: Counter[str] = Counter()
-        self.reclaimer: Reclaimer | None = None
 
     @property
     def num_free(self) -> int:
@@ -86,14 +85,15 @@ class PagePool:
     def page_bytes(self) -> int:
         return self.page_numel * self.buffer.element_size()
 
-    def available(self) -> int:
-        """Pages free now plus pages the reclaimer could give back."""
-        extra = self.reclaimer.reclaimable_pages() if self.reclaimer else 0
+    def available(self, reclaimer: Reclaimer | None = None) -> int:
+        """Pages free now plus pages `reclaimer` could give back."""
+        extra = reclaimer.reclaimable_pages() if reclaimer is not None else 0
         return self.num_free + extra
 
-    def allocate(self, num_pages: int, kind: str) -> list[int]:
-        if num_pages > self.num_free and self.reclaimer is not None:
-            self.reclaimer.reclaim(num_pages - self.num_free)
+    def allocate(self, num_pages: int, kind: str, reclaimer: Reclaimer | None = None) -> list[int]:
+        """Take pages off the free list, first asking `reclaimer` for any that are short."""
+        if num_pages > self.num_free and reclaimer is not None:
+            reclaimer.reclaim(num_pages - self.num_free)
         if num_pages > self.num_free:
             raise OutOfPagesError(f"asked for {num_pages} pages, {self.num_free} free")
         pages = [self._free.pop() for _ in range(num_pages)]

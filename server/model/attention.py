@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from server.model.context import get_context
+from server.model.context import AttentionMetadata, get_context
 
 # (q, k, v) as [B, heads, S, head_dim] -> [B, heads, S, head_dim]; LongLoRA swaps in S2-Attn.
 DenseAttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -72,7 +72,9 @@ class Attention(nn.Module):
         blocks = cache[block_tables]  # [B, max_blocks, block, kv_heads, dim]
         return blocks.flatten(1, 2).transpose(1, 2)
 
-    def _paged(self, q, k, v, meta) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    def _paged(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
         # q: [T, heads, dim]  k, v: [T, kv_heads, dim]
         assert self.k_cache is not None and self.v_cache is not None, "KV cache not bound"
         self.k_cache[meta.slot_pages, meta.slot_offsets] = k
@@ -83,5 +85,5 @@ class Attention(nn.Module):
             kg = self._gather(self.k_cache, g.block_tables)  # [B, kv_heads, max_ctx, dim]
             vg = self._gather(self.v_cache, g.block_tables)
             og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=g.mask, enable_gqa=True)
-            out[g.out_index] = og.transpose(1, 2)[g.q_valid]
+            out[g.out_index] = og.transpose(1, 2).flatten(0, 1)[g.valid_rows]
         return out.flatten(-2)

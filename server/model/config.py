@@ -9,6 +9,25 @@ from typing import Any
 
 # Architectures served by the one Llama-family implementation, with their per-family quirks.
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+# Packed linear of a decoder layer -> the checkpoint modules feeding its output slices, in
+# column order. The one source of packed-slice geometry (see ModelConfig.packed_slices).
+PACKED_LINEARS: dict[str, tuple[str, ...]] = {
+    "qkv_proj": ("q_proj", "k_proj", "v_proj"),
+    "o_proj": ("o_proj",),
+    "gate_up_proj": ("gate_proj", "up_proj"),
+    "down_proj": ("down_proj",),
+}
+
+
+@dataclass(frozen=True)
+class PackedSlices:
+    """Output columns of a packed linear: each slice's width and first column."""
+
+    widths: tuple[int, ...]
+
+    @property
+    def offsets(self) -> tuple[int, ...]:
+        return tuple(sum(self.widths[:i]) for i in range(len(self.widths)))
 
 
 class ModelConfigError(ValueError):
@@ -68,6 +87,11 @@ class ModelConfig:
         per_layer = attn + mlp + 2 * h
         embed = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
         return layers * per_layer + embed + h
+
+    def packed_slices(self, packed: str) -> PackedSlices:
+        """Slice widths (and offsets) of packed linear `packed`, e.g. q/k/v of qkv_proj."""
+        shapes = self.linear_shapes()
+        return PackedSlices(tuple(shapes[name][1] for name in PACKED_LINEARS[packed]))
 
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
         """(in_features, out_features) of each per-layer linear, by its Hugging Face short name."""

@@ -12,9 +12,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from server.lora.batch import LoRABatch
 
 
 @dataclass
@@ -22,8 +25,11 @@ class AttentionGroup:
     """Sequences whose attention runs as one padded SDPA call (decodes apart from prefills)."""
 
     q_index: torch.Tensor  # [B, max_q] flat token index of each query (padding -> 0)
-    q_valid: torch.Tensor  # [B, max_q] bool, real queries
-    out_index: torch.Tensor  # [N] flat token index of each real query, == q_index[q_valid]
+    # [N] positions of the real queries in the flattened [B * max_q] grid, and their flat
+    # token indices (== q_index.flatten()[valid_rows]): integer indices built on the host, so
+    # the forward never indexes with a boolean mask (which syncs with the host).
+    valid_rows: torch.Tensor
+    out_index: torch.Tensor
     # [B, max_blocks] pages holding each sequence's keys, in order, padded with its first page.
     # Slots past a sequence's keys are zero (pages are cleared when handed out as KV), so
     # whole blocks may be read: nothing there belongs to another request.
@@ -44,6 +50,8 @@ class SeqLayout:
 
 @dataclass
 class AttentionMetadata:
+    """Where each new token's K/V goes and which keys each query reads."""
+
     slot_pages: torch.Tensor  # [T] page receiving each new token's K/V
     slot_offsets: torch.Tensor  # [T] offset within that page's block
     groups: list[AttentionGroup]  # padded SDPA layout (torch path)
@@ -52,8 +60,12 @@ class AttentionMetadata:
 
 @dataclass
 class ForwardContext:
+    """Everything a serving forward reads besides token ids and positions."""
+
     attn: AttentionMetadata | None = None
-    lora: Any = None  # server.lora.metadata.LoRABatch when adapters are active
+    lora: LoRABatch | None = None  # set when a token of the step uses an adapter
+    # [T] float32 per-token linear RoPE factor (LongLoRA adapters); None when all are 1.
+    rope_scale: torch.Tensor | None = None
 
 
 _context: ContextVar[ForwardContext | None] = ContextVar("loraplex_forward_context", default=None)

@@ -13,13 +13,13 @@ import torch.utils.checkpoint
 from torch import nn
 
 from server.model.attention import Attention
-from server.model.config import ModelConfig
+from server.model.config import PACKED_LINEARS, ModelConfig
+from server.model.context import get_context
 from server.model.layers import LlamaMLP, RMSNorm, RotaryEmbedding, apply_rope
 
-# Packed module -> the checkpoint's modules it holds, in output order.
+# Packed module -> the checkpoint's modules it holds, in output order (those packing several).
 PACKED_MODULES: dict[str, tuple[str, ...]] = {
-    "qkv_proj": ("q_proj", "k_proj", "v_proj"),
-    "gate_up_proj": ("gate_proj", "up_proj"),
+    packed: parts for packed, parts in PACKED_LINEARS.items() if len(parts) > 1
 }
 
 
@@ -31,14 +31,14 @@ class LlamaAttention(nn.Module):
             cfg.num_kv_heads,
             cfg.head_dim,
         )
-        self.q_size, self.kv_size = cfg.q_size, cfg.kv_size
+        self.qkv_widths = cfg.packed_slices("qkv_proj").widths
         self.qkv_proj = nn.Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.q_size, cfg.hidden_size, cfg.o_bias)
         self.attn = Attention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.sliding_window)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         # x: [..., hidden]  cos, sin: [..., head_dim]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k, v = self.qkv_proj(x).split(self.qkv_widths, dim=-1)
         lead = x.shape[:-1]
         q = apply_rope(q.view(*lead, self.num_heads, self.head_dim), cos, sin)
         k = apply_rope(k.view(*lead, self.num_kv_heads, self.head_dim), cos, sin)
@@ -74,7 +74,11 @@ class LlamaModel(nn.Module):
         positions: torch.Tensor,
         rope_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """input_ids, positions: [T] or [B, S]; rope_scale: same shape, per-token linear factor."""
+        """input_ids, positions: [T] or [B, S]; rope_scale: same shape, per-token linear factor
+        (training passes it; serving sets it in the ForwardContext)."""
+        ctx = get_context()
+        if rope_scale is None and ctx is not None:
+            rope_scale = ctx.rope_scale
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary(positions, rope_scale, x.dtype)
         for layer in self.layers:

@@ -124,7 +124,7 @@ def test_sampler_flags_rows_with_non_finite_logits():
     logits[2, 0] = float("inf")
     params = [GREEDY, GREEDY, SamplingParams(temperature=0.8, seed=1, logprobs=2), GREEDY]
     seqs = [Sequence(str(i), [1], p) for i, p in enumerate(params)]
-    seqs[2].generator = torch.Generator().manual_seed(1)
+    seqs[2].seed = 1
 
     results = sample(logits.clone(), seqs)
 

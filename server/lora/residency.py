@@ -16,16 +16,16 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from server.engine.scheduler import ScheduledSeq
-from server.engine.sequence import NO_ADAPTER, Sequence
-from server.lora.batch import LoRABatch, Run, SlotTables
+from server.lora.batch import NO_ADAPTER, RunBuffers
 from server.lora.layout import Layout
 from server.lora.pooled import PooledWeights, layout_adapter, write_to_pool
+from server.lora.slots import SlotTables
 from server.memory.page_pool import ADAPTER, PagePool
 from server.model.config import ModelConfig
 
 if TYPE_CHECKING:
     from adapters.registry import AdapterRegistry
+    from server.engine.sequence import Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +51,11 @@ class ResidencyStats:
 
 
 class DeviceAdapterCache:
-    """Adapters resident in the page pool: admission, LRU eviction, prefetch, per-step batch."""
+    """Adapters resident in the page pool: admission, LRU eviction, prefetch.
+
+    It is the pool's reclaimer for KV blocks (the engine hands it to KVCacheManager) and the
+    scheduler's AdapterGate; the pool itself knows nothing of adapters.
+    """
 
     def __init__(
         self,
@@ -59,6 +63,7 @@ class DeviceAdapterCache:
         registry: AdapterRegistry,
         cfg: ModelConfig,
         max_loras: int,
+        max_rank: int,
         backend: str = "torch",
         prefetch_depth: int = 8,
     ) -> None:
@@ -68,7 +73,9 @@ class DeviceAdapterCache:
         self.max_loras = max_loras
         self.backend = backend
         self.prefetch_depth = prefetch_depth
+        self.max_rank = max_rank
         self.tables = SlotTables(cfg.num_layers, max_loras, pool.buffer.device)
+        self.run_buffers = RunBuffers(max_loras, pool.buffer.device)
         self.stats = ResidencyStats()
         self._resident: OrderedDict[int, ResidentAdapter] = OrderedDict()  # LRU first
         self._free_slots = list(range(max_loras - 1, -1, -1))
@@ -76,7 +83,6 @@ class DeviceAdapterCache:
         self._warming: set[int] = set()
         self._load_times: list[float] = []
         self._warmer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loraplex-prefetch")
-        pool.reclaimer = self
 
     # ---- queries ------------------------------------------------------------------------
 
@@ -123,10 +129,10 @@ class DeviceAdapterCache:
         r = self._resident.get(seq.adapter_id)
         if r is not None:
             # Admission pins an idle adapter: its pages stop being reclaimable for KV blocks.
-            return r.refcount > 0 or kv_blocks <= self.pool.available() - len(r.pages)
+            return r.refcount > 0 or kv_blocks <= self.pool.available(self) - len(r.pages)
         if not self._free_slots and not self._idle():
             return False
-        return self.pages_needed(seq.adapter_id) + kv_blocks <= self.pool.available()
+        return self.pages_needed(seq.adapter_id) + kv_blocks <= self.pool.available(self)
 
     def admit(self, seq: Sequence) -> None:
         if seq.adapter_id == NO_ADAPTER:
@@ -202,7 +208,7 @@ class DeviceAdapterCache:
         layout = self._layout(adapter_id)
         slot = self._take_slot()
         try:
-            pages = self.pool.allocate(layout.num_pages, ADAPTER)
+            pages = self.pool.allocate(layout.num_pages, ADAPTER, self)
         except Exception:
             self._free_slots.append(slot)
             raise
@@ -248,24 +254,6 @@ class DeviceAdapterCache:
     def is_in_use(self, adapter_id: int) -> bool:
         r = self._resident.get(adapter_id)
         return r is not None and r.refcount > 0
-
-    # ---- per step -----------------------------------------------------------------------
-
-    def build_batch(self, batch: list[ScheduledSeq]) -> LoRABatch | None:
-        """Runs of consecutive tokens sharing an adapter (batch must be grouped by adapter)."""
-        runs: list[Run] = []
-        start = 0
-        for s in batch:
-            aid = s.seq.adapter_id
-            if aid != NO_ADAPTER:
-                if runs and runs[-1].adapter.adapter_id == aid and runs[-1].end == start:
-                    runs[-1].length += s.num_new_tokens
-                else:
-                    runs.append(Run(start, s.num_new_tokens, self._resident[aid]))
-            start += s.num_new_tokens
-        if not runs:
-            return None
-        return LoRABatch(runs, self.pool.buffer.view(-1), self.tables, self.backend)
 
     def take_load_times(self) -> list[float]:
         """Durations of the loads since the last call (for the load-latency histogram)."""
