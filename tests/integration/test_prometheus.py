@@ -21,6 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from server.metrics_vllm import VLLM_NAMES
 from tests.integration.conftest import ENGINE_FLAGS, MODEL_NAME, serve_flags
 from tests.integration.live_server import REPO_ROOT, LiveServer, free_port
 from tests.integration.prometheus_server import PrometheusServer, prometheus_binary
@@ -34,6 +35,7 @@ DASHBOARD = REPO_ROOT / "deploy" / "grafana" / "dashboards" / "loraplex.json"
 ADAPTERS = ("spare-0", "spare-1", "spare-2")  # three adapters through two device slots
 RATE_WINDOW = "20s"  # stands in for Grafana's $__rate_interval (4 scrapes at least)
 CHECK_TIMEOUT_S = 40.0
+MAX_ADAPTERS = 2  # --metrics-max-adapters: fewer than ADAPTERS, so the bound shows
 
 
 def dashboard() -> dict:
@@ -53,10 +55,12 @@ def as_promql(expr: str) -> str:
 def monitored(
     model_dir: Path, spare_adapters: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[LiveServer, PrometheusServer]]:
-    """A server with a keyless metrics port, and a Prometheus scraping it every second."""
+    """A server with a keyless metrics port and vLLM's names too, and a Prometheus scraping it
+    every second."""
     metrics_port = free_port()
     args = serve_flags(**{**ENGINE_FLAGS, "max_loras": 2}, served_model_name=MODEL_NAME)
-    args += ["--metrics-port", str(metrics_port), "--preload-adapters"]
+    args += ["--metrics-port", str(metrics_port), "--metrics-vllm-names"]
+    args += ["--metrics-max-adapters", str(MAX_ADAPTERS), "--preload-adapters"]
     args += [str(spare_adapters / name) for name in ADAPTERS]
     live = LiveServer(model_dir, tmp_path_factory.mktemp("monitored") / "data", args).start()
     prometheus = PrometheusServer(
@@ -138,6 +142,31 @@ def test_prometheus_scrapes_without_a_key_while_the_api_port_wants_one(
         time.sleep(0.5)
     (up,) = prometheus.query('up{job="loraplex"}')
     assert up["value"][1] == "1"
+
+
+def test_tools_that_read_vllm_names_find_them_in_prometheus(
+    monitored: tuple[LiveServer, PrometheusServer],
+) -> None:
+    _, prometheus = monitored
+    names = [name for names in VLLM_NAMES.values() for name in names]
+    deadline = time.monotonic() + 15
+    missing = names
+    while missing and time.monotonic() < deadline:
+        missing = [n for n in names if not prometheus.query(f'{{__name__=~"{n}.*"}}')]
+        time.sleep(0.5)
+    assert not missing
+
+
+def test_per_adapter_series_stay_within_the_bound(
+    monitored: tuple[LiveServer, PrometheusServer],
+) -> None:
+    server, _ = monitored
+    with server.client() as http:
+        for name in ADAPTERS:
+            body = {"model": name, "prompt": "If", "max_tokens": 1}
+            assert http.post("/v1/completions", json=body).status_code == 200
+    assert len(server.metrics().labels("loraplex_lora_adapter_residency")) == MAX_ADAPTERS
+    assert len(server.metrics().labels("loraplex_adapter_requests_total")) == MAX_ADAPTERS + 1
 
 
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed")
