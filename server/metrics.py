@@ -34,6 +34,7 @@ TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 LOAD_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 OTHER_ADAPTERS = "__other__"  # the adapter label of requests past the max_adapters bound
 LEVELS = ("gpu", "cpu", "disk")  # residency, most to least ready; exported in this order
+RESIDENCY_MAX_AGE_S = 1.0  # residency is walked again at least this often while scraped
 
 
 class Metrics:
@@ -116,6 +117,8 @@ class Metrics:
         self._last_counts = {"loads": 0, "evictions": 0, "disk": 0}
         self._counted_adapters: set[str] = set()  # names with a request series of their own
         self._residency: dict[str, str] = {}  # adapter -> level, as exported
+        self._residency_moved: tuple[int, ...] | None = None  # residency_signature at the walk
+        self._residency_at = 0.0  # monotonic time of the last walk
         self._cache_info_set = False
         if vllm_names:
             own = [v for v in vars(self).values() if isinstance(v, MetricWrapperBase)]
@@ -195,10 +198,14 @@ class Metrics:
         self.lora_info.labels(*labels).set(time.time())
 
     def observe_scrape(self, engine: LLMEngine) -> None:
-        """Engine-thread, at each scrape: the gauges, and residency (a walk over every adapter:
-        too slow for each step with thousands registered)."""
+        """Engine-thread, at each scrape: the gauges, and residency. Residency walks every
+        adapter: too slow for each step with thousands registered, and endpoint pickers scrape
+        many times a second, so the walk is skipped while nothing moved (for at most a second)."""
         self.observe_state(engine)
-        self._set_residency(adapter_levels(engine))
+        now, moved = time.monotonic(), residency_signature(engine)
+        if moved != self._residency_moved or now - self._residency_at >= RESIDENCY_MAX_AGE_S:
+            self._set_residency(adapter_levels(engine))
+            self._residency_moved, self._residency_at = moved, now
 
     def _set_residency(self, levels: dict[str, str]) -> None:
         """One series per adapter at its level, gpu first, at most max_adapters of them."""
@@ -239,6 +246,21 @@ def cache_info(engine: LLMEngine) -> tuple[str, ...]:
             config.max_lora_rank,
             config.host_cache_mb,
         )
+    )
+
+
+def residency_signature(engine: LLMEngine) -> tuple[int, ...]:
+    """Counters that move whenever an adapter changes level (or the registry its size)."""
+    cache, registry = engine.adapter_cache, engine.registry
+    if cache is None or registry is None:
+        return ()
+    host = registry.stats
+    return (
+        cache.stats.loads,
+        cache.stats.evictions,
+        host.host_loads,
+        host.host_evictions,
+        len(registry),
     )
 
 
