@@ -114,6 +114,20 @@ def _serve_parser(sub: Any) -> None:
     _add(g, "--api-key", None, "key for inference routes (docs/api.md, Authentication)")
     _add(g, "--admin-api-key", None, "key for training data, jobs and mutations; opens all")
     _add(g, "--metrics-port", None, "also serve /metrics here, without keys", type=int)
+    _add(
+        g,
+        "--metrics-max-adapters",
+        100,
+        "adapters with per-adapter series of their own; 0: none (docs/operations.md)",
+        type=int,
+    )
+    _add(
+        g,
+        "--metrics-vllm-names",
+        False,
+        "also export the metrics routers read under vLLM's `vllm:` names",
+        action="store_true",
+    )
     _add(g, "--allowed-hosts", [], "Host header names accepted (default: any)", nargs="*")
     _add(g, "--preload-adapters", [], "adapter directories (or folders of them)", nargs="*")
     _add(g, "--adapter-roots", [], "directories /v1/load_lora_adapter may read", nargs="*")
@@ -151,6 +165,8 @@ def _serve(args: argparse.Namespace) -> int:
         api_key=args.api_key or None,  # an empty key is no key
         admin_api_key=args.admin_api_key or None,
         metrics_port=args.metrics_port,
+        metrics_max_adapters=args.metrics_max_adapters,
+        metrics_vllm_names=args.metrics_vllm_names,
         allowed_hosts=tuple(args.allowed_hosts),
         preload_adapters=tuple(args.preload_adapters),
         adapter_roots=tuple(args.adapter_roots),

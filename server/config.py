@@ -103,6 +103,8 @@ class ServerConfig:
     api_key: str | None = None  # inference routes
     admin_api_key: str | None = None  # training data, job internals and mutations
     metrics_port: int | None = None  # a second port serving only /metrics, without keys
+    metrics_max_adapters: int = 100  # adapters with series of their own (requests, residency)
+    metrics_vllm_names: bool = False  # also export router-read metrics under vLLM's names
     allowed_hosts: tuple[str, ...] = ()  # Host header names accepted; empty: any
     preload_adapters: tuple[str, ...] = ()  # directories of adapters, or folders of them
     adapter_roots: tuple[str, ...] = ()  # where /v1/load_lora_adapter may read from
@@ -125,6 +127,10 @@ class ServerConfig:
             raise ConfigError(f"--metrics-port must be in 1..65535, got {self.metrics_port}")
         if self.metrics_port == self.port:
             raise ConfigError(f"--metrics-port must differ from --port ({self.port})")
+        if self.metrics_max_adapters < 0:
+            raise ConfigError(
+                f"--metrics-max-adapters must be >= 0, got {self.metrics_max_adapters}"
+            )
         if self.api_key is not None and self.api_key == self.admin_api_key:
             raise ConfigError("--api-key and --admin-api-key must differ")
         for host in self.allowed_hosts:

@@ -1,7 +1,12 @@
 """Prometheus metrics under the `loraplex_` prefix, fed from the engine's step statistics.
 
 Names follow vLLM's where one exists, so dashboards and LoRA-affinity gateways can reuse their
-queries; `loraplex_lora_requests_info` mirrors vLLM's `lora_requests_info`.
+queries; `loraplex_lora_requests_info` mirrors vLLM's `lora_requests_info` and
+`loraplex_cache_config_info` its `cache_config_info`. With `vllm_names` the metrics routers read
+are exported a second time under vLLM's own names (server/metrics_vllm.py).
+
+Per-adapter series (request counters, residency) are bounded by `max_adapters`: thousands of
+adapters must not mean thousands of series in every scrape.
 """
 
 from __future__ import annotations
@@ -16,6 +21,9 @@ from prometheus_client import (
     Histogram,
     disable_created_metrics,
 )
+from prometheus_client.metrics import MetricWrapperBase
+
+from server.metrics_vllm import VllmNames
 
 if TYPE_CHECKING:
     from server.engine.llm_engine import LLMEngine
@@ -24,17 +32,21 @@ if TYPE_CHECKING:
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
 TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 LOAD_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+OTHER_ADAPTERS = "__other__"  # the adapter label of requests past the max_adapters bound
+LEVELS = ("gpu", "cpu", "disk")  # residency, most to least ready; exported in this order
+RESIDENCY_MAX_AGE_S = 1.0  # residency is walked again at least this often while scraped
 
 
 class Metrics:
     """All of the server's metrics, in a registry of their own (one per app)."""
 
-    def __init__(self, model_name: str) -> None:
+    def __init__(self, model_name: str, max_adapters: int = 100, vllm_names: bool = False) -> None:
         # No `<name>_created` series beside each counter and histogram: dashboards never use
         # them and they double the families a scrape returns (vLLM turns them off too).
         disable_created_metrics()
         self.registry = CollectorRegistry()
         self.model_name = model_name
+        self.max_adapters = max_adapters
         r, label = self.registry, ["model_name"]
 
         def gauge(name: str, doc: str, labels: list[str] = label) -> Gauge:
@@ -82,7 +94,19 @@ class Metrics:
             "adapter_load_seconds", "Time to make an adapter resident.", LOAD_BUCKETS
         )
         self.adapter_requests = counter(
-            "adapter_requests", "Requests per adapter.", ["model_name", "adapter"]
+            "adapter_requests",
+            f"Requests per adapter (past the first max_adapters names: {OTHER_ADAPTERS}).",
+            ["model_name", "adapter"],
+        )
+        self.adapter_residency = gauge(
+            "lora_adapter_residency",
+            "1 per adapter at its level (gpu, cpu, disk); at most max_adapters series, gpu first.",
+            ["model_name", "adapter", "level"],
+        )
+        self.cache_info = gauge(
+            "cache_config_info",
+            "Page pool and adapter cache configuration, in the labels (value 1).",
+            ["model_name", *CACHE_INFO_LABELS],
         )
         self.lora_info = gauge(
             "lora_requests_info",
@@ -91,6 +115,22 @@ class Metrics:
         )
         self._lora_info_labels: tuple[str, ...] | None = None
         self._last_counts = {"loads": 0, "evictions": 0, "disk": 0}
+        self._counted_adapters: set[str] = set()  # names with a request series of their own
+        self._residency: dict[str, str] = {}  # adapter -> level, as exported
+        self._residency_moved: tuple[int, ...] | None = None  # residency_signature at the walk
+        self._residency_at = 0.0  # monotonic time of the last walk
+        self._cache_info_set = False
+        if vllm_names:
+            own = [v for v in vars(self).values() if isinstance(v, MetricWrapperBase)]
+            r.register(VllmNames(own))
+
+    def _adapter_label(self, name: str) -> str:
+        """The name itself for the first max_adapters names seen, then OTHER_ADAPTERS."""
+        if name not in self._counted_adapters:
+            if len(self._counted_adapters) >= self.max_adapters:
+                return OTHER_ADAPTERS
+            self._counted_adapters.add(name)
+        return name
 
     def observe_step(self, engine: LLMEngine, outputs: list[RequestOutput]) -> None:
         """Engine-thread hook: fold in what the last step did and the state it left."""
@@ -113,11 +153,11 @@ class Metrics:
         for reason, n in stats.finished.items():
             self.request_success.labels(m, reason).inc(n)
         for name, n in stats.adapter_requests.items():
-            self.adapter_requests.labels(m, name).inc(n)
+            self.adapter_requests.labels(m, self._adapter_label(name)).inc(n)
         self.observe_state(engine)
 
     def observe_state(self, engine: LLMEngine) -> None:
-        """Engine-thread: set the gauges from the engine's state now (also run at each scrape)."""
+        """Engine-thread: set the gauges from the engine's state now."""
         m = self.model_name
         sched, pool = engine.scheduler, engine.pool
         self.running.labels(m).set(len(sched.running))
@@ -126,6 +166,9 @@ class Metrics:
         self.pool_pages.labels(m, "kv").set(pool.used_by_kind["kv"])
         self.pool_pages.labels(m, "adapter").set(pool.used_by_kind["adapter"])
         self.pool_pages.labels(m, "free").set(pool.num_free)
+        if not self._cache_info_set:
+            self.cache_info.labels(m, *cache_info(engine)).set(1)
+            self._cache_info_set = True
         cache, registry = engine.adapter_cache, engine.registry
         if cache is None or registry is None:
             return
@@ -153,3 +196,87 @@ class Metrics:
                 self.lora_info.remove(*self._lora_info_labels)
             self._lora_info_labels = labels
         self.lora_info.labels(*labels).set(time.time())
+
+    def observe_scrape(self, engine: LLMEngine) -> None:
+        """Engine-thread, at each scrape: the gauges, and residency. Residency walks every
+        adapter: too slow for each step with thousands registered, and endpoint pickers scrape
+        many times a second, so the walk is skipped while nothing moved (for at most a second)."""
+        self.observe_state(engine)
+        now, moved = time.monotonic(), residency_signature(engine)
+        if moved != self._residency_moved or now - self._residency_at >= RESIDENCY_MAX_AGE_S:
+            self._set_residency(adapter_levels(engine))
+            self._residency_moved, self._residency_at = moved, now
+
+    def _set_residency(self, levels: dict[str, str]) -> None:
+        """One series per adapter at its level, gpu first, at most max_adapters of them."""
+        m = self.model_name
+        ranked = sorted(levels.items(), key=lambda kv: (LEVELS.index(kv[1]), kv[0]))
+        wanted = dict(ranked[: self.max_adapters])
+        for name, level in self._residency.items():
+            if wanted.get(name) != level:
+                self.adapter_residency.remove(m, name, level)
+        for name, level in wanted.items():
+            self.adapter_residency.labels(m, name, level).set(1)
+        self._residency = wanted
+
+
+CACHE_INFO_LABELS = (
+    "block_size",
+    "num_gpu_blocks",
+    "page_bytes",
+    "cache_dtype",
+    "max_loras",
+    "max_lora_rank",
+    "host_cache_mb",
+)
+
+
+def cache_info(engine: LLMEngine) -> tuple[str, ...]:
+    """CACHE_INFO_LABELS' values. vLLM's names: a pool page holds one KV block (or adapter rows),
+    so every page counts as a block; `num_gpu_blocks` is the pool's size on any device."""
+    pool, config = engine.pool, engine.config
+    return tuple(
+        str(v)
+        for v in (
+            pool.geometry.block_size,
+            pool.num_pages,
+            pool.page_bytes,
+            str(pool.buffer.dtype).removeprefix("torch."),
+            config.max_loras,
+            config.max_lora_rank,
+            config.host_cache_mb,
+        )
+    )
+
+
+def residency_signature(engine: LLMEngine) -> tuple[int, ...]:
+    """Counters that move whenever an adapter changes level (or the registry its size)."""
+    cache, registry = engine.adapter_cache, engine.registry
+    if cache is None or registry is None:
+        return ()
+    host = registry.stats
+    return (
+        cache.stats.loads,
+        cache.stats.evictions,
+        host.host_loads,
+        host.host_evictions,
+        len(registry),
+    )
+
+
+def adapter_levels(engine: LLMEngine) -> dict[str, str]:
+    """Every registered adapter's residency: `gpu` (in the device pool), `cpu` (weights in the
+    host cache) or `disk` (only in the store). Read through the engine's public attributes."""
+    cache, registry = engine.adapter_cache, engine.registry
+    if cache is None or registry is None:
+        return {}
+    on_device = set(cache.resident_ids())
+    levels = {}
+    for reg in registry.list():
+        if reg.adapter_id in on_device:
+            levels[reg.name] = "gpu"
+        elif registry.is_host_resident(reg.adapter_id):
+            levels[reg.name] = "cpu"
+        else:
+            levels[reg.name] = "disk"
+    return levels

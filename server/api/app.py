@@ -81,4 +81,5 @@ def build_state(server: ServerConfig, engine: EngineConfig) -> ServerState:
     def load() -> LLMEngine:
         return LLMEngine(engine, registry=open_registry(server.data_dir, engine))
 
-    return ServerState(config=server, loader=load, model_name=name, metrics=Metrics(name))
+    metrics = Metrics(name, server.metrics_max_adapters, server.metrics_vllm_names)
+    return ServerState(config=server, loader=load, model_name=name, metrics=metrics)

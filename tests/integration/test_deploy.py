@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 
 from server.cli import build_parser
+from server.metrics_vllm import VLLM_NAMES
 from tests.integration.live_server import REPO_ROOT, LiveServer
 
 DEPLOY = REPO_ROOT / "deploy"
@@ -83,3 +84,21 @@ def test_the_images_command_is_a_valid_serve_command_on_all_interfaces() -> None
     assert re.search(r'^VOLUME \["/data"\]$', text, re.MULTILINE)
     healthcheck = re.search(r"^HEALTHCHECK (?:.*\\\n)*.*$", text, re.MULTILINE)
     assert healthcheck and " CMD " in healthcheck.group(0) and "/health" in healthcheck.group(0)
+
+
+def monitoring_section() -> str:
+    text = (REPO_ROOT / "docs" / "operations.md").read_text()
+    return text[text.index("## Monitoring") : text.index("## Kubernetes")]
+
+
+def test_the_operations_guide_documents_every_exported_metric(server: LiveServer) -> None:
+    documented = monitoring_section()
+    families = server.metrics().families
+    missing = [f for f in families if f"`{f.removeprefix('loraplex_')}" not in documented]
+    assert not missing, missing
+
+
+def test_the_operations_guide_lists_every_vllm_name() -> None:
+    documented = monitoring_section()
+    names = [name for names in VLLM_NAMES.values() for name in names]
+    assert not [n for n in names if f"`{n}" not in documented]

@@ -92,7 +92,7 @@ async def scrape(state: ServerState) -> Response:
     if engine is not None and engine.running:
         # On the step thread, between steps: the scheduler's queues are not thread-safe.
         with contextlib.suppress(TimeoutError):
-            refresh = engine.call(lambda: state.metrics.observe_state(engine.engine))
+            refresh = engine.call(lambda: state.metrics.observe_scrape(engine.engine))
             await asyncio.wait_for(refresh, timeout=SCRAPE_REFRESH_TIMEOUT_S)
     return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
