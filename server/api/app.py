@@ -13,8 +13,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server import __version__
 from server.api.errors import install_handlers
-from server.api.routes import adapters, files, fine_tuning, lorax, openai, ops
+from server.api.routes import adapters, console, files, fine_tuning, lorax, openai, ops
 from server.api.state import ServerState
+from server.api.stats_history import StatsHistory
 from server.config import EngineConfig, ServerConfig
 from server.engine.llm_engine import LLMEngine
 from server.engine.setup import open_registry
@@ -90,10 +91,12 @@ def create_app(state: ServerState) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         starting = asyncio.create_task(state.start())
+        sampling = asyncio.create_task(app.state.stats_history.run())
         try:
             yield
         finally:
             starting.cancel()
+            sampling.cancel()
             await state.stop()
 
     app = FastAPI(
@@ -103,6 +106,7 @@ def create_app(state: ServerState) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.server = state
+    app.state.stats_history = StatsHistory(state.metrics)
     install_handlers(app)
     for router in (
         ops.router,
@@ -111,6 +115,7 @@ def create_app(state: ServerState) -> FastAPI:
         files.router,
         fine_tuning.router,
         lorax.router,
+        console.router,
     ):
         app.include_router(router)
     app.add_middleware(UploadLimit, max_bytes=state.config.max_upload_mb * 2**20)
