@@ -27,7 +27,7 @@ function setProps(el, props) {
 }
 
 function appendAll(el, children) {
-  for (const c of children.flat()) {
+  for (const c of children.flat(Infinity)) {
     if (c == null || c === false) continue;
     el.append(c instanceof Node ? c : String(c));
   }

@@ -54,9 +54,13 @@ export function mount(section, shared) {
   );
 }
 
+let filesAsked = 0;
+
 async function loadFiles() {
+  const asked = ++filesAsked;
   try {
     const files = await get('/v1/files?purpose=fine-tune&limit=100');
+    if (asked !== filesAsked) return; // a newer listing is on its way
     const opts = (none) => [h('option', { value: '' }, none), files.data.map((f) => h('option', { value: f.id }, `${f.filename} · ${bytes(f.bytes)} · ${f.id}`))];
     const keep = [el.train.value, el.valid.value];
     clear(el.train, opts('choose a file'));
@@ -114,6 +118,11 @@ async function startJob(event) {
   try { hp = hyperparameters(); } catch (err) {
     el.startMsg.className = 'message error';
     el.startMsg.textContent = `The extra hyperparameters are not valid JSON: ${err.message}`;
+    return;
+  }
+  if (!el.train.value) {
+    el.startMsg.className = 'message error';
+    el.startMsg.textContent = 'Choose a training file (upload a dataset first).';
     return;
   }
   const body = { model: app.info?.model, training_file: el.train.value, method: { type: el.method.value, hyperparameters: hp } };
