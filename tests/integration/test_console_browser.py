@@ -48,15 +48,8 @@ def console_server(
     for i in range(4):
         shutil.copytree(adapter_dirs[adapter_name(i)], preload / adapter_name(i))
     args = serve_flags(max_lora_rank=8, max_model_len=128, served_model_name=MODEL_NAME)
-    live = LiveServer(
-        model_dir,
-        tmp_path_factory.mktemp("console") / "data",
-        args
-        + [
-            "--preload-adapters",
-            str(preload),
-        ],
-    ).start()
+    args += ["--preload-adapters", str(preload)]
+    live = LiveServer(model_dir, tmp_path_factory.mktemp("console") / "data", args).start()
     yield live
     live.stop()
 
