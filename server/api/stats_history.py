@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
-from dataclasses import asdict, dataclass
+from collections import Counter, deque
+from dataclasses import asdict, dataclass, field
 
 from server.metrics import Metrics
 
@@ -46,6 +46,10 @@ class StatsSample:
     requests_per_s: float
     mean_ttft_s: float | None  # None: no request got its first token in the interval
     mean_e2e_latency_s: float | None  # None: no request finished in the interval
+    adapters_host: int  # adapters whose weights are cached in host memory
+    adapters_device: int  # adapters in the device pool
+    # New requests per adapter in the interval (adapters with none are left out).
+    adapter_requests: dict[str, int] = field(default_factory=dict)
 
 
 class StatsHistory:
@@ -63,6 +67,7 @@ class StatsHistory:
         self.history_s = history_s
         self.samples: deque[StatsSample] = deque(maxlen=int(history_s / interval_s) + 1)
         self._last: _Totals | None = None
+        self._last_adapter_requests: dict[str, float] = {}
 
     def _value(self, name: str, **labels: str) -> float:
         value = self.metrics.registry.get_sample_value(
@@ -83,6 +88,15 @@ class StatsHistory:
             e2e_count=v("e2e_request_latency_seconds_count"),
         )
 
+    def _adapter_requests(self) -> dict[str, float]:
+        """Requests per adapter since start, from the counter's series (one per adapter used)."""
+        totals: dict[str, float] = {}
+        for family in self.metrics.adapter_requests.collect():
+            for s in family.samples:
+                if s.name.endswith("_total") and s.labels["model_name"] == self.metrics.model_name:
+                    totals[s.labels["adapter"]] = s.value
+        return totals
+
     def sample(self, now: float | None = None) -> StatsSample | None:
         """Record one point (the first call only sets the baseline and records nothing).
 
@@ -91,6 +105,8 @@ class StatsHistory:
         """
         totals = self._totals(time.time() if now is None else now)
         last, self._last = self._last, totals
+        adapters = self._adapter_requests()
+        last_adapters, self._last_adapter_requests = self._last_adapter_requests, adapters
         if last is None or totals.time <= last.time:
             return None
         dt = totals.time - last.time
@@ -111,16 +127,38 @@ class StatsHistory:
             requests_per_s=(totals.requests - last.requests) / dt,
             mean_ttft_s=mean(totals.ttft_sum, last.ttft_sum, totals.ttft_count, last.ttft_count),
             mean_e2e_latency_s=mean(totals.e2e_sum, last.e2e_sum, totals.e2e_count, last.e2e_count),
+            adapters_host=int(self._value("adapters_host_resident")),
+            adapters_device=int(self._value("adapters_device_resident")),
+            adapter_requests={
+                name: int(n - last_adapters.get(name, 0.0))
+                for name, n in adapters.items()
+                if n > last_adapters.get(name, 0.0)
+            },
         )
         self.samples.append(point)
         return point
 
     def since(self, seconds: float) -> list[dict]:
-        """The points of the last `seconds`, oldest first, as plain dicts."""
+        """The points of the last `seconds`, oldest first, as plain dicts (per-adapter counts
+        are left out: `hot_adapters` sums them)."""
         if not self.samples:
             return []
         cutoff = self.samples[-1].time - seconds
-        return [asdict(s) for s in self.samples if s.time > cutoff]
+        points = [asdict(s) for s in self.samples if s.time > cutoff]
+        for point in points:
+            del point["adapter_requests"]
+        return points
+
+    def hot_adapters(self, seconds: float, top: int = 10) -> list[dict]:
+        """The adapters with the most new requests in the last `seconds`, most first."""
+        if not self.samples:
+            return []
+        cutoff = self.samples[-1].time - seconds
+        counts: Counter[str] = Counter()
+        for point in self.samples:
+            if point.time > cutoff:
+                counts.update(point.adapter_requests)
+        return [{"adapter": name, "requests": n} for name, n in counts.most_common(top)]
 
     def requests_served(self, adapter_name: str) -> int:
         """Requests this server has run for an adapter since it started."""

@@ -149,3 +149,21 @@ def test_history_keeps_only_its_window():
         history.sample(now=float(t))
     assert len(history.samples) == 6
     assert [p["time"] for p in history.since(2.5)] == [17.0, 18.0, 19.0]
+
+
+def test_hot_adapters_rank_the_requests_of_the_window():
+    metrics = _metrics_with(0, [])
+    history = StatsHistory(metrics, interval_s=1, history_s=60)
+    metrics.adapter_requests.labels("m", "old").inc(100)  # before the baseline: not counted
+    history.sample(now=0.0)
+    metrics.adapter_requests.labels("m", "a").inc(2)
+    metrics.adapter_requests.labels("m", "b").inc(5)
+    history.sample(now=1.0)
+    metrics.adapter_requests.labels("m", "a").inc(4)
+    history.sample(now=2.0)
+    assert history.hot_adapters(seconds=60) == [
+        {"adapter": "a", "requests": 6},
+        {"adapter": "b", "requests": 5},
+    ]
+    assert history.hot_adapters(seconds=1) == [{"adapter": "a", "requests": 4}]
+    assert "adapter_requests" not in history.since(60)[0]

@@ -166,6 +166,27 @@ def test_playground_columns_equal_the_apis_greedy_output(browser, console_server
     screenshot(page, "playground")
 
 
+def test_playground_chat_mode_matches_the_chat_api(browser, console_server: LiveServer):
+    page = open_console(browser, console_server, API_KEY, "playground")
+    page.select_option("#pg-mode", "chat")
+    page.fill("#pg-prompt", "Say hello")
+    page.fill("#pg-max-tokens", "8")
+    page.locator(".pg-model").first.fill(adapter_name(3))
+    page.click("#pg-run")
+    column = page.locator("#pg-columns .column").first
+    sync_api.expect(column).to_have_attribute("data-state", "done")
+    with console_server.client() as client:
+        body = {
+            "model": adapter_name(3),
+            "messages": [{"role": "user", "content": "Say hello"}],
+            "max_tokens": 8,
+            "temperature": 0,
+        }
+        reply = client.post("/v1/chat/completions", json=body).json()
+    expected = reply["choices"][0]["message"]["content"]
+    assert column.locator(".pg-output").text_content() == expected
+
+
 def test_a_job_started_from_the_page_draws_its_loss_and_finishes(
     browser, console_server: LiveServer, tmp_path: Path
 ):
@@ -252,5 +273,7 @@ def test_every_page_fits_the_width(browser, console_server: LiveServer, width: i
     page.goto(f"{console_server.url}/console/#/overview")
     sync_api.expect(page.locator("#stats-now")).to_contain_text("tokens/s")
     assert page.locator("#pool-bar rect").count() >= 3
+    # The playground test ran its adapters minutes ago at most.
+    sync_api.expect(page.locator("#hot-adapters")).to_contain_text(adapter_name(1))
     screenshot(page, "overview" if width == 1280 else "overview-390")
     assert page.errors == []  # type: ignore[attr-defined]

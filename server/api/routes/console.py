@@ -90,4 +90,5 @@ async def stats(
         "interval_s": history.interval_s,
         "history_s": history.history_s,
         "data": history.since(seconds),
+        "hot_adapters": history.hot_adapters(seconds),
     }

@@ -1,8 +1,11 @@
 // Hand-written SVG charts: a multi-series line chart and a stacked bar.
 import { s, clear } from './dom.js';
 
-const W = 600;
 const H = 200;
+const DEFAULT_W = 600;
+
+// Drawn at the element's own width, so text is never scaled down on narrow cards.
+const widthOf = (svg) => Math.max(Math.round(svg.getBoundingClientRect().width), 200) || DEFAULT_W;
 const PAD = { left: 48, right: 12, top: 12, bottom: 24 };
 
 function niceMax(v) {
@@ -22,6 +25,7 @@ function label(v) {
 // series: [{name, cls, points: [[x, y], ...]}]; y null leaves a gap.
 // opts: {xMin, xMax, yMax, xFormat}
 export function lineChart(svg, series, opts = {}) {
+  const W = widthOf(svg);
   const xs = series.flatMap((sr) => sr.points.map((p) => p[0]));
   const ys = series.flatMap((sr) => sr.points.map((p) => p[1]).filter((y) => y != null));
   const xMin = opts.xMin ?? Math.min(...xs, 0);
@@ -57,7 +61,7 @@ export function lineChart(svg, series, opts = {}) {
   }
   const legend = s('g', { class: 'legend' });
   series.forEach((sr, i) => {
-    const lx = PAD.left + 8 + i * 130;
+    const lx = PAD.left + 8 + i * 150;
     legend.append(s('rect', { x: lx, y: PAD.top, width: 10, height: 10, class: `swatch ${sr.cls}` }));
     legend.append(s('text', { x: lx + 14, y: PAD.top + 9, class: 'tick' }, sr.name));
   });
@@ -66,6 +70,7 @@ export function lineChart(svg, series, opts = {}) {
 
 // parts: [{name, cls, value}]; one horizontal bar split by value, with a legend below.
 export function stackedBar(svg, parts) {
+  const W = widthOf(svg);
   const total = parts.reduce((a, p) => a + p.value, 0) || 1;
   svg.setAttribute('viewBox', `0 0 ${W} 60`);
   svg.setAttribute('class', 'chart bar');
@@ -77,8 +82,9 @@ export function stackedBar(svg, parts) {
     rect.append(s('title', {}, `${p.name}: ${p.value}`));
     svg.append(rect);
     x0 += w;
-    const lx = i * 150;
+    const lx = i * Math.min(190, W / parts.length);
+    const pct = ((100 * p.value) / total).toFixed(p.value && p.value / total < 0.01 ? 2 : 0);
     svg.append(s('rect', { x: lx, y: 40, width: 10, height: 10, class: `swatch ${p.cls}` }));
-    svg.append(s('text', { x: lx + 14, y: 49, class: 'tick' }, `${p.name} ${p.value}`));
+    svg.append(s('text', { x: lx + 14, y: 49, class: 'tick' }, `${p.name} ${p.value} (${pct}%)`));
   });
 }

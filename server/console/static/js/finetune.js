@@ -205,7 +205,8 @@ async function poll() {
 }
 
 function drawLoss() {
-  const all = [...job.events.values()].filter((e) => e.type === 'metrics' && e.data);
+  // Step and checkpoint metrics carry a step; the final summary (no step) is left out.
+  const all = [...job.events.values()].filter((e) => e.type === 'metrics' && Number.isFinite(e.data?.step));
   const train = all.filter((e) => e.data.learning_rate != null && e.data.train_loss != null)
     .map((e) => [e.data.step, e.data.train_loss]).sort((a, b) => a[0] - b[0]);
   const valid = all.filter((e) => e.data.valid_loss != null)

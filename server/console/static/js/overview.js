@@ -17,13 +17,17 @@ export function mount(section, shared) {
   el.tokens = s('svg', { id: 'tokens-chart', role: 'img', 'aria-label': 'tokens per second' });
   el.latency = s('svg', { id: 'latency-chart', role: 'img', 'aria-label': 'latency' });
   el.now = h('p', { class: 'muted', id: 'stats-now' });
+  el.resident = h('p', { id: 'adapters-resident' });
+  el.hot = h('tbody', { id: 'hot-adapters' });
   section.append(
     h('h1', {}, 'Overview'),
     h('div', { class: 'grid' },
       h('div', { class: 'card' }, h('h2', {}, 'Model'), el.model),
-      h('div', { class: 'card' }, h('h2', {}, 'Page pool now'), el.poolBar, el.now)),
+      h('div', { class: 'card' }, h('h2', {}, 'Page pool now'), el.poolBar, el.now,
+        h('h2', {}, 'Adapters'), el.resident,
+        h('table', { class: 'table' }, h('thead', {}, h('tr', {}, h('th', {}, 'hot adapters (last 5 min)'), h('th', {}, 'requests'))), el.hot))),
     h('div', { class: 'grid' },
-      h('div', { class: 'card' }, h('h2', {}, 'Pool pages (last 5 min)'), el.pool),
+      h('div', { class: 'card' }, h('h2', {}, 'Pool pages in use (last 5 min)'), el.pool),
       h('div', { class: 'card' }, h('h2', {}, 'Requests running / waiting'), el.queue),
       h('div', { class: 'card' }, h('h2', {}, 'Tokens per second'), el.tokens),
       h('div', { class: 'card' }, h('h2', {}, 'Latency (s)'), el.latency)),
@@ -66,10 +70,8 @@ function draw(stats) {
   const x = (p) => p.time - t0; // seconds before now (negative)
   const opts = { xMin: -300, xMax: 0, xFormat: (v) => (v === 0 ? 'now' : `${Math.round(v / 60)} min`) };
   const series = (key, name, cls) => ({ name, cls, points: pts.map((p) => [x(p), p[key]]) });
-  lineChart(el.pool, [
-    series('kv_pages', 'KV cache', 's-kv'), series('adapter_pages', 'adapters', 's-adapter'),
-    series('free_pages', 'free', 's-free'),
-  ], opts);
+  // Pages in use: free pages dwarf them on a big pool (the bar above shows the whole split).
+  lineChart(el.pool, [series('kv_pages', 'KV cache', 's-kv'), series('adapter_pages', 'adapters', 's-adapter')], opts);
   lineChart(el.queue, [series('running', 'running', 's-run'), series('waiting', 'waiting', 's-wait')], opts);
   lineChart(el.tokens, [
     series('generation_tokens_per_s', 'generated', 's-gen'),
@@ -80,6 +82,13 @@ function draw(stats) {
     series('mean_e2e_latency_s', 'request', 's-e2e'),
   ], opts);
   const last = pts[pts.length - 1];
+  if (last) {
+    el.resident.textContent = `${app.info?.adapters_registered ?? '–'} registered · ${last.adapters_device} in the device pool · ` +
+      `${last.adapters_host} in host memory`;
+  }
+  clear(el.hot, stats.hot_adapters.length
+    ? stats.hot_adapters.map((a) => h('tr', {}, h('td', { class: 'name' }, a.adapter), h('td', {}, a.requests)))
+    : h('tr', {}, h('td', { class: 'muted', colspan: 2 }, 'no adapter requests lately')));
   el.now.textContent = last
     ? `${last.running} running, ${last.waiting} waiting, ${fmt(last.generation_tokens_per_s)} tokens/s ` +
       `(sampled every ${stats.interval_s} s, ${pts.length} points)`
