@@ -69,6 +69,13 @@ def open_console(browser, server: LiveServer, key: str, page_name: str, width: i
     page.set_default_timeout(TIMEOUT_MS)
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
+
+    def on_console(msg) -> None:  # type: ignore[no-untyped-def]
+        # What the CSP blocks is logged, not raised.
+        if msg.type == "error" and "Content Security Policy" in msg.text:
+            errors.append(msg.text)
+
+    page.on("console", on_console)
     page.on("dialog", lambda dialog: dialog.accept())
     page.errors = errors  # type: ignore[attr-defined]
     page.goto(f"{server.url}/console/#/{page_name}")
@@ -164,6 +171,7 @@ def test_playground_columns_equal_the_apis_greedy_output(browser, console_server
     page.locator(".pg-curl").first.click()
     sync_api.expect(page.locator("#pg-code")).to_contain_text("/v1/completions")
     screenshot(page, "playground")
+    assert page.errors == []  # type: ignore[attr-defined]
 
 
 def test_playground_chat_mode_matches_the_chat_api(browser, console_server: LiveServer):
@@ -222,6 +230,7 @@ def test_a_job_started_from_the_page_draws_its_loss_and_finishes(
     page.click("#ft-try")
     sync_api.expect(page.locator(".pg-model")).to_have_count(2)
     assert page.locator(".pg-model").nth(1).input_value().startswith(f"ft:{MODEL_NAME}:order:")
+    assert page.errors == []  # type: ignore[attr-defined]
 
 
 def test_delete_the_adapter_through_the_page(browser, console_server: LiveServer):
@@ -260,6 +269,7 @@ def test_markup_from_the_server_shows_as_text(browser, console_server: LiveServe
     assert output.locator("script, b, img").count() == 0
     assert page.evaluate("window.pwned") is None
     assert page.locator("#pwned-img").count() == 0
+    assert page.errors == []  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize("width", [1280, 390])
