@@ -38,9 +38,11 @@ def test_the_console_has_no_inline_script():
 
 
 def test_console_files_outside_the_static_folder_are_not_served(server: LiveServer):
-    response = httpx.get(f"{server.url}/console/..%2F..%2Fapi%2Fapp.py", timeout=10)
-    assert response.status_code == 404
-    assert "/server/" not in response.text  # no server path in the message
+    outside = ("..%2F..%2Fapi%2Fapp.py", "js/..%2F..%2F__init__.py", "a%00.js", "x" * 300 + ".js")
+    for path in outside:
+        response = httpx.get(f"{server.url}/console/{path}", timeout=10)
+        assert response.status_code == 404, path
+        assert "/server/" not in response.text  # no server path in the message
 
 
 def test_the_landing_page_links_to_the_console(server: LiveServer):

@@ -60,8 +60,12 @@ async def console_root() -> RedirectResponse:
 @router.get("/console/{path:path}", include_in_schema=False)
 async def console_file(path: str) -> Response:
     """A static file of the console; any other path is the single page itself."""
-    target = (STATIC_DIR / (path or "index.html")).resolve()
-    if not target.is_relative_to(STATIC_DIR) or not target.is_file():
+    try:
+        target = (STATIC_DIR / (path or "index.html")).resolve()
+        found = target.is_relative_to(STATIC_DIR) and target.is_file()
+    except (OSError, ValueError):  # a NUL byte, a name too long
+        found = False
+    if not found:
         if "." in Path(path).name:
             raise NotFound(f"the console has no file {path!r}")
         target = STATIC_DIR / "index.html"  # a client-side route, e.g. /console/adapters
