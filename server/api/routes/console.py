@@ -14,7 +14,7 @@ from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Resp
 
 from server import __version__
 from server.api.auth import require_api_key
-from server.api.errors import NotFound, Unavailable
+from server.api.errors import NotFound
 from server.api.stats_history import StatsHistory
 
 router = APIRouter(tags=["console"])
@@ -75,20 +75,13 @@ async def console_file(path: str) -> Response:
     return FileResponse(target, media_type=media_type, headers=CONSOLE_HEADERS)
 
 
-def _history(request: Request) -> StatsHistory:
-    history: StatsHistory | None = getattr(request.app.state, "stats_history", None)
-    if history is None:
-        raise Unavailable("serving stats are not being sampled yet", headers={"Retry-After": "2"})
-    return history
-
-
 @router.get("/v1/stats", dependencies=[Depends(require_api_key)])
 async def stats(
     request: Request,
     seconds: Annotated[float, Query(gt=0, le=3600)] = 300,
 ) -> dict:
     """Serving stats of the last `seconds`, one point per sampling interval, oldest first."""
-    history = _history(request)
+    history: StatsHistory = request.app.state.stats_history
     return {
         "object": "stats",
         "interval_s": history.interval_s,
