@@ -37,16 +37,20 @@ CHROMIUM_ARGS = [
 SCREENSHOTS = os.environ.get("LORAPLEX_SCREENSHOTS")
 UPLOADED = "console-upload"
 TIMEOUT_MS = 30_000
+NUM_BULK = 60  # with the 4 others, more than the page's 50
 
 
 @pytest.fixture(scope="module")
 def console_server(
     model_dir: Path, adapter_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LiveServer]:
-    """A server of its own (this module uploads, trains and deletes): 4 preloaded adapters."""
+    """A server of its own (this module uploads, trains and deletes): 4 preloaded adapters,
+    and NUM_BULK copies of one, so that the adapter list has more than a page."""
     preload = tmp_path_factory.mktemp("console-preload")
     for i in range(4):
         shutil.copytree(adapter_dirs[adapter_name(i)], preload / adapter_name(i))
+    for i in range(NUM_BULK):
+        shutil.copytree(adapter_dirs[adapter_name(0)], preload / f"bulk-{i:03d}")
     args = serve_flags(max_lora_rank=8, max_model_len=128, served_model_name=MODEL_NAME)
     args += ["--preload-adapters", str(preload)]
     live = LiveServer(model_dir, tmp_path_factory.mktemp("console") / "data", args).start()
@@ -115,6 +119,22 @@ def test_upload_an_adapter_through_the_page_and_see_it_listed(
     assert page.errors == []  # type: ignore[attr-defined]
 
 
+def test_the_adapter_list_pages_and_searches_on_the_server(browser, console_server: LiveServer):
+    page = open_console(browser, console_server, API_KEY, "adapters")
+    with console_server.client() as client:
+        total = len(client.get("/v1/adapters").json()["data"])
+    assert total > 50
+    rows = page.locator("#adapter-rows tr")
+    sync_api.expect(rows).to_have_count(50)
+    sync_api.expect(page.locator("#adapter-count")).to_have_text(f"50 of {total} adapters")
+    page.click("#adapter-more")
+    sync_api.expect(rows).to_have_count(total)
+    sync_api.expect(page.locator("#adapter-more")).to_be_hidden()
+    page.fill("#adapter-search", "bulk-05")
+    sync_api.expect(rows).to_have_count(10)
+    assert rows.first.get_attribute("data-name") == "bulk-050"
+
+
 def test_an_invalid_upload_shows_the_servers_message(
     browser, console_server: LiveServer, spare_adapters: Path
 ):
@@ -140,6 +160,7 @@ def test_an_invalid_upload_shows_the_servers_message(
 def test_the_read_only_key_cannot_upload_or_delete(browser, console_server: LiveServer):
     page = open_console(browser, console_server, API_KEY, "adapters")
     sync_api.expect(page.locator("#upload-submit")).to_be_disabled()
+    page.fill("#adapter-search", adapter_name(0))
     page.locator(f'#adapter-rows tr[data-name="{adapter_name(0)}"]').click()
     sync_api.expect(page.locator("#delete-adapter")).to_be_disabled()
 
@@ -235,6 +256,7 @@ def test_a_job_started_from_the_page_draws_its_loss_and_finishes(
 
 def test_delete_the_adapter_through_the_page(browser, console_server: LiveServer):
     page = open_console(browser, console_server, ADMIN_KEY, "adapters")
+    page.fill("#adapter-search", UPLOADED)
     page.locator(f'#adapter-rows tr[data-name="{UPLOADED}"]').click()
     page.click("#delete-adapter")
     sync_api.expect(page.locator(f'#adapter-rows tr[data-name="{UPLOADED}"]')).to_have_count(0)

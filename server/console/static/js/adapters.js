@@ -134,6 +134,9 @@ async function upload(event) {
     el.files.value = '';
     pick([]);
     await load(true);
+    // A new adapter lists last; show it at the top until the next reload.
+    if (!el.rows.querySelector(`tr[data-name="${CSS.escape(a.id)}"]`)) el.rows.prepend(row(a));
+    details(a.id);
   } catch (err) {
     el.uploadMsg.className = 'message error';
     el.uploadMsg.textContent = err.message;
