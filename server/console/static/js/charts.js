@@ -77,7 +77,9 @@ export function stackedBar(svg, parts) {
   clear(svg);
   let x0 = 0;
   parts.forEach((p, i) => {
-    const w = (p.value / total) * W;
+    // A part in use stays visible (3 px) beside a huge free part; the last part takes the rest.
+    const share = (p.value / total) * W;
+    const w = i === parts.length - 1 ? W - x0 : Math.max(share, p.value > 0 ? 3 : 0);
     const rect = s('rect', { x: x0, y: 0, width: Math.max(w, 0), height: 28, class: `swatch ${p.cls}` });
     rect.append(s('title', {}, `${p.name}: ${p.value}`));
     svg.append(rect);

@@ -26,7 +26,7 @@ export function mount(section, shared) {
       h('div', { class: 'card' }, h('h2', {}, 'Page pool now'), el.poolBar, el.now,
         h('h2', {}, 'Adapters'), el.resident,
         h('table', { class: 'table' }, h('thead', {}, h('tr', {}, h('th', {}, 'hot adapters (last 5 min)'), h('th', {}, 'requests'))), el.hot))),
-    h('div', { class: 'grid' },
+    h('div', { class: 'grid charts' },
       h('div', { class: 'card' }, h('h2', {}, 'Pool pages in use (last 5 min)'), el.pool),
       h('div', { class: 'card' }, h('h2', {}, 'Requests running / waiting'), el.queue),
       h('div', { class: 'card' }, h('h2', {}, 'Tokens per second'), el.tokens),
