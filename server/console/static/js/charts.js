@@ -72,7 +72,8 @@ export function lineChart(svg, series, opts = {}) {
 export function stackedBar(svg, parts) {
   const W = widthOf(svg);
   const total = parts.reduce((a, p) => a + p.value, 0) || 1;
-  svg.setAttribute('viewBox', `0 0 ${W} 60`);
+  const stacked = W / parts.length < 170; // narrow: one legend line per part
+  svg.setAttribute('viewBox', `0 0 ${W} ${stacked ? 40 + 18 * parts.length : 60}`);
   svg.setAttribute('class', 'chart bar');
   clear(svg);
   let x0 = 0;
@@ -84,9 +85,10 @@ export function stackedBar(svg, parts) {
     rect.append(s('title', {}, `${p.name}: ${p.value}`));
     svg.append(rect);
     x0 += w;
-    const lx = i * Math.min(190, W / parts.length);
+    const lx = stacked ? 0 : i * Math.min(190, W / parts.length);
+    const ly = stacked ? 40 + 18 * i : 40;
     const pct = ((100 * p.value) / total).toFixed(p.value && p.value / total < 0.01 ? 2 : 0);
-    svg.append(s('rect', { x: lx, y: 40, width: 10, height: 10, class: `swatch ${p.cls}` }));
-    svg.append(s('text', { x: lx + 14, y: 49, class: 'tick' }, `${p.name} ${p.value} (${pct}%)`));
+    svg.append(s('rect', { x: lx, y: ly, width: 10, height: 10, class: `swatch ${p.cls}` }));
+    svg.append(s('text', { x: lx + 14, y: ly + 9, class: 'tick' }, `${p.name} ${p.value} (${pct}%)`));
   });
 }
