@@ -6,8 +6,12 @@ from the model as text. With LORAPLEX_SCREENSHOTS=<dir> the pages are also saved
 
 from __future__ import annotations
 
+import base64
+import io
 import os
 import shutil
+import tarfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -119,6 +123,35 @@ def test_upload_an_adapter_through_the_page_and_see_it_listed(
     assert page.errors == []  # type: ignore[attr-defined]
 
 
+def test_an_archive_dropped_on_the_page_is_registered(
+    browser, console_server: LiveServer, adapter_dirs: dict[str, Path]
+):
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for name in ("adapter_config.json", "adapter_model.safetensors"):
+            tar.add(adapter_dirs[adapter_name(6)] / name, arcname=name)
+    page = open_console(browser, console_server, ADMIN_KEY, "adapters")
+    page.fill("#upload-name", "dropped-archive")
+    # What a drag from the file manager delivers: a DataTransfer holding the file.
+    transfer = page.evaluate_handle(
+        """(b64) => {
+            const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+            const transfer = new DataTransfer();
+            transfer.items.add(new File([bytes], 'adapter.tar.gz'));
+            return transfer;
+        }""",
+        base64.b64encode(buffer.getvalue()).decode(),
+    )
+    page.dispatch_event("#upload-drop", "drop", {"dataTransfer": transfer})
+    sync_api.expect(page.locator("#upload-picked")).to_contain_text("adapter.tar.gz")
+    page.click("#upload-submit")
+    sync_api.expect(page.locator("#upload-message")).to_contain_text("Registered dropped-archive")
+    sync_api.expect(page.locator('#adapter-rows tr[data-name="dropped-archive"]')).to_be_visible()
+    with console_server.client(admin=True) as admin:
+        assert admin.get("/v1/adapters/dropped-archive").json()["source"] == "upload"
+        assert admin.delete("/v1/adapters/dropped-archive").status_code == 200
+
+
 def test_the_adapter_list_pages_and_searches_on_the_server(browser, console_server: LiveServer):
     page = open_console(browser, console_server, API_KEY, "adapters")
     with console_server.client() as client:
@@ -225,25 +258,31 @@ def test_a_job_started_from_the_page_draws_its_loss_and_finishes(
     page.set_input_files("#ft-dataset", str(dataset))
     page.click("#ft-upload")
     sync_api.expect(page.locator("#ft-dataset-message")).to_contain_text("Stored order.jsonl")
-    for field, value in {
+    hyperparameters = {
         "r": "8",
-        "max_steps": "16",
+        "max_steps": "240",
         "batch_size": "2",
-        "checkpoint_steps": "8",
-    }.items():
+        "gradient_accumulation_steps": "1",
+        "checkpoint_steps": "80",
+    }
+    for field, value in hyperparameters.items():
         page.fill(f"#ft-{field}", value)
-    page.fill("#ft-gradient_accumulation_steps", "1")
     page.fill("#ft-extra", '{"quantize": "none"}')
     page.fill("#ft-suffix", "order")
     page.click("#ft-start")
     sync_api.expect(page.locator("#ft-start-message")).to_contain_text("Started ftjob-")
     chart = page.locator("#ft-loss-chart")
-    sync_api.expect(chart).not_to_have_attribute("data-train-points", "0", timeout=120_000)
-    first = int(chart.get_attribute("data-train-points") or 0)
     status = page.locator("#ft-job-status")
-    sync_api.expect(status).to_have_attribute("data-status", "succeeded", timeout=180_000)
+    seen: set[int] = set()  # the train points the chart showed, as the page polled
+    deadline = time.monotonic() + 240
+    while status.get_attribute("data-status") != "succeeded":
+        assert time.monotonic() < deadline, f"job still {status.get_attribute('data-status')}"
+        seen.add(int(chart.get_attribute("data-train-points") or 0))
+        page.wait_for_timeout(200)
     page.wait_for_timeout(2500)  # one more poll after the final status
-    assert int(chart.get_attribute("data-train-points") or 0) > first
+    final = int(chart.get_attribute("data-train-points") or 0)
+    assert final == 240
+    assert len(seen - {0, final}) >= 1, f"the chart never grew while the job ran: {seen}"
     assert int(chart.get_attribute("data-valid-points") or 0) >= 1
     sync_api.expect(page.locator("#ft-checkpoints tr").first).to_be_visible()
     sync_api.expect(page.locator("#ft-try")).to_be_visible()
@@ -252,6 +291,46 @@ def test_a_job_started_from_the_page_draws_its_loss_and_finishes(
     sync_api.expect(page.locator(".pg-model")).to_have_count(2)
     assert page.locator(".pg-model").nth(1).input_value().startswith(f"ft:{MODEL_NAME}:order:")
     assert page.errors == []  # type: ignore[attr-defined]
+
+
+def test_a_bad_dataset_shows_the_line_it_fails_on(browser, console_server: LiveServer, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": 3}\n')
+    page = open_console(browser, console_server, ADMIN_KEY, "finetune")
+    page.set_input_files("#ft-dataset", str(bad))
+    page.click("#ft-upload")
+    message = page.locator("#ft-dataset-message.error")
+    sync_api.expect(message).to_contain_text("line 2")
+    with console_server.client(admin=True) as admin:
+        response = admin.post(
+            "/v1/files",
+            files={"file": ("bad.jsonl", bad.read_bytes())},
+            data={"purpose": "fine-tune"},
+        )
+    assert response.status_code == 400
+    sync_api.expect(message).to_have_text(response.json()["error"]["message"])
+
+
+def test_cancel_stops_a_job_from_the_page(browser, console_server: LiveServer, tmp_path: Path):
+    dataset = tmp_path / "order.jsonl"
+    dataset.write_bytes(jsonl(ordering_task(32, seed=1)))
+    page = open_console(browser, console_server, ADMIN_KEY, "finetune")
+    page.set_input_files("#ft-dataset", str(dataset))
+    page.click("#ft-upload")
+    sync_api.expect(page.locator("#ft-dataset-message")).to_contain_text("Stored order.jsonl")
+    page.fill("#ft-r", "8")
+    page.fill("#ft-max_steps", "5000")
+    page.fill("#ft-batch_size", "2")
+    page.fill("#ft-checkpoint_steps", "0")
+    page.fill("#ft-extra", '{"quantize": "none"}')
+    page.click("#ft-start")
+    chart = page.locator("#ft-loss-chart")
+    sync_api.expect(chart).not_to_have_attribute("data-train-points", "0", timeout=120_000)
+    page.click("#ft-cancel")
+    status = page.locator("#ft-job-status")
+    sync_api.expect(status).to_have_attribute("data-status", "cancelled", timeout=60_000)
+    sync_api.expect(page.locator("#ft-cancel")).to_be_hidden()
+    sync_api.expect(page.locator("#ft-try")).to_be_hidden()
 
 
 def test_delete_the_adapter_through_the_page(browser, console_server: LiveServer):
