@@ -14,8 +14,9 @@ from server.api.errors import install_handlers
 from server.api.hosts import AllowedHosts
 from server.api.limits import BodyLimit, ConcurrencyLimit, RequestLimits
 from server.api.metrics_port import MetricsListener
-from server.api.routes import adapters, files, fine_tuning, lorax, openai, ops
+from server.api.routes import adapters, console, files, fine_tuning, lorax, openai, ops
 from server.api.state import ServerState
+from server.api.stats_history import StatsHistory
 from server.config import EngineConfig, ServerConfig
 from server.engine.llm_engine import LLMEngine
 from server.engine.setup import open_registry
@@ -31,11 +32,13 @@ def create_app(state: ServerState) -> FastAPI:
         if state.config.metrics_port is not None:
             await metrics_listener.start()
         starting = asyncio.create_task(state.start())
+        sampling = asyncio.create_task(app.state.stats_history.run())
         try:
             yield
         finally:
             starting.cancel()
             await metrics_listener.stop()
+            sampling.cancel()
             await state.stop()
 
     app = FastAPI(
@@ -49,6 +52,7 @@ def create_app(state: ServerState) -> FastAPI:
         redoc_url=None,
     )
     app.state.server = state
+    app.state.stats_history = StatsHistory(state.metrics)
     install_handlers(app)
     for router in (
         ops.router,
@@ -57,6 +61,7 @@ def create_app(state: ServerState) -> FastAPI:
         files.router,
         fine_tuning.router,
         lorax.router,
+        console.router,
     ):
         app.include_router(router)
     cfg = state.config

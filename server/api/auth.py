@@ -2,8 +2,10 @@
 
 Classes (docs/api.md, "Authentication", has the route-by-route table):
 - probes (/health, /ready): always open, no dependency; they show no secrets or paths.
-- inference (`require_api_key`): generation, model and adapter listings, /info, /metrics and
-  the API description (/openapi.json, /docs).
+- pages (/, /console/...): the landing page and the console's static files, always open (a
+  browser cannot send a key to load a page); they hold no data.
+- inference (`require_api_key`): generation, model and adapter listings, /v1/stats, /info,
+  /metrics and the API description (/openapi.json, /docs).
 - admin (`require_admin_key`): training data (file contents, listings, metadata), job
   internals (jobs, events, checkpoints) and every mutation of adapters, files or jobs.
 

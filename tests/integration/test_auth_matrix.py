@@ -25,11 +25,15 @@ from tests.integration.conftest import ENGINE_FLAGS, MODEL_NAME, serve_flags
 from tests.integration.live_server import ADMIN_KEY, API_KEY, REPO_ROOT, LiveServer, free_port
 
 # Access classes.
-PROBE, INFERENCE, ADMIN = "probe", "inference", "admin"
+PROBE, PAGE, INFERENCE, ADMIN = "probe", "page", "inference", "admin"
 
 ROUTES: dict[tuple[str, str], str] = {
     ("GET", "/health"): PROBE,
     ("GET", "/ready"): PROBE,
+    ("GET", "/"): PAGE,
+    ("GET", "/console"): PAGE,
+    ("GET", "/console/{path}"): PAGE,
+    ("GET", "/v1/stats"): INFERENCE,
     ("GET", "/info"): INFERENCE,
     ("GET", "/metrics"): INFERENCE,
     ("GET", "/openapi.json"): INFERENCE,
@@ -77,11 +81,22 @@ CONFIGS: dict[str, tuple[str | None, str | None]] = {
     "both keys": (API_KEY, ADMIN_KEY),
 }
 PASSES: dict[str, dict[str, set[str]]] = {
-    "no keys": {PROBE: ANYONE, INFERENCE: ANYONE, ADMIN: ANYONE},
-    "inference key only": {PROBE: ANYONE, INFERENCE: {THE_API_KEY}, ADMIN: {THE_API_KEY}},
-    "admin key only": {PROBE: ANYONE, INFERENCE: {THE_ADMIN_KEY}, ADMIN: {THE_ADMIN_KEY}},
+    "no keys": {PROBE: ANYONE, PAGE: ANYONE, INFERENCE: ANYONE, ADMIN: ANYONE},
+    "inference key only": {
+        PROBE: ANYONE,
+        PAGE: ANYONE,
+        INFERENCE: {THE_API_KEY},
+        ADMIN: {THE_API_KEY},
+    },
+    "admin key only": {
+        PROBE: ANYONE,
+        PAGE: ANYONE,
+        INFERENCE: {THE_ADMIN_KEY},
+        ADMIN: {THE_ADMIN_KEY},
+    },
     "both keys": {
         PROBE: ANYONE,
+        PAGE: ANYONE,
         INFERENCE: {THE_API_KEY, THE_ADMIN_KEY},
         ADMIN: {THE_ADMIN_KEY},
     },

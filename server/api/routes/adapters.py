@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request, status
+from fastapi import APIRouter, Depends, Query, Request, status
 from fastapi.responses import PlainTextResponse
 
 # Starlette's class: what request.form() yields (fastapi.UploadFile is a subclass of it).
@@ -27,6 +28,7 @@ from server.api.state import ServerState
 
 router = APIRouter(tags=["adapters"])
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
+DEFAULT_PAGE = 50
 
 
 def _state(request: Request) -> ServerState:
@@ -124,9 +126,38 @@ async def upload_adapter(request: Request) -> AdapterInfo:
 
 
 @router.get("/v1/adapters", response_model=AdapterList, dependencies=[Depends(require_api_key)])
-async def list_adapters(request: Request) -> AdapterList:
+async def list_adapters(
+    request: Request,
+    limit: Annotated[int | None, Query(ge=1, le=1000)] = None,
+    after: str | None = None,
+    search: Annotated[str | None, Query(max_length=128)] = None,
+) -> AdapterList:
+    """In registration order. Without parameters: every adapter, `residency` null. With any of
+    `limit`, `after`, `search`: a page (default 50) whose items carry residency and requests."""
     state = _state(request)
-    return AdapterList(data=[adapter_info(state, r, None) for r in state.registry.list()])
+    registered = state.registry.list()
+    if limit is None and after is None and search is None:
+        return AdapterList(data=[adapter_info(state, r, None) for r in registered])
+    if search:
+        needle = search.lower()
+        registered = [r for r in registered if needle in r.name.lower()]
+    start = 0
+    if after is not None:
+        names = [r.name for r in registered]
+        if after not in names:
+            raise BadRequest(f"after must name an adapter in this listing, got {after!r}", "after")
+        start = names.index(after) + 1
+    limit = limit or DEFAULT_PAGE
+    page = registered[start : start + limit]
+    ids = [r.adapter_id for r in page]
+    active = await state.async_engine.call(lambda: [state.llm.requests_for_adapter(i) for i in ids])
+    history = request.app.state.stats_history
+    data = []
+    for reg, n in zip(page, active, strict=True):
+        info = adapter_info(state, reg, n)
+        info.requests_served = history.requests_served(reg.name)
+        data.append(info)
+    return AdapterList(data=data, has_more=start + limit < len(registered), total=len(registered))
 
 
 @router.get(

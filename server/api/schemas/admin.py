@@ -29,11 +29,14 @@ class AdapterInfo(BaseModel):
     source: str
     parent: str
     residency: Residency | None = None
+    requests_served: int | None = None  # since the server started; in paged listings
 
 
 class AdapterList(BaseModel):
     object: Literal["list"] = "list"
     data: list[AdapterInfo]
+    has_more: bool = False  # page on with after=<the last id>
+    total: int | None = None  # adapters matching `search` (all of them without it)
 
 
 class DeletedAdapter(BaseModel):

@@ -1,0 +1,1 @@
+"""The web console's static files (served by server.api.routes.console)."""
