@@ -191,9 +191,25 @@ class LLMEngine:
                 raise UnknownAdapterError(f"adapter {adapter_name!r} does not exist", "model")
             seq.adapter_id = reg.adapter_id
             seq.rope_scale = reg.spec.rope_scaling_factor
+            self._check_fits(seq, len(ids) + params.max_tokens)
         if not params.greedy:
             seq.seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(63)
         return seq
+
+    def _check_fits(self, seq: Sequence, max_tokens_total: int) -> None:
+        """Refuse a request whose KV at its longest plus its adapter's pages exceed the whole
+        pool: it could never run, and waiting for it would hold back its adapter's queue."""
+        if self.adapter_cache is None:
+            return
+        kv_pages = self.kv.max_blocks_per_seq(max_tokens_total)
+        adapter_pages = self.adapter_cache.pages_needed(seq.adapter_id)
+        if kv_pages + adapter_pages > self.pool.num_pages:
+            raise InvalidRequestError(
+                f"prompt plus max_tokens needs {kv_pages} KV pages and adapter "
+                f"{seq.adapter_name!r} {adapter_pages} more, but the page pool has "
+                f"{self.pool.num_pages} in all; lower max_tokens or shorten the prompt",
+                "max_tokens",
+            )
 
     def add_sequence(self, seq: Sequence) -> None:
         if seq.request_id in self._requests:

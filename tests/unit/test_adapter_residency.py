@@ -75,3 +75,28 @@ def test_thousand_adapters_through_a_pool_of_a_few(thousand, make_engine, tmp_pa
     assert [o.token_ids for o in outs] == [o.token_ids for o in roomy]
     for i in (0, 1, 2, 3, 501, 998):
         assert outs[i].token_ids == peft_greedy(base, paths[i], prompts[i], GREEDY.max_tokens)
+
+
+def test_a_request_that_could_never_fit_beside_its_adapter_is_refused(
+    tiny_model_dir, make_engine, tmp_path
+):  # type: ignore[no-untyped-def]
+    from server.engine.sampling_params import InvalidRequestError
+    from server.model.config import ModelConfig
+
+    base = tiny_model_dir("llama")
+    (path,) = _write_adapters(tmp_path / "one", ModelConfig.from_dir(base), 1)
+    probe = make_engine(base, max_lora_rank=8, max_model_len=64)
+    # Room for one sequence's KV at max_model_len, and nothing more.
+    pages = probe.kv.max_blocks_per_seq(64)
+    engine, _, _ = _serve_all(
+        make_engine, base, [path], tmp_path / "data", num_pages=pages, max_model_len=64
+    )
+    adapter_pages = engine.adapter_cache.pages_needed(engine.registry.get("a0").adapter_id)
+    assert adapter_pages >= 1
+    long = SamplingParams(max_tokens=60, temperature=0, ignore_eos=True)
+    with pytest.raises(InvalidRequestError, match="page pool has") as info:
+        engine.add_request([1, 7, 3, 11], long, adapter_name="a0")
+    assert info.value.param == "max_tokens"
+    assert engine.num_requests == 0
+    # The base model needs no adapter pages: the same request fits.
+    assert engine.generate([[1, 7, 3, 11]], long)[0].finish_reason == "length"
