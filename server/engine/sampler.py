@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from server.engine.logits_processors import apply_logits_processors
 from server.engine.sequence import Sequence, TokenLogprob
 
 # Sampled in place of a token for a row whose logits are not all finite (the request failed).
@@ -56,6 +57,7 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[tuple[int, TokenL
     want_logprobs = [s.params.logprobs is not None for s in seqs]
     raw_logprobs = logits.log_softmax(dim=-1) if any(want_logprobs) else None
     apply_penalties(logits, seqs)
+    apply_logits_processors(logits, seqs)
 
     tokens = logits.argmax(dim=-1)
     rows = [i for i, s in enumerate(seqs) if not s.params.greedy]

@@ -5,10 +5,14 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from server.engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from server.engine.logits_processors import LogitsState
 
 NO_ADAPTER = -1
 
@@ -45,6 +49,7 @@ class Sequence:
     stop_reason: str | int | None = None
     error: str | None = None  # set with finish_reason "error"
     generator: torch.Generator | None = None
+    logits: LogitsState | None = None  # bias, min_tokens, grammar; None when none apply
     num_preemptions: int = 0
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
