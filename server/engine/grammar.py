@@ -23,6 +23,7 @@ GrammarKind = Literal["json_object", "json_schema", "regex", "choice"]
 
 MAX_GRAMMAR_CHARS = 64 * 1024  # a schema, regex or choice list, serialized
 MAX_CHOICES = 256
+MAX_SCHEMA_DEPTH = 32
 
 # Keywords xgrammar turns into grammar rules: output of the compiled grammar validates them.
 _ENFORCED = frozenset(
@@ -104,42 +105,49 @@ class Grammar:
                 )
 
 
-def check_schema(schema: Any, path: str = "response_format.json_schema.schema") -> None:
+def check_schema(
+    schema: Any,
+    path: str = "response_format.json_schema.schema",
+    param: str = "response_format",
+    depth: int = 0,
+) -> None:
     """Refuse a schema that uses a keyword the grammar cannot enforce, naming it and where."""
+    if depth > MAX_SCHEMA_DEPTH:
+        raise InvalidRequestError(f"{path} nests more than {MAX_SCHEMA_DEPTH} schemas deep", param)
     if isinstance(schema, bool):
         return
     if not isinstance(schema, dict):
-        raise InvalidRequestError(f"{path} must be a JSON schema object", "response_format")
+        raise InvalidRequestError(f"{path} must be a JSON schema object", param)
     for key, value in schema.items():
         if key in _ANNOTATIONS:
             continue
         if key not in _ENFORCED:
             raise InvalidRequestError(
                 f"JSON schema keyword {key!r} (at {path}) is not supported for structured output",
-                "response_format",
+                param,
             )
         if key in _SCHEMA_MAPS:
             if not isinstance(value, dict):
-                raise InvalidRequestError(f"{path}.{key} must be an object", "response_format")
+                raise InvalidRequestError(f"{path}.{key} must be an object", param)
             for name, sub in value.items():
-                check_schema(sub, f"{path}.{key}.{name}")
+                check_schema(sub, f"{path}.{key}.{name}", param, depth + 1)
         elif key in ("items", "additionalProperties"):
-            check_schema(value, f"{path}.{key}")
+            check_schema(value, f"{path}.{key}", param, depth + 1)
         elif key in ("prefixItems", "anyOf"):
             if not isinstance(value, list):
-                raise InvalidRequestError(f"{path}.{key} must be an array", "response_format")
+                raise InvalidRequestError(f"{path}.{key} must be an array", param)
             for i, sub in enumerate(value):
-                check_schema(sub, f"{path}.{key}[{i}]")
+                check_schema(sub, f"{path}.{key}[{i}]", param, depth + 1)
         elif key == "type":
             types = value if isinstance(value, list) else [value]
             unknown = [t for t in types if t not in _TYPES]
             if unknown:
                 raise InvalidRequestError(
                     f"JSON schema type {unknown[0]!r} (at {path}) is not a JSON type",
-                    "response_format",
+                    param,
                 )
         elif key == "pattern":
-            _check_regex(value, f"{path}.pattern", "response_format")
+            _check_regex(value, f"{path}.pattern", param)
 
 
 def _check_regex(pattern: Any, where: str, param: str) -> None:
@@ -179,16 +187,27 @@ class GrammarCompiler:
         self.vocab_size = vocab_size
         self._max_threads = max_threads
         self._compiler: xgr.GrammarCompiler | None = None
+        self._control_token_ids: list[int] = []
         self._lock = threading.Lock()
 
     @property
     def compiler(self) -> xgr.GrammarCompiler:
         with self._lock:
             if self._compiler is None:
-                self._compiler = xgr.GrammarCompiler(
-                    self._tokenizer_info(), max_threads=self._max_threads
-                )
+                info = self._tokenizer_info()
+                # xgrammar's JSON strings admit raw control characters, which JSON forbids.
+                self._control_token_ids = [
+                    i for i, text in enumerate(info.decoded_vocab) if any(b < 0x20 for b in text)
+                ]
+                self._compiler = xgr.GrammarCompiler(info, max_threads=self._max_threads)
             return self._compiler
+
+    @property
+    def control_token_ids(self) -> list[int]:
+        """Tokens holding a control character (below U+0020): never part of JSON output, since
+        JSON grammars here write no newlines or tabs between values."""
+        _ = self.compiler
+        return self._control_token_ids
 
     def _tokenizer_info(self) -> xgr.TokenizerInfo:
         tok = self._tokenizer

@@ -33,6 +33,7 @@ class LogitsState:
     min_tokens: int = 0
     stop_ids: torch.Tensor | None = None  # [E] banned while fewer than min_tokens were made
     matcher: xgr.GrammarMatcher | None = None
+    banned_ids: torch.Tensor | None = None  # [N] never allowed (control characters in JSON)
 
     @staticmethod
     def build(
@@ -61,6 +62,9 @@ class LogitsState:
             state.stop_ids = torch.tensor(stop, dtype=torch.long, device=device)
         if params.grammar is not None:
             state.matcher = grammars.matcher(params.grammar)
+            if params.grammar.kind.startswith("json"):
+                banned = grammars.control_token_ids
+                state.banned_ids = torch.tensor(banned, dtype=torch.long, device=device)
         return state
 
 
@@ -75,6 +79,8 @@ def apply_logits_processors(logits: torch.Tensor, seqs: Sequence[EngineSequence]
             logits[row, state.bias_ids] += state.bias_values
         if state.stop_ids is not None and seqs[row].num_output_tokens < state.min_tokens:
             logits[row, state.stop_ids] = float("-inf")
+        if state.banned_ids is not None:
+            logits[row, state.banned_ids] = float("-inf")
         if state.matcher is not None:
             constrained.append((row, state.matcher))
     if constrained:
