@@ -9,6 +9,7 @@ bitmask and applied in one call, so constrained and unconstrained requests share
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -93,12 +94,17 @@ def apply_grammar_masks(
     """-inf on each constrained row's tokens its grammar does not allow next."""
     num_rows, vocab = logits.shape
     bitmask = xgr.allocate_token_bitmask(num_rows, vocab)  # [S, ceil(vocab / 32)] int32
-    for row, matcher in constrained:
-        matcher.fill_next_token_bitmask(bitmask, row)
     rows = [row for row, _ in constrained]
+    _batch_matcher().batch_fill_next_token_bitmask([m for _, m in constrained], bitmask, rows)
     xgr.apply_token_bitmask_inplace(
         logits, bitmask.to(logits.device, non_blocking=True), vocab_size=vocab, indices=rows
     )
+
+
+@functools.cache
+def _batch_matcher() -> xgr.BatchGrammarMatcher:
+    """Fills many rows' masks in one call, on xgrammar's own threads (one per core at most)."""
+    return xgr.BatchGrammarMatcher(max_threads="auto")
 
 
 def accept_token(seq: EngineSequence, token_id: int) -> None:
