@@ -81,8 +81,9 @@ class ChatService(OpenAIService):
 
     def _calls(self, tools: ToolRequest, out: RequestOutput) -> tuple[str | None, list[ParsedCall]]:
         """The message content and tool calls in a finished output."""
-        if tools.constrained and out.finish_reason == "stop":
-            return None, tools.calls_from_constrained(out.text)
+        calls = tools.calls_from_constrained(out.text) if tools.constrained else []
+        if calls:
+            return None, calls
         if tools.parses_free_text:
             content, calls = parse_tool_calls(self.family, out.text, tools.tools)
             return content, calls if tools.parallel else calls[:1]

@@ -80,11 +80,14 @@ class ToolRequest:
         return Grammar("json_schema", array)
 
     def calls_from_constrained(self, text: str) -> list[ToolCall]:
-        """The calls in output the grammar produced (a full output always parses)."""
-        value = json.loads(text)
+        """The calls in output the grammar produced; none when it was cut short (a stop
+        string, or max_tokens), which leaves the text as content."""
+        value = _loads(text)
         if self.choice == "named":
             assert self.named is not None
-            return [ToolCall(self.named, json.dumps(value))]
+            return [ToolCall(self.named, json.dumps(value))] if isinstance(value, dict) else []
+        if not isinstance(value, list) or not all(isinstance(c, dict) for c in value):
+            return []
         return [ToolCall(c["name"], json.dumps(c["parameters"])) for c in value]
 
 
@@ -264,8 +267,9 @@ class ToolStream:
 
     def finish(self, finish_reason: str | None) -> tuple[str, list[ToolCall]]:
         """(content still to send, tool calls) once the output has ended."""
-        if self.tools.constrained and finish_reason == "stop":
-            return "", self.tools.calls_from_constrained(self.text)
+        calls = self.tools.calls_from_constrained(self.text) if self.tools.constrained else []
+        if calls:
+            return "", calls
         if self.call_start is not None:
             _, calls = parse_tool_calls(self.family, self.text[self.call_start :], self.tools.tools)
             if calls:

@@ -134,13 +134,15 @@ def check_schema(
         elif key in ("items", "additionalProperties"):
             check_schema(value, f"{path}.{key}", param, depth + 1)
         elif key in ("prefixItems", "anyOf"):
-            if not isinstance(value, list):
-                raise InvalidRequestError(f"{path}.{key} must be an array", param)
+            if not isinstance(value, list) or (key == "anyOf" and not value):
+                raise InvalidRequestError(f"{path}.{key} must be a non-empty array", param)
             for i, sub in enumerate(value):
                 check_schema(sub, f"{path}.{key}[{i}]", param, depth + 1)
         elif key == "type":
             types = value if isinstance(value, list) else [value]
             unknown = [t for t in types if t not in _TYPES]
+            if not types:
+                raise InvalidRequestError(f"{path}.type must not be empty", param)
             if unknown:
                 raise InvalidRequestError(
                     f"JSON schema type {unknown[0]!r} (at {path}) is not a JSON type",
@@ -148,6 +150,21 @@ def check_schema(
                 )
         elif key == "pattern":
             _check_regex(value, f"{path}.pattern", param)
+    _check_required(schema, path, param)
+
+
+def _check_required(schema: dict, path: str, param: str) -> None:
+    """A required property the schema does not define could never be written: output would
+    stop short of valid (extra properties are written only when additionalProperties says)."""
+    required = schema.get("required")
+    if not isinstance(required, list) or schema.get("additionalProperties") not in (None, False):
+        return
+    defined = schema.get("properties") or {}
+    missing = [name for name in required if name not in defined]
+    if missing:
+        raise InvalidRequestError(
+            f"{path}.required names {missing[0]!r}, which is not in its properties", param
+        )
 
 
 def _check_regex(pattern: Any, where: str, param: str) -> None:
@@ -246,7 +263,8 @@ class GrammarCompiler:
                 alternatives = "|".join(_quote_ebnf(c) for c in grammar.spec)
                 compiled = compiler.compile_grammar(f"root ::= {alternatives}")
         except RuntimeError as exc:  # xgrammar's error for a grammar it cannot build
-            detail = str(exc).strip().splitlines()[-1].split(": ", 1)[-1]
+            # xgrammar's messages start "[time] source.cc:line: "; the rest is for the user.
+            detail = re.sub(r"^\[[^\]]*\]\s*\S+:\d+:\s*", "", str(exc).strip().splitlines()[-1])
             raise InvalidRequestError(
                 f"{grammar.param} cannot be compiled: {detail}", grammar.param
             ) from exc

@@ -10,6 +10,7 @@ bitmask and applied in one call, so constrained and unconstrained requests share
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -24,6 +25,8 @@ if TYPE_CHECKING:
     from server.engine.sampling_params import SamplingParams
     from server.engine.sequence import Sequence as EngineSequence
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass
 class LogitsState:
@@ -34,6 +37,7 @@ class LogitsState:
     min_tokens: int = 0
     stop_ids: torch.Tensor | None = None  # [E] banned while fewer than min_tokens were made
     matcher: xgr.GrammarMatcher | None = None
+    eos_ids: tuple[int, ...] = ()  # allowed when the grammar allows nothing (a dead end)
     banned_ids: torch.Tensor | None = None  # [N] never allowed (control characters in JSON)
 
     @staticmethod
@@ -63,6 +67,7 @@ class LogitsState:
             state.stop_ids = torch.tensor(stop, dtype=torch.long, device=device)
         if params.grammar is not None:
             state.matcher = grammars.matcher(params.grammar)
+            state.eos_ids = tuple(sorted(eos_token_ids))
             if params.grammar.kind.startswith("json"):
                 banned = grammars.control_token_ids
                 state.banned_ids = torch.tensor(banned, dtype=torch.long, device=device)
@@ -74,7 +79,7 @@ def apply_logits_processors(logits: torch.Tensor, seqs: Sequence[EngineSequence]
     rows = [(row, seq.logits) for row, seq in enumerate(seqs) if seq.logits is not None]
     if not rows:
         return
-    constrained: list[tuple[int, xgr.GrammarMatcher]] = []
+    constrained: list[tuple[int, LogitsState]] = []
     for row, state in rows:
         if state.bias_ids is not None:
             logits[row, state.bias_ids] += state.bias_values
@@ -83,19 +88,35 @@ def apply_logits_processors(logits: torch.Tensor, seqs: Sequence[EngineSequence]
         if state.banned_ids is not None:
             logits[row, state.banned_ids] = float("-inf")
         if state.matcher is not None:
-            constrained.append((row, state.matcher))
+            constrained.append((row, state))
     if constrained:
         apply_grammar_masks(logits, constrained)
 
 
-def apply_grammar_masks(
-    logits: torch.Tensor, constrained: list[tuple[int, xgr.GrammarMatcher]]
-) -> None:
+def apply_grammar_masks(logits: torch.Tensor, constrained: list[tuple[int, LogitsState]]) -> None:
     """-inf on each constrained row's tokens its grammar does not allow next."""
     num_rows, vocab = logits.shape
     bitmask = xgr.allocate_token_bitmask(num_rows, vocab)  # [S, ceil(vocab / 32)] int32
     rows = [row for row, _ in constrained]
-    _batch_matcher().batch_fill_next_token_bitmask([m for _, m in constrained], bitmask, rows)
+    live: list[tuple[int, xgr.GrammarMatcher]] = []
+    for row, state in constrained:
+        assert state.matcher is not None
+        if state.matcher.is_terminated():
+            bitmask[row] = 0  # no next mask: a dead end, handled below
+        else:
+            live.append((row, state.matcher))
+    if live:
+        matchers = [m for _, m in live]
+        _batch_matcher().batch_fill_next_token_bitmask(matchers, bitmask, [r for r, _ in live])
+    # A grammar that allows nothing (a schema no value satisfies) would leave a row of -inf:
+    # let it end instead, so one bad request never breaks the step.
+    dead = (bitmask[rows] == 0).all(dim=1).tolist()
+    for (row, state), is_dead in zip(constrained, dead, strict=True):
+        if is_dead:
+            logger.warning("grammar dead end at row %d; ending the sequence", row)
+            for token in state.eos_ids:
+                bit = 1 << (token % 32)
+                bitmask[row, token // 32] |= bit - (1 << 32) if bit >= 1 << 31 else bit  # int32
     xgr.apply_token_bitmask_inplace(
         logits, bitmask.to(logits.device, non_blocking=True), vocab_size=vocab, indices=rows
     )
@@ -109,6 +130,6 @@ def _batch_matcher() -> xgr.BatchGrammarMatcher:
 
 def accept_token(seq: EngineSequence, token_id: int) -> None:
     """Advance the sequence's grammar past its new token (engine thread, after sampling)."""
-    if seq.logits is not None and seq.logits.matcher is not None:
-        accepted = seq.logits.matcher.accept_token(token_id)
-        assert accepted, f"token {token_id} was sampled outside the grammar's mask"
+    matcher = seq.logits.matcher if seq.logits is not None else None
+    if matcher is not None and not matcher.accept_token(token_id):  # only past a dead end
+        logger.warning("request %s: token %d is outside its grammar", seq.request_id, token_id)

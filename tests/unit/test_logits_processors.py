@@ -116,3 +116,29 @@ def test_invalid_logits_options_are_refused(engine) -> None:  # type: ignore[no-
         SamplingParams(min_tokens=1, grammar=Grammar("json_object"))
     with pytest.raises(InvalidRequestError, match="token ids in"):
         engine.make_sequence([1, 2], SamplingParams(logit_bias={10**6: 1.0}))
+
+
+@pytest.mark.parametrize(
+    ("schema", "fragment"),
+    [
+        ({"anyOf": []}, "anyOf must be a non-empty array"),
+        ({"type": []}, "type must not be empty"),
+        ({"type": "object", "required": ["b"], "properties": {}}, "names 'b'"),
+    ],
+)
+def test_schemas_no_output_could_satisfy_are_refused(schema, fragment) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(InvalidRequestError, match=fragment):
+        check_schema(schema)
+
+
+def test_a_grammar_dead_end_lets_the_row_end_instead_of_breaking_the_step(engine) -> None:  # type: ignore[no-untyped-def]
+    eos = sorted(engine.tokenizer.eos_token_ids)
+    params = SamplingParams(grammar=Grammar("choice", ["x"]))
+    seq = Sequence("0", [1, 2], params)
+    seq.logits = LogitsState.build(params, engine.grammars, eos, torch.device("cpu"))
+    assert seq.logits is not None and seq.logits.matcher is not None
+    for token in [*engine.tokenizer.encode("x", add_special_tokens=False), eos[0]]:
+        assert seq.logits.matcher.accept_token(token)
+    logits = torch.zeros(1, engine.model_config.vocab_size)
+    apply_logits_processors(logits, [seq])  # the finished grammar allows nothing more
+    assert torch.isfinite(logits[0]).nonzero().flatten().tolist() == eos

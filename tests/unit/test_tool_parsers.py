@@ -123,3 +123,11 @@ def test_history_arguments_become_objects_for_the_template() -> None:
         "tool_calls": [{"id": "c", "function": {"name": "add", "arguments": '{"a": 1}'}}],
     }
     assert history_message(message)["tool_calls"][0]["function"]["arguments"] == {"a": 1}
+
+
+def test_constrained_output_cut_short_gives_no_calls() -> None:
+    for request in (ToolRequest(TOOLS, "required"), ToolRequest(TOOLS, "named", named="add")):
+        assert request.calls_from_constrained('[{"name": "add", "parame') == []
+        stream = ToolStream("llama3_json", request)
+        assert stream.feed('{"a": 1') == ""
+        assert stream.finish("stop") == ('{"a": 1', [])
