@@ -115,7 +115,10 @@ class ChatService(OpenAIService):
             max_tokens = max(1, self.state.llm.max_model_len - len(prompt))
         top = (req.top_logprobs or 0) if req.logprobs else None
         # Mistral's [TOOL_CALLS] and Llama's <|python_tag|> are special tokens: keep their text.
-        keep_special = tools.parses_free_text and self.family != "hermes"
+        template = self.tok.chat_template or ""
+        keep_special = tools.parses_free_text and any(
+            marker in template for marker in ("[TOOL_CALLS]", "<|python_tag|>")
+        )
         params = self.params(req, req.n, max_tokens, top, grammar, False if keep_special else None)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())

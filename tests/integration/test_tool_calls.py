@@ -5,14 +5,22 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import jsonschema
 import openai
 import pytest
 
-from tests.integration.conftest import MODEL_NAME, Oracle, adapter_name
+from tests.integration.conftest import (
+    ENGINE_FLAGS,
+    MODEL_NAME,
+    Oracle,
+    adapter_name,
+    serve_flags,
+)
 from tests.integration.live_server import LiveServer
 
 MESSAGES: Any = [{"role": "user", "content": "Weather in Paris?"}]
@@ -164,7 +172,7 @@ def test_auto_passes_plain_text_through_whole_and_streamed(
     content, calls, _ = _streamed_calls(sdk.chat.completions.create(**args, stream=True))
     assert whole.message.tool_calls is None and calls == []
     assert whole.message.content == content
-    assert content == oracle.chat(None, MESSAGES, max_tokens=10, skip_special_tokens=False)
+    assert content == oracle.chat(None, MESSAGES, max_tokens=10)
 
 
 def test_tool_results_and_earlier_calls_go_through_the_template(
@@ -197,3 +205,79 @@ def test_an_unknown_named_function_is_a_400(sdk: openai.OpenAI) -> None:
             tool_choice={"type": "function", "function": {"name": "nope"}},
         )
     assert isinstance(info.value.body, dict) and info.value.body["param"] == "tool_choice"
+
+
+# A Hermes / Qwen2.5-style template: tools shown in a system turn, calls in <tool_call> tags.
+HERMES_TEMPLATE = (
+    "{{ bos_token }}{% if tools %}<|system|>{{ tools | tojson }}\n{% endif %}"
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}"
+    "{% for c in m.tool_calls or [] %}<tool_call>{{ c.function | tojson }}</tool_call>"
+    "{% endfor %}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+HERMES_CALL = '<tool_call>{"name": "add", "arguments": {"a": 4, "b": 5}}</tool_call>'
+
+
+@pytest.fixture(scope="module")
+def hermes_sdk(
+    model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[openai.OpenAI]:
+    path = tmp_path_factory.mktemp("hermes") / MODEL_NAME
+    shutil.copytree(model_dir, path)
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    (path / "tokenizer_config.json").write_text(
+        json.dumps({**config, "chat_template": HERMES_TEMPLATE})
+    )
+    flags = {**ENGINE_FLAGS, "max_model_len": 1024}
+    args = serve_flags(**flags, served_model_name=MODEL_NAME)
+    live = LiveServer(path, path.parent / "data", args).start()
+    try:
+        with openai.OpenAI(base_url=f"{live.url}/v1", api_key=live.api_key, max_retries=0) as c:
+            yield c
+    finally:
+        live.stop()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_auto_parses_hermes_calls_after_text(hermes_sdk: openai.OpenAI, stream: bool) -> None:
+    args: Any = dict(
+        model=MODEL_NAME,
+        messages=MESSAGES,
+        tools=TOOLS[1:],
+        max_tokens=120,
+        temperature=0,
+        extra_body={"guided_regex": re.escape("Adding." + HERMES_CALL)},
+    )
+    if stream:
+        content, calls, finish = _streamed_calls(
+            hermes_sdk.chat.completions.create(**args, stream=True)
+        )
+        pairs = [(c["name"], json.loads(c["arguments"])) for c in calls]
+    else:
+        choice = hermes_sdk.chat.completions.create(**args).choices[0]
+        content, finish = choice.message.content or "", choice.finish_reason
+        pairs = [
+            (c.function.name, json.loads(c.function.arguments))
+            for c in choice.message.tool_calls or []
+        ]
+    assert (content, finish) == ("Adding.", "tool_calls")
+    assert pairs == [("add", {"a": 4, "b": 5})]
+
+
+def test_tools_and_earlier_calls_reach_the_template(hermes_sdk: openai.OpenAI) -> None:
+    def prompt_tokens(**extra: Any) -> int:
+        out = hermes_sdk.chat.completions.create(
+            model=MODEL_NAME, messages=MESSAGES, max_tokens=1, **extra
+        )
+        assert out.usage is not None
+        return out.usage.prompt_tokens
+
+    bare = prompt_tokens()
+    assert prompt_tokens(tools=TOOLS[1:]) > bare
+    assert prompt_tokens(tools=TOOLS[1:], tool_choice="none") == bare
+    call = {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": "{}"}}
+    history = [*MESSAGES, {"role": "assistant", "content": None, "tool_calls": [call]}]
+    with_call = hermes_sdk.chat.completions.create(model=MODEL_NAME, messages=history, max_tokens=1)
+    plain = [*MESSAGES, {"role": "assistant", "content": ""}]
+    without = hermes_sdk.chat.completions.create(model=MODEL_NAME, messages=plain, max_tokens=1)
+    assert with_call.usage is not None and without.usage is not None
+    assert with_call.usage.prompt_tokens > without.usage.prompt_tokens  # the call was rendered
