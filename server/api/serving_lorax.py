@@ -23,7 +23,7 @@ from server.api.schemas.lorax import (
 from server.api.schemas.openai import MAX_N
 from server.api.serving_openai import sse
 from server.api.state import ServerState
-from server.api.structured import lorax_grammar
+from server.api.structured import compile_grammar, lorax_grammar
 from server.engine.grammar import Grammar
 from server.engine.outputs import RequestOutput
 from server.engine.sampling_params import SamplingParams
@@ -109,8 +109,7 @@ class LoraxService:
             prompt = await self.prompts.encode(req.inputs, "inputs")
         if not prompt:
             raise BadRequest("inputs is empty", "inputs")
-        if grammar is not None:
-            grammar = await off_loop(self.state.llm.grammars.compile, grammar)
+        grammar = await compile_grammar(self.state.llm.grammars, grammar)
         # Each of best_of samples draws from its own seed (seed, seed + 1, ...).
         samples = [
             replace(params, grammar=grammar, seed=None if p.seed is None else (p.seed + j) % 2**63)

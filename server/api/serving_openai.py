@@ -19,7 +19,7 @@ from server.api.outputs import (
     sse_error,
     usage,
 )
-from server.api.prompts import PromptEncoder, check_token_ids, off_loop
+from server.api.prompts import PromptEncoder, check_token_ids
 from server.api.schemas.openai import (
     CompletionChoice,
     CompletionRequest,
@@ -27,7 +27,7 @@ from server.api.schemas.openai import (
     SamplingFields,
 )
 from server.api.state import ServerState
-from server.api.structured import logit_bias, openai_grammar
+from server.api.structured import compile_grammar, logit_bias, openai_grammar
 from server.engine.grammar import Grammar
 from server.engine.llm_engine import Prompt
 from server.engine.outputs import RequestOutput
@@ -53,10 +53,7 @@ class OpenAIService:
             raise BadRequest("stream_options is only allowed when stream is true", "stream_options")
 
     async def compile(self, grammar: Grammar | None) -> Grammar | None:
-        """The grammar compiled on the tokenizer threads (a schema can take milliseconds)."""
-        if grammar is None:
-            return None
-        return await off_loop(self.state.llm.grammars.compile, grammar)
+        return await compile_grammar(self.state.llm.grammars, grammar)
 
     def params(
         self,

@@ -3,11 +3,27 @@ LoRAX), the guided_regex / guided_choice extensions, and logit_bias."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from server.api.errors import BadRequest
-from server.engine.grammar import Grammar, check_schema
+from server.engine.grammar import Grammar, GrammarCompiler, check_schema
+
+# Grammars compile on threads of their own: a large schema takes up to seconds, and must not
+# hold up the tokenizer threads every prompt goes through.
+COMPILE_THREADS = 2
+_compile_pool = ThreadPoolExecutor(COMPILE_THREADS, thread_name_prefix="loraplex-grammar")
+
+
+async def compile_grammar(compiler: GrammarCompiler, grammar: Grammar | None) -> Grammar | None:
+    """The grammar compiled off the event loop (cached by the compiler), or None."""
+    if grammar is None:
+        return None
+    return await asyncio.get_running_loop().run_in_executor(
+        _compile_pool, compiler.compile, grammar
+    )
 
 
 def openai_grammar(

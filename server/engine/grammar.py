@@ -24,6 +24,7 @@ GrammarKind = Literal["json_object", "json_schema", "regex", "choice"]
 MAX_GRAMMAR_CHARS = 64 * 1024  # a schema, regex or choice list, serialized
 MAX_CHOICES = 256
 MAX_SCHEMA_DEPTH = 32
+MAX_CACHE_BYTES = 256 * 2**20  # compiled grammars kept for reuse (least recently used go)
 
 # Keywords xgrammar turns into grammar rules: output of the compiled grammar validates them.
 _ENFORCED = frozenset(
@@ -216,7 +217,9 @@ class GrammarCompiler:
                 self._control_token_ids = [
                     i for i, text in enumerate(info.decoded_vocab) if any(b < 0x20 for b in text)
                 ]
-                self._compiler = xgr.GrammarCompiler(info, max_threads=self._max_threads)
+                self._compiler = xgr.GrammarCompiler(
+                    info, max_threads=self._max_threads, cache_limit_bytes=MAX_CACHE_BYTES
+                )
             return self._compiler
 
     @property
