@@ -67,11 +67,14 @@ class PromptEncoder:
         return self.check_ids(ids, param)
 
     async def encode_chat(
-        self, messages: list[dict[str, str]], add_generation_prompt: bool
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool,
+        tools: list[dict[str, Any]] | None = None,
     ) -> list[int]:
         self.check_chars(sum(len(m["content"]) for m in messages), "messages")
         try:
-            ids = await off_loop(self.tok.encode_chat, messages, add_generation_prompt)
+            ids = await off_loop(self.tok.encode_chat, messages, add_generation_prompt, tools)
         except TokenizerError as exc:
             raise BadRequest(str(exc), "messages") from exc
         return self.check_ids(ids, "messages")

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 from fastapi import Request
 
 from server.api.errors import BadRequest, error_body, translate
+from server.api.outputs import collect
 from server.api.prompts import PromptEncoder, off_loop
 from server.api.schemas.lorax import (
     LoraxDetails,
@@ -18,8 +20,11 @@ from server.api.schemas.lorax import (
     LoraxStreamResponse,
     LoraxToken,
 )
+from server.api.schemas.openai import MAX_N
 from server.api.serving_openai import sse
 from server.api.state import ServerState
+from server.api.structured import compile_grammar, lorax_grammar
+from server.engine.grammar import Grammar
 from server.engine.outputs import RequestOutput
 from server.engine.sampling_params import SamplingParams
 
@@ -27,19 +32,16 @@ _UNSUPPORTED = (
     "merged_adapters",
     "adapter_parameters",
     "return_k_alternatives",
-    "response_format",
     "typical_p",
 )
 
 
-def _params(p: LoraxParameters, details: bool) -> SamplingParams:
+def _params(p: LoraxParameters, details: bool, grammar: Grammar | None) -> SamplingParams:
     for name in _UNSUPPORTED:
         if getattr(p, name) is not None:
             raise BadRequest(f"parameters.{name} is not supported", f"parameters.{name}")
     if p.watermark:
         raise BadRequest("parameters.watermark is not supported", "parameters.watermark")
-    if p.best_of not in (None, 1):
-        raise BadRequest("parameters.best_of > 1 is not supported", "parameters.best_of")
     # LoRAX/TGI semantics: a warper (temperature other than 1, top_k, top_p below 1) samples
     # even without do_sample; with neither, the choice is greedy.
     warped = (
@@ -54,8 +56,18 @@ def _params(p: LoraxParameters, details: bool) -> SamplingParams:
         repetition_penalty=p.repetition_penalty or 1.0,
         stop=p.stop or [],
         ignore_eos=p.ignore_eos_token,
-        logprobs=0 if details else None,
+        logprobs=0 if details or (p.best_of or 1) > 1 else None,
+        grammar=grammar,
     )
+
+
+def _best_of(p: LoraxParameters, stream: bool) -> int:
+    best = p.best_of or 1
+    if best > 1 and stream:
+        raise BadRequest("parameters.best_of > 1 cannot be streamed", "parameters.best_of")
+    if best > MAX_N:
+        raise BadRequest(f"parameters.best_of must be at most {MAX_N}", "parameters.best_of")
+    return best
 
 
 def finish_reason(out: RequestOutput) -> str:
@@ -80,29 +92,38 @@ class LoraxService:
             special=token_id in self.tok.special_token_ids,
         )
 
-    async def _start(self, raw: Request, req: LoraxRequest, details: bool):  # type: ignore[no-untyped-def]
+    async def _start(self, raw: Request, req: LoraxRequest, details: bool, stream: bool):  # type: ignore[no-untyped-def]
         p = req.parameters
-        params = _params(p, details)
+        best = _best_of(p, stream)
+        grammar = lorax_grammar(p.response_format)
+        params = _params(p, details, grammar)
+        if best > 1 and params.greedy:
+            raise BadRequest(
+                "parameters.best_of > 1 needs sampling (do_sample)", "parameters.best_of"
+            )
         adapter = self.state.resolve_model(p.adapter_id)
-        self.state.check_serving()  # before any tokenizing
+        self.state.check_serving(best)  # before any tokenizing
         if p.truncate is not None:  # TGI keeps the last `truncate` tokens
             prompt = await self.prompts.encode_truncated(req.inputs, p.truncate, "inputs")
         else:
             prompt = await self.prompts.encode(req.inputs, "inputs")
         if not prompt:
             raise BadRequest("inputs is empty", "inputs")
-        stream = self.state.generate(raw, [prompt], [params], adapter)
-        return prompt, stream
+        grammar = await compile_grammar(self.state.llm.grammars, grammar)
+        # Each of best_of samples draws from its own seed (seed, seed + 1, ...).
+        samples = [
+            replace(params, grammar=grammar, seed=None if p.seed is None else (p.seed + j) % 2**63)
+            for j in range(best)
+        ]
+        return prompt, self.state.generate(raw, [prompt] * best, samples, adapter)
 
     async def generate(self, raw: Request, req: LoraxRequest) -> LoraxResponse:
         p = req.parameters
-        prompt, stream = await self._start(raw, req, p.details)
-        tokens: list[LoraxToken] = []
-        final: RequestOutput | None = None
-        async for _, out in stream:
-            tokens += [self._token(lp.token_id, lp.logprob) for lp in out.logprobs]
-            final = out if out.finished else final
-        assert final is not None
+        prompt, stream = await self._start(raw, req, p.details, False)
+        results = await collect(stream, p.best_of or 1)
+        best = max(results, key=lambda r: r.cumulative_logprob)  # TGI's best_of
+        final = best.output
+        tokens = [self._token(lp.token_id, lp.logprob) for lp in best.logprobs]
         text = (req.inputs + final.text) if p.return_full_text else final.text
         if not p.details:
             return LoraxResponse(generated_text=text)
@@ -124,7 +145,7 @@ class LoraxService:
     async def stream(self, raw: Request, req: LoraxRequest) -> AsyncIterator[str]:
         """The SSE events; a request that is refused raises here, before the stream starts."""
         p = req.parameters
-        _, stream = await self._start(raw, req, True)
+        _, stream = await self._start(raw, req, True, True)
 
         async def events() -> AsyncIterator[str]:
             try:

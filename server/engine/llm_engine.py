@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from server.config import ConfigError, EngineConfig
+from server.engine.grammar import GrammarCompiler
+from server.engine.logits_processors import LogitsState, accept_token
 from server.engine.model_runner import ModelRunner
 from server.engine.outputs import OutputText, RequestOutput
 from server.engine.sampler import NON_FINITE, Sampler
@@ -79,6 +81,7 @@ class LLMEngine:
         self.tokenizer = Tokenizer(
             model_dir, extra_eos_token_ids=cfg.eos_token_ids + generation_eos_ids(model_dir)
         )
+        self.grammars = GrammarCompiler(self.tokenizer, cfg.vocab_size)
         self.max_model_len = config.max_model_len or cfg.max_position_embeddings
         if self.max_model_len > cfg.max_position_embeddings:
             logger.warning(
@@ -192,6 +195,9 @@ class LLMEngine:
             seq.adapter_id = reg.adapter_id
             seq.rope_scale = reg.spec.rope_scaling_factor
             self._check_fits(seq, len(ids) + params.max_tokens)
+        seq.logits = LogitsState.build(
+            params, self.grammars, self.tokenizer.eos_token_ids, self.device
+        )
         if not params.greedy:
             seq.seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(63)
         return seq
@@ -313,6 +319,7 @@ class LLMEngine:
                 new_ids: list[int] = []
             else:
                 seq.append_token(token)
+                accept_token(seq, token)
                 self._record_token(seq, now)
                 reason = self._finish_reason(req, token)
                 new_ids = [token]

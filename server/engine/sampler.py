@@ -11,10 +11,9 @@ after a preemption), and all rows draw in one vectorized op.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
+from server.engine.logits_processors import apply_logits_processors
 from server.engine.sequence import Sequence, TokenLogprob
 
 # Sampled in place of a token for a row whose logits are not all finite (the request failed).
@@ -22,7 +21,6 @@ NON_FINITE = -1
 
 # A per-row logits processor (structured output, logit bias): called with the sequence and its
 # row of logits ([vocab] float32, a view), which it may change in place (set -inf to forbid).
-LogitsProcessor = Callable[[Sequence, torch.Tensor], None]
 
 _M32 = 0xFFFFFFFF
 
@@ -121,7 +119,9 @@ class Sampler:
         penalty_idx = None
         if pen_rows:
             penalty_idx = self._apply_penalties(logits, [seqs[i] for i in pen_rows], pen_rows)
-        self._apply_logits_processors(logits, seqs)
+        # Structured output, logit_bias, min_tokens: after the penalties, before temperature
+        # and filtering, so a forbidden token (-inf) is never drawn.
+        apply_logits_processors(logits, seqs)
 
         tokens = logits.argmax(dim=-1)  # [S] greedy choice
         if not all(p.greedy for p in params):
@@ -164,16 +164,6 @@ class Sampler:
         sub -= frequency[:, None] * counts + presence[:, None] * (counts > 0)
         logits[logit_rows] = sub
         return logit_rows, count_rows
-
-    @staticmethod
-    def _apply_logits_processors(logits: torch.Tensor, seqs: list[Sequence]) -> None:
-        """The hook for per-row logits processors (structured output, logit bias): each
-        sequence's processors change its row of [rows, vocab] in place, after the penalties
-        and before temperature and filtering, so a forbidden token (-inf) is never drawn.
-        Rows without processors cost nothing here."""
-        for row, seq in enumerate(seqs):
-            for processor in seq.logits_processors:
-                processor(seq, logits[row])
 
     def _draw(
         self, logits: torch.Tensor, seqs: list[Sequence], greedy_tokens: torch.Tensor

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from server.engine.grammar import Grammar
 
 MAX_LOGPROBS = 20
 # The step thread checks every stop string and stop token after every token: bounded work.
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256  # per stop string
 MAX_STOP_TOKEN_IDS = 64
+MAX_LOGIT_BIAS = 1024  # entries; each is one indexed add per step
+MAX_BIAS = 100.0  # OpenAI's bound: -100 bans a token, +100 all but forces it
 
 
 class InvalidRequestError(ValueError):
@@ -38,6 +43,9 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit
+    min_tokens: int = 0  # EOS and stop_token_ids are banned until this many were made
+    grammar: Grammar | None = None  # the output must match it
 
     def __post_init__(self) -> None:
         self.stop = _normalize_stop(self.stop)
@@ -85,6 +93,40 @@ class SamplingParams:
                 isinstance(self.seed, int) and 0 <= self.seed < 2**63,
                 f"seed must be an integer in [0, 2**63), got {self.seed!r}",
                 "seed",
+            )
+
+        self._check_logits_options()
+
+    def _check_logits_options(self) -> None:
+        if self.logit_bias:
+            _check(
+                len(self.logit_bias) <= MAX_LOGIT_BIAS,
+                f"logit_bias may hold at most {MAX_LOGIT_BIAS} entries, got {len(self.logit_bias)}",
+                "logit_bias",
+            )
+            for token, bias in self.logit_bias.items():
+                _check(
+                    -MAX_BIAS <= bias <= MAX_BIAS,
+                    f"logit_bias values must be in [-100, 100], got {bias} for token {token}",
+                    "logit_bias",
+                )
+        _check(
+            isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= self.max_tokens,
+            f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], "
+            f"got {self.min_tokens!r}",
+            "min_tokens",
+        )
+        if self.grammar is not None:
+            # A grammar decides where the output ends: it allows only EOS once complete.
+            _check(
+                not self.min_tokens,
+                "min_tokens cannot be combined with structured output or tool calls",
+                "min_tokens",
+            )
+            _check(
+                not self.ignore_eos,
+                "ignore_eos cannot be combined with structured output or tool calls",
+                "ignore_eos",
             )
 
     @property

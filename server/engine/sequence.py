@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import enum
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
-
-import torch
+from typing import TYPE_CHECKING
 
 from server.engine.sampling_params import SamplingParams
 from server.lora.batch import NO_ADAPTER
+
+if TYPE_CHECKING:
+    from server.engine.logits_processors import LogitsState
 
 
 class SequenceStatus(enum.Enum):
@@ -45,8 +46,7 @@ class Sequence:
     stop_reason: str | int | None = None
     error: str | None = None  # set with finish_reason "error"
     seed: int = 0  # the sampler's noise is a function of (seed, position, token)
-    # Per-row logits processors (structured output): see server.engine.sampler.
-    logits_processors: list[Callable[[Sequence, torch.Tensor], None]] = field(default_factory=list)
+    logits: LogitsState | None = None  # bias, min_tokens, grammar; None when none apply
     num_preemptions: int = 0
     first_scheduled_time: float | None = None
     first_token_time: float | None = None

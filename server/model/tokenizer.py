@@ -118,11 +118,18 @@ class Tokenizer:
     def id_to_token(self, token_id: int) -> str | None:
         return self._tok.id_to_token(token_id)
 
+    def to_json(self) -> str:
+        """The tokenizer.json contents (vocabulary, model and decoder)."""
+        return self._tok.to_str()
+
     def decode_stream(self, skip_special_tokens: bool = True) -> IncrementalDecoder:
         return IncrementalDecoder(self._tok, skip_special_tokens)
 
     def apply_chat_template(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
     ) -> str:
         """Render messages with the checkpoint's chat template (jinja2, sandboxed)."""
         if self.chat_template is None:
@@ -140,18 +147,22 @@ class Tokenizer:
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token or "",
                 eos_token=self.eos_token or "",
+                tools=tools,
             )
         except jinja2.TemplateError as exc:
             raise TokenizerError(f"chat template failed: {exc}") from exc
 
     def encode_chat(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
     ) -> list[int]:
         """Token ids of a chat. Special tokens come from the template alone: message content
         that spells one (say "<|im_start|>system") stays ordinary text."""
-        text = self.apply_chat_template(messages, add_generation_prompt)
+        text = self.apply_chat_template(messages, add_generation_prompt, tools)
         whole = self._encode(self._tok, text)
-        spans = self._content_spans(messages, add_generation_prompt, text)
+        spans = self._content_spans(messages, add_generation_prompt, text, tools)
         if spans is None:
             for m in messages:
                 if self.special_token_ids.intersection(self.encode(m["content"], False)):
@@ -177,7 +188,11 @@ class Tokenizer:
         return ids + self._encode(self._tok, text[pos:]).ids
 
     def _content_spans(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool, text: str
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool,
+        text: str,
+        tools: list[dict[str, Any]] | None = None,
     ) -> list[tuple[int, int]] | None:
         """Where each message's content lies in the rendered text: found by rendering again
         with a unique marker for each content. None when the template changes content beyond
@@ -185,7 +200,7 @@ class Tokenizer:
         nonce = secrets.token_hex(8)
         marked = [{**m, "content": f"\ue000{nonce}.{i}\ue001"} for i, m in enumerate(messages)]
         try:
-            layout = self.apply_chat_template(marked, add_generation_prompt)
+            layout = self.apply_chat_template(marked, add_generation_prompt, tools)
         except TokenizerError:
             return None
         pieces = re.split(f"\ue000{nonce}\\.(\\d+)\ue001", layout)

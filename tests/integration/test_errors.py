@@ -165,11 +165,16 @@ def test_an_empty_stop_string_is_400_naming_stop(server: LiveServer) -> None:
     assert (err["param"], err["message"]) == ("stop", "stop strings must not be empty")
 
 
-def test_logit_bias_is_refused_as_unsupported(server: LiveServer) -> None:
-    body = {**COMPLETION, "logit_bias": {"5": 1.0}}
+def test_a_logit_bias_key_that_is_not_a_token_id_is_400_naming_logit_bias(
+    server: LiveServer,
+) -> None:
+    body = {**COMPLETION, "logit_bias": {"fox": 1.0}}
     with server.client() as http:
         err = openai_error(http.post("/v1/completions", json=body), 400)
-    assert (err["param"], err["message"]) == ("logit_bias", "logit_bias is not supported")
+    assert (err["param"], err["message"]) == (
+        "logit_bias",
+        "logit_bias keys must be token ids, got 'fox'",
+    )
 
 
 def test_a_body_that_is_not_json_is_400(server: LiveServer) -> None:

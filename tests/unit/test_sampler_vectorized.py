@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from server.engine.logits_processors import LogitsState
 from server.engine.sampler import Sampler, exponential_noise, sample
 from server.engine.sampling_params import SamplingParams
 from server.engine.sequence import Sequence
@@ -65,15 +66,12 @@ def test_incremental_penalty_counts_equal_counts_rebuilt_from_the_tokens():
     sampler.release(seq)
 
 
-def test_a_logits_processor_can_forbid_tokens_for_its_row_only():
+def test_a_rows_logits_state_changes_its_row_only():
     logits = torch.zeros(2, VOCAB)
     logits[:, 7] = 10.0
     seqs = [_seq(str(i), SamplingParams(temperature=0)) for i in range(2)]
-
-    def forbid_seven(seq: Sequence, row: torch.Tensor) -> None:
-        row[7] = float("-inf")
-
-    seqs[0].logits_processors.append(forbid_seven)
+    # What logit_bias {7: -100} builds: the processors run after the penalties, per row.
+    seqs[0].logits = LogitsState(bias_ids=torch.tensor([7]), bias_values=torch.tensor([-100.0]))
     tokens = [t for t, _ in sample(logits, seqs)]
     assert tokens[0] != 7 and tokens[1] == 7
 

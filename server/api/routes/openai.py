@@ -14,6 +14,7 @@ from server.api.schemas.openai import (
     ModelCard,
     ModelList,
 )
+from server.api.serving_chat import ChatService
 from server.api.serving_openai import CompletionService
 from server.api.state import ServerState
 
@@ -35,7 +36,7 @@ async def completions(body: CompletionRequest, request: Request):  # type: ignor
 
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=SSE)
 async def chat_completions(body: ChatCompletionRequest, request: Request):  # type: ignore[no-untyped-def]
-    result = await CompletionService(_state(request)).chat(request, body)
+    result = await ChatService(_state(request)).chat(request, body)
     if isinstance(result, ChatCompletionResponse):
         return result
     return StreamingResponse(result, media_type="text/event-stream")

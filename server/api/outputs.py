@@ -1,0 +1,122 @@
+"""What the completion and chat services share: SSE framing, collecting a request's outputs,
+best_of selection, usage, and logprobs in OpenAI's two shapes."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, field
+
+from server.api.errors import translate
+from server.api.schemas.openai import (
+    ChatLogprobs,
+    ChatTokenLogprob,
+    CompletionLogprobs,
+    TopLogprob,
+    Usage,
+)
+from server.engine.outputs import RequestOutput
+from server.engine.sequence import TokenLogprob
+from server.model.tokenizer import Tokenizer
+
+
+def sse(data: str) -> str:
+    return f"data: {data}\n\n"
+
+
+def sse_error(exc: Exception) -> str:
+    err = translate(exc)
+    body = {
+        "error": {"message": err.message, "type": err.type, "param": err.param, "code": err.code}
+    }
+    return sse(json.dumps(body))
+
+
+@dataclass
+class Finished:
+    """One engine request's final output and every token's logprob info."""
+
+    output: RequestOutput
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+    @property
+    def cumulative_logprob(self) -> float:
+        return sum(lp.logprob for lp in self.logprobs)
+
+
+async def collect(stream: AsyncIterator[tuple[int, RequestOutput]], count: int) -> list[Finished]:
+    """Run a non-streaming call's engine requests to the end; results in index order."""
+    logprobs: list[list[TokenLogprob]] = [[] for _ in range(count)]
+    finals: dict[int, RequestOutput] = {}
+    async for i, out in stream:
+        logprobs[i].extend(out.logprobs)
+        if out.finished:
+            finals[i] = out
+    return [Finished(finals[i], logprobs[i]) for i in range(count)]
+
+
+def best_of(results: list[Finished], best: int, n: int) -> list[Finished]:
+    """Of each prompt's `best` samples (consecutive), the n with the highest cumulative
+    logprob, likeliest first."""
+    chosen: list[Finished] = []
+    for start in range(0, len(results), best):
+        group = results[start : start + best]
+        chosen += sorted(group, key=lambda r: r.cumulative_logprob, reverse=True)[:n]
+    return chosen
+
+
+def usage(finals: Iterable[RequestOutput], samples_per_prompt: int) -> Usage:
+    """Prompt tokens once per prompt (not per sample); every generated token counts."""
+    outs = list(finals)
+    prompt = sum(o.num_prompt_tokens for o in outs) // max(samples_per_prompt, 1)
+    completion = sum(o.num_output_tokens for o in outs)
+    return Usage(
+        prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+    )
+
+
+class LogprobFormatter:
+    """Token logprobs as the completions API (text-keyed) and chat API (per-token) show them."""
+
+    def __init__(self, tok: Tokenizer) -> None:
+        self.tok = tok
+
+    def text(self, token_id: int) -> str:
+        return self.tok.decode([token_id], skip_special_tokens=False)
+
+    def completion(self, lps: list[TokenLogprob], offset: int) -> CompletionLogprobs:
+        tokens, offsets = [], []
+        for lp in lps:
+            offsets.append(offset)
+            text = self.text(lp.token_id)
+            tokens.append(text)
+            offset += len(text)
+        return CompletionLogprobs(
+            tokens=tokens,
+            token_logprobs=[lp.logprob for lp in lps],
+            top_logprobs=[self._top_by_text(lp) for lp in lps],
+            text_offset=offsets,
+        )
+
+    def _top_by_text(self, lp: TokenLogprob) -> dict[str, float]:
+        # Tokens that decode alone to the same text (partial UTF-8 bytes all read as U+FFFD)
+        # share a key; keep the likeliest, which comes first.
+        top: dict[str, float] = {}
+        for token_id, logprob in lp.top:
+            top.setdefault(self.text(token_id), logprob)
+        return top
+
+    def _top(self, token_id: int, logprob: float) -> TopLogprob:
+        text = self.text(token_id)
+        return TopLogprob(token=text, logprob=logprob, bytes=list(text.encode()))
+
+    def chat(self, lps: list[TokenLogprob]) -> ChatLogprobs:
+        content = []
+        for lp in lps:
+            top = self._top(lp.token_id, lp.logprob)
+            content.append(
+                ChatTokenLogprob(
+                    **top.model_dump(), top_logprobs=[self._top(t, v) for t, v in lp.top]
+                )
+            )
+        return ChatLogprobs(content=content)

@@ -1,0 +1,288 @@
+"""Grammars that constrain a request's output (JSON schema, any JSON, regex, choice), on xgrammar.
+
+A `Grammar` is what the request asked for; `GrammarCompiler` turns it into xgrammar's compiled
+form once (cached by xgrammar, compiled off the event loop by the API), and each sequence gets
+its own matcher, advanced token by token. Schemas are checked against the keywords xgrammar
+enforces: xgrammar ignores the rest, and output it produced would then not validate.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import xgrammar as xgr
+
+from server.engine.sampling_params import InvalidRequestError
+from server.model.tokenizer import Tokenizer
+
+GrammarKind = Literal["json_object", "json_schema", "regex", "choice"]
+
+MAX_GRAMMAR_CHARS = 64 * 1024  # a schema, regex or choice list, serialized
+MAX_CHOICES = 256
+MAX_SCHEMA_DEPTH = 32
+MAX_CACHE_BYTES = 256 * 2**20  # compiled grammars kept for reuse (least recently used go)
+
+# Keywords xgrammar turns into grammar rules: output of the compiled grammar validates them.
+_ENFORCED = frozenset(
+    {
+        "type",
+        "properties",
+        "required",
+        "additionalProperties",
+        "items",
+        "prefixItems",
+        "minItems",
+        "maxItems",
+        "enum",
+        "const",
+        "anyOf",
+        "$ref",
+        "$defs",
+        "definitions",
+        "minLength",
+        "maxLength",
+        "pattern",
+        "minimum",
+        "maximum",
+        "exclusiveMinimum",
+        "exclusiveMaximum",
+    }
+)
+# Annotations: no effect on which values validate.
+_ANNOTATIONS = frozenset(
+    {
+        "title",
+        "description",
+        "default",
+        "examples",
+        "$schema",
+        "$id",
+        "$comment",
+        "deprecated",
+        "readOnly",
+        "writeOnly",
+        "strict",
+    }
+)
+_SCHEMA_MAPS = ("properties", "$defs", "definitions")  # name -> schema
+_TYPES = frozenset({"object", "array", "string", "integer", "number", "boolean", "null"})
+
+
+@dataclass(frozen=True)
+class Grammar:
+    """What a request's output must match. `spec`: a JSON schema (dict), a regex (str) or a
+    list of choices (strings); None for any JSON object."""
+
+    kind: GrammarKind
+    spec: Any = None
+    # The form xgrammar compiled (set by GrammarCompiler.compile; not part of equality).
+    compiled: Any = field(default=None, compare=False, repr=False)
+
+    @property
+    def param(self) -> str:
+        """The request field that asked for it."""
+        return "response_format" if self.kind.startswith("json") else f"guided_{self.kind}"
+
+    def __post_init__(self) -> None:
+        param = self.param
+        if len(json.dumps(self.spec)) > MAX_GRAMMAR_CHARS:
+            raise InvalidRequestError(
+                f"{param} is over {MAX_GRAMMAR_CHARS} characters when serialized", param
+            )
+        if self.kind == "json_schema":
+            check_schema(self.spec)
+        elif self.kind == "regex":
+            if not isinstance(self.spec, str) or not self.spec:
+                raise InvalidRequestError("guided_regex must be a non-empty string", param)
+        elif self.kind == "choice":
+            ok = isinstance(self.spec, list) and all(isinstance(c, str) and c for c in self.spec)
+            if not ok or not 1 <= len(self.spec) <= MAX_CHOICES:
+                raise InvalidRequestError(
+                    f"guided_choice must be a list of 1 to {MAX_CHOICES} non-empty strings", param
+                )
+
+
+def check_schema(
+    schema: Any,
+    path: str = "response_format.json_schema.schema",
+    param: str = "response_format",
+    depth: int = 0,
+) -> None:
+    """Refuse a schema that uses a keyword the grammar cannot enforce, naming it and where."""
+    if depth > MAX_SCHEMA_DEPTH:
+        raise InvalidRequestError(f"{path} nests more than {MAX_SCHEMA_DEPTH} schemas deep", param)
+    if isinstance(schema, bool):
+        return
+    if not isinstance(schema, dict):
+        raise InvalidRequestError(f"{path} must be a JSON schema object", param)
+    for key, value in schema.items():
+        if key in _ANNOTATIONS:
+            continue
+        if key not in _ENFORCED:
+            raise InvalidRequestError(
+                f"JSON schema keyword {key!r} (at {path}) is not supported for structured output",
+                param,
+            )
+        if key in _SCHEMA_MAPS:
+            if not isinstance(value, dict):
+                raise InvalidRequestError(f"{path}.{key} must be an object", param)
+            for name, sub in value.items():
+                check_schema(sub, f"{path}.{key}.{name}", param, depth + 1)
+        elif key in ("items", "additionalProperties"):
+            check_schema(value, f"{path}.{key}", param, depth + 1)
+        elif key in ("prefixItems", "anyOf"):
+            if not isinstance(value, list) or (key == "anyOf" and not value):
+                raise InvalidRequestError(f"{path}.{key} must be a non-empty array", param)
+            for i, sub in enumerate(value):
+                check_schema(sub, f"{path}.{key}[{i}]", param, depth + 1)
+        elif key == "type":
+            types = value if isinstance(value, list) else [value]
+            unknown = [t for t in types if t not in _TYPES]
+            if not types:
+                raise InvalidRequestError(f"{path}.type must not be empty", param)
+            if unknown:
+                raise InvalidRequestError(
+                    f"JSON schema type {unknown[0]!r} (at {path}) is not a JSON type",
+                    param,
+                )
+        elif key == "pattern":
+            _check_regex(value, f"{path}.pattern", param)
+    _check_required(schema, path, param)
+
+
+def _check_required(schema: dict, path: str, param: str) -> None:
+    """A required property the schema does not define could never be written: output would
+    stop short of valid (extra properties are written only when additionalProperties says)."""
+    required = schema.get("required")
+    if not isinstance(required, list) or schema.get("additionalProperties") not in (None, False):
+        return
+    defined = schema.get("properties") or {}
+    missing = [name for name in required if name not in defined]
+    if missing:
+        raise InvalidRequestError(
+            f"{path}.required names {missing[0]!r}, which is not in its properties", param
+        )
+
+
+def _check_regex(pattern: Any, where: str, param: str) -> None:
+    if not isinstance(pattern, str):
+        raise InvalidRequestError(f"{where} must be a string", param)
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise InvalidRequestError(f"{where} is not a valid regex: {exc}", param) from exc
+    # xgrammar skips what it cannot match exactly (lookarounds, backreferences) with a warning;
+    # output would then not match the pattern.
+    if re.search(r"\(\?<?[=!]|\\[1-9]|\(\?P=", pattern):
+        raise InvalidRequestError(
+            f"{where} uses a lookaround or backreference, which structured output cannot enforce",
+            param,
+        )
+
+
+def _vocab_type(spec: dict) -> xgr.VocabType:
+    decoder = json.dumps(spec.get("decoder"))
+    if '"ByteLevel"' in decoder:
+        return xgr.VocabType.BYTE_LEVEL
+    if spec.get("model", {}).get("byte_fallback") or '"ByteFallback"' in decoder:
+        return xgr.VocabType.BYTE_FALLBACK
+    return xgr.VocabType.RAW
+
+
+class GrammarCompiler:
+    """Compiles Grammars for one tokenizer and vocabulary; safe to call from any thread.
+
+    The tokenizer's tables (a pass over the whole vocabulary) are built on first use, so a
+    server that never sees a constrained request never pays for them.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int, max_threads: int = 2) -> None:
+        self._tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self._max_threads = max_threads
+        self._compiler: xgr.GrammarCompiler | None = None
+        self._control_token_ids: list[int] = []
+        self._lock = threading.Lock()
+
+    @property
+    def compiler(self) -> xgr.GrammarCompiler:
+        with self._lock:
+            if self._compiler is None:
+                info = self._tokenizer_info()
+                # xgrammar's JSON strings admit raw control characters, which JSON forbids.
+                self._control_token_ids = [
+                    i for i, text in enumerate(info.decoded_vocab) if any(b < 0x20 for b in text)
+                ]
+                self._compiler = xgr.GrammarCompiler(
+                    info, max_threads=self._max_threads, cache_limit_bytes=MAX_CACHE_BYTES
+                )
+            return self._compiler
+
+    @property
+    def control_token_ids(self) -> list[int]:
+        """Tokens holding a control character (below U+0020): never part of JSON output, since
+        JSON grammars here write no newlines or tabs between values."""
+        _ = self.compiler
+        return self._control_token_ids
+
+    def _tokenizer_info(self) -> xgr.TokenizerInfo:
+        tok = self._tokenizer
+        # Special tokens become empty strings, which xgrammar never allows inside the output:
+        # their text would vanish when the output is decoded.
+        vocab = [
+            "" if i in tok.special_token_ids else (tok.id_to_token(i) or "")
+            for i in range(self.vocab_size)
+        ]
+        return xgr.TokenizerInfo(
+            vocab,
+            _vocab_type(json.loads(tok.to_json())),
+            vocab_size=self.vocab_size,
+            stop_token_ids=sorted(tok.eos_token_ids),
+            add_prefix_space=_adds_prefix_space(tok),
+        )
+
+    def compile(self, grammar: Grammar) -> Grammar:
+        """The grammar with its compiled form; an InvalidRequestError names what failed."""
+        if grammar.compiled is not None:
+            return grammar
+        compiler = self.compiler
+        try:
+            if grammar.kind == "json_object":  # any object, extra keys allowed, no idle spaces
+                compiled = compiler.compile_json_schema(
+                    '{"type": "object"}', any_whitespace=False, strict_mode=False
+                )
+            elif grammar.kind == "json_schema":
+                compiled = compiler.compile_json_schema(
+                    json.dumps(grammar.spec), any_whitespace=False
+                )
+            elif grammar.kind == "regex":
+                _check_regex(grammar.spec, "guided_regex", "guided_regex")
+                compiled = compiler.compile_regex(grammar.spec)
+            else:
+                alternatives = "|".join(_quote_ebnf(c) for c in grammar.spec)
+                compiled = compiler.compile_grammar(f"root ::= {alternatives}")
+        except RuntimeError as exc:  # xgrammar's error for a grammar it cannot build
+            # xgrammar's messages start "[time] source.cc:line: "; the rest is for the user.
+            detail = re.sub(r"^\[[^\]]*\]\s*\S+:\d+:\s*", "", str(exc).strip().splitlines()[-1])
+            raise InvalidRequestError(
+                f"{grammar.param} cannot be compiled: {detail}", grammar.param
+            ) from exc
+        return Grammar(grammar.kind, grammar.spec, compiled)
+
+    def matcher(self, grammar: Grammar) -> xgr.GrammarMatcher:
+        """A fresh matcher for one sequence (compiling the grammar first if needed)."""
+        return xgr.GrammarMatcher(self.compile(grammar).compiled)
+
+
+def _adds_prefix_space(tok: Tokenizer) -> bool:
+    """Whether the tokenizer puts a space (SentencePiece's "▁") before the first word."""
+    ids = tok.encode("a", add_special_tokens=False)
+    return bool(ids) and (tok.id_to_token(ids[0]) or "").startswith("\u2581")
+
+
+def _quote_ebnf(text: str) -> str:
+    return json.dumps(text)  # EBNF string literals take JSON's escapes
