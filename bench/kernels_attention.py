@@ -55,7 +55,7 @@ def decode_step(
     k_range = torch.arange(blocks * block_size)
     group = AttentionGroup(
         q_index=torch.arange(batch, device=device)[:, None],
-        q_valid=torch.ones(batch, 1, dtype=torch.bool, device=device),
+        valid_rows=torch.arange(batch, device=device),
         out_index=torch.arange(batch, device=device),
         block_tables=tables.to(device),
         mask=(k_range[None, :] <= pos[:, None]).view(batch, 1, 1, -1).to(device),
