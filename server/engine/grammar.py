@@ -14,6 +14,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import torch
 import xgrammar as xgr
 
 from server.engine.sampling_params import InvalidRequestError
@@ -206,6 +207,7 @@ class GrammarCompiler:
         self._max_threads = max_threads
         self._compiler: xgr.GrammarCompiler | None = None
         self._control_token_ids: list[int] = []
+        self._utf8: Utf8Guard | None = None
         self._lock = threading.Lock()
 
     @property
@@ -217,6 +219,7 @@ class GrammarCompiler:
                 self._control_token_ids = [
                     i for i, text in enumerate(info.decoded_vocab) if any(b < 0x20 for b in text)
                 ]
+                self._utf8 = Utf8Guard(info.decoded_vocab, self.vocab_size)
                 self._compiler = xgr.GrammarCompiler(
                     info, max_threads=self._max_threads, cache_limit_bytes=MAX_CACHE_BYTES
                 )
@@ -228,6 +231,13 @@ class GrammarCompiler:
         JSON grammars here write no newlines or tabs between values."""
         _ = self.compiler
         return self._control_token_ids
+
+    @property
+    def utf8(self) -> Utf8Guard:
+        """Which tokens keep each sequence's output valid UTF-8 (see Utf8Guard)."""
+        _ = self.compiler
+        assert self._utf8 is not None
+        return self._utf8
 
     def _tokenizer_info(self) -> xgr.TokenizerInfo:
         tok = self._tokenizer
@@ -276,6 +286,81 @@ class GrammarCompiler:
     def matcher(self, grammar: Grammar) -> xgr.GrammarMatcher:
         """A fresh matcher for one sequence (compiling the grammar first if needed)."""
         return xgr.GrammarMatcher(self.compile(grammar).compiled)
+
+
+# UTF-8 (RFC 3629) as a state machine over bytes. State 0: at a character boundary; any other
+# state: inside a character, which needs more continuation bytes, the next in [lo, hi].
+# _UTF8_NEED[state] = (lo, hi, state after a byte in range).
+_UTF8_NEED = {
+    1: (0x80, 0xBF, 0),  # one byte left
+    2: (0x80, 0xBF, 1),  # two left
+    3: (0xA0, 0xBF, 1),  # after E0: no overlong forms
+    4: (0x80, 0x9F, 1),  # after ED: no surrogates (U+D800..U+DFFF)
+    5: (0x80, 0xBF, 2),  # three left
+    6: (0x90, 0xBF, 2),  # after F0: no overlong forms
+    7: (0x80, 0x8F, 2),  # after F4: nothing past U+10FFFF
+}
+_UTF8_LEAD = {0xE0: 3, 0xED: 4, 0xF0: 6, 0xF4: 7}
+UTF8_STATES = 8
+_INVALID = 0xFF
+
+
+def _utf8_byte_table() -> list[bytes]:
+    """[state][byte] -> the next state, or _INVALID where that byte breaks UTF-8."""
+    table = []
+    for state in range(UTF8_STATES):
+        row = bytearray([_INVALID] * 256)
+        if state == 0:
+            row[:0x80] = bytes(0x80)
+            for b in range(0xC2, 0xF5):
+                row[b] = _UTF8_LEAD.get(b, 1 if b < 0xE0 else 2 if b < 0xF0 else 5)
+        else:
+            lo, hi, after = _UTF8_NEED[state]
+            row[lo : hi + 1] = bytes([after]) * (hi - lo + 1)
+        table.append(bytes(row))
+    return table
+
+
+class Utf8Guard:
+    """Keeps constrained output valid UTF-8, which xgrammar alone does not.
+
+    xgrammar 0.2.8 reads a UTF-8 encoded surrogate (ED A0..BF xx, never valid UTF-8) as one
+    character: JSON strings, regex dots and classes spanning U+D800..U+DFFF admit it, so a
+    byte-level vocabulary can spell bytes that decode to three U+FFFD, past a string's
+    maxLength. Each
+    constrained sequence tracks where its output stands in a UTF-8 character (one of
+    UTF8_STATES), and its grammar mask is narrowed to the tokens that keep it valid.
+    """
+
+    def __init__(self, decoded_vocab: list[bytes], vocab_size: int) -> None:
+        byte_table = _utf8_byte_table()
+        num_words = (vocab_size + 31) // 32
+        allowed = torch.zeros(UTF8_STATES, num_words * 32, dtype=torch.bool)
+        # next_state[state][token]; a token that breaks UTF-8 from `state` is never allowed
+        # there, and leads back to 0 should it be accepted anyway (a grammar dead end).
+        next_state = [bytearray(vocab_size) for _ in range(UTF8_STATES)]
+        for token, text in enumerate(decoded_vocab[:vocab_size]):
+            if text.isascii():  # the common case: valid only at a character boundary
+                allowed[0, token] = True
+                if not text:  # special and padding tokens: no bytes, no change
+                    allowed[:, token] = True
+                    for state in range(1, UTF8_STATES):
+                        next_state[state][token] = state
+                continue
+            for start in range(UTF8_STATES):
+                state = start
+                for b in text:
+                    state = byte_table[state][b]
+                    if state == _INVALID:
+                        break
+                else:
+                    allowed[start, token] = True
+                    next_state[start][token] = state
+        self.next_state = [bytes(row) for row in next_state]
+        # As xgrammar's token bitmasks: bit token % 32 of int32 word token // 32.
+        bits = allowed.view(UTF8_STATES, num_words, 32).long() << torch.arange(32)
+        words = bits.sum(dim=-1)
+        self.allowed_bitmask = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
 def _adds_prefix_space(tok: Tokenizer) -> bool:

@@ -3,7 +3,8 @@
 Each sequence that needs any carries a `LogitsState` (built once when the request is
 validated). `apply_logits_processors` edits a whole batch's logits in place, before
 temperature, top-k and top-p: the grammar masks of every constrained row are filled into one
-bitmask and applied in one call, so constrained and unconstrained requests share a step.
+bitmask (narrowed to the tokens that keep the output valid UTF-8) and applied in one call, so
+constrained and unconstrained requests share a step.
 `accept_token` advances a sequence's grammar after its token is chosen.
 """
 
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 import xgrammar as xgr
 
-from server.engine.grammar import GrammarCompiler
+from server.engine.grammar import GrammarCompiler, Utf8Guard
 from server.engine.sampling_params import InvalidRequestError
 
 if TYPE_CHECKING:
@@ -37,6 +38,8 @@ class LogitsState:
     min_tokens: int = 0
     stop_ids: torch.Tensor | None = None  # [E] banned while fewer than min_tokens were made
     matcher: xgr.GrammarMatcher | None = None
+    utf8: Utf8Guard | None = None  # with a matcher: keeps its output valid UTF-8
+    utf8_state: int = 0  # where the output stands in a UTF-8 character (0: between two)
     eos_ids: tuple[int, ...] = ()  # allowed when the grammar allows nothing (a dead end)
     banned_ids: torch.Tensor | None = None  # [N] never allowed (control characters in JSON)
 
@@ -67,6 +70,7 @@ class LogitsState:
             state.stop_ids = torch.tensor(stop, dtype=torch.long, device=device)
         if params.grammar is not None:
             state.matcher = grammars.matcher(params.grammar)
+            state.utf8 = grammars.utf8
             state.eos_ids = tuple(sorted(eos_token_ids))
             if params.grammar.kind.startswith("json"):
                 banned = grammars.control_token_ids
@@ -108,6 +112,7 @@ def apply_grammar_masks(logits: torch.Tensor, constrained: list[tuple[int, Logit
     if live:
         matchers = [m for _, m in live]
         _batch_matcher().batch_fill_next_token_bitmask(matchers, bitmask, [r for r, _ in live])
+        _narrow_to_valid_utf8(bitmask, constrained)
     # A grammar that allows nothing (a schema no value satisfies) would leave a row of -inf:
     # let it end instead, so one bad request never breaks the step.
     dead = (bitmask[rows] == 0).all(dim=1).tolist()
@@ -122,6 +127,22 @@ def apply_grammar_masks(logits: torch.Tensor, constrained: list[tuple[int, Logit
     )
 
 
+def _narrow_to_valid_utf8(
+    bitmask: torch.Tensor, constrained: list[tuple[int, LogitsState]]
+) -> None:
+    """In place: clear the bits of tokens that would make a row's output invalid UTF-8.
+    bitmask: [S, words] int32 on the CPU, as xgrammar fills it."""
+    guarded = [(row, state) for row, state in constrained if state.utf8 is not None]
+    if not guarded:
+        return
+    guard = guarded[0][1].utf8
+    assert guard is not None and all(state.utf8 is guard for _, state in guarded)
+    assert bitmask.shape[1] == guard.allowed_bitmask.shape[1], "vocab sizes differ"
+    rows = torch.tensor([row for row, _ in guarded])
+    states = torch.tensor([state.utf8_state for _, state in guarded])
+    bitmask[rows] &= guard.allowed_bitmask[states]
+
+
 @functools.cache
 def _batch_matcher() -> xgr.BatchGrammarMatcher:
     """Fills many rows' masks in one call, on xgrammar's own threads (one per core at most)."""
@@ -130,6 +151,10 @@ def _batch_matcher() -> xgr.BatchGrammarMatcher:
 
 def accept_token(seq: EngineSequence, token_id: int) -> None:
     """Advance the sequence's grammar past its new token (engine thread, after sampling)."""
-    matcher = seq.logits.matcher if seq.logits is not None else None
-    if matcher is not None and not matcher.accept_token(token_id):  # only past a dead end
+    state = seq.logits
+    if state is None or state.matcher is None:
+        return
+    if not state.matcher.accept_token(token_id):  # only past a dead end
         logger.warning("request %s: token %d is outside its grammar", seq.request_id, token_id)
+    if state.utf8 is not None:
+        state.utf8_state = state.utf8.next_state[state.utf8_state][token_id]

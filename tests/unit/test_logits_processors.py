@@ -9,8 +9,8 @@ import jsonschema
 import pytest
 import torch
 
-from server.engine.grammar import Grammar, check_schema
-from server.engine.logits_processors import LogitsState, apply_logits_processors
+from server.engine.grammar import Grammar, Utf8Guard, check_schema
+from server.engine.logits_processors import LogitsState, accept_token, apply_logits_processors
 from server.engine.sampling_params import InvalidRequestError, SamplingParams
 from server.engine.sequence import Sequence
 
@@ -47,6 +47,83 @@ def test_constrained_rows_validate_and_unconstrained_rows_are_unchanged(engine) 
         assert out.finish_reason == "stop"
         jsonschema.validate(json.loads(out.text), SCHEMA)
     assert outs[3].text == alone
+
+
+SHORT_NAME = {
+    "type": "object",
+    "properties": {"name": {"type": "string", "maxLength": 6}},
+    "required": ["name"],
+}
+
+
+def test_sampled_constrained_output_is_valid_utf8_and_validates_whatever_the_seed(engine) -> None:  # type: ignore[no-untyped-def]
+    """Sampling pushed towards the byte ED (which starts U+D000..U+DFFF, surrogates included)
+    on a byte-level vocabulary: every output decodes as UTF-8 (no U+FFFD), parses and keeps
+    to maxLength."""
+    tok = engine.tokenizer
+    ed = [_byte_level_bytes(tok.id_to_token(t)) for t in range(tok.vocab_size)].index(b"\xed")
+    grammar = Grammar("json_schema", SHORT_NAME)
+    params = [
+        SamplingParams(
+            max_tokens=40, temperature=1.0, seed=seed, logit_bias={ed: 6.0}, grammar=grammar
+        )
+        for seed in range(32)
+    ]
+    outs = engine.generate(["Return a"] * len(params), params)
+    for out in outs:
+        assert "\ufffd" not in out.text, out.text
+        assert out.finish_reason == "stop"
+        jsonschema.validate(json.loads(out.text), SHORT_NAME)
+
+
+def test_utf8_guard_allows_only_tokens_that_keep_the_output_valid() -> None:
+    # Tokens as bytes: xgrammar reads ED A0..BF xx (a surrogate) as a character; UTF-8 does not.
+    vocab = [
+        b"",
+        b"a",
+        b"\xed",
+        b"\xa0\x80",
+        b"\x9f\xbf",
+        b"\xc3",
+        b"\xa9",
+        b"\xed\xa0\x80",
+        b"\xf4\x90",
+    ]
+    guard = Utf8Guard(vocab, len(vocab))
+
+    def allowed(state: int) -> list[int]:
+        words = guard.allowed_bitmask[state].tolist()
+        return [t for t in range(len(vocab)) if words[t // 32] >> (t % 32) & 1]
+
+    assert allowed(0) == [0, 1, 2, 5]  # no lone continuation, surrogate or lead past U+10FFFF
+    after_ed = guard.next_state[0][2]
+    assert allowed(after_ed) == [0, 4]  # ED 9F BF is U+D7FF; ED A0 80 would be U+D800
+    assert guard.next_state[after_ed][4] == 0 and guard.next_state[after_ed][0] == after_ed
+    assert allowed(guard.next_state[0][5]) == [0, 6]  # C3 A9 is "é"
+
+
+def test_a_surrogate_is_never_allowed_inside_a_json_string(engine) -> None:  # type: ignore[no-untyped-def]
+    """The root of U+FFFD in structured output: after an ED byte xgrammar allows A0..BF."""
+    tok = engine.tokenizer
+    vocab = [_byte_level_bytes(tok.id_to_token(t)) for t in range(tok.vocab_size)]
+    params = SamplingParams(grammar=Grammar("json_schema", {"type": "string"}))
+    seq = Sequence("0", [1, 2], params)
+    eos = sorted(tok.eos_token_ids)
+    seq.logits = LogitsState.build(params, engine.grammars, eos, torch.device("cpu"))
+    for text in (b'"', b"\xed"):
+        accept_token(seq, vocab.index(text))
+    logits = torch.zeros(1, engine.model_config.vocab_size)
+    apply_logits_processors(logits, [seq])
+    allowed = torch.isfinite(logits[0]).nonzero().flatten().tolist()
+    assert {vocab[t][0] for t in allowed} == set(range(0x80, 0xA0))
+
+
+def _byte_level_bytes(text: str) -> bytes:
+    """The bytes a byte-level BPE token stands for (GPT-2's byte-to-character map, inverted)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    others = [b for b in range(256) if b not in printable]
+    to_byte = {chr(b): b for b in printable} | {chr(256 + i): b for i, b in enumerate(others)}
+    return bytes(to_byte[c] for c in text) if all(c in to_byte for c in text) else b""
 
 
 def test_regex_and_choice_grammars_match_whole_output(engine) -> None:  # type: ignore[no-untyped-def]
