@@ -104,7 +104,16 @@ def _serve_parser(sub: Any) -> None:
     _add(g, "--metrics-port", None, "also serve /metrics here, without keys", type=int)
     _add(g, "--allowed-hosts", [], "Host header names accepted (default: any)", nargs="*")
     _add(g, "--preload-adapters", [], "adapter directories (or folders of them)", nargs="*")
-    _add(g, "--adapter-roots", [], "directories /v1/load_lora_adapter may read", nargs="*")
+    _add(
+        g,
+        "--adapter-roots",
+        [],
+        "directories, s3://bucket/prefix and hf://org entries /v1/load_lora_adapter may read",
+        nargs="*",
+    )
+    _add(g, "--adapter-store", None, "shared adapter store: file:///path or s3://bucket/prefix")
+    _add(g, "--adapter-store-poll-s", 2.0, "how often a shared store is re-listed", type=float)
+    _add(g, "--s3-endpoint-url", None, "S3-compatible endpoint (default: AWS_ENDPOINT_URL)")
     _add(g, "--max-upload-mb", 512, "largest upload accepted", type=int)
     _add(g, "--max-request-body-mb", 4, "largest body of any other request", type=int)
     _add(g, "--request-body-timeout-s", 60.0, "time a whole request body may take", type=float)
@@ -142,6 +151,9 @@ def _serve(args: argparse.Namespace) -> int:
         allowed_hosts=tuple(args.allowed_hosts),
         preload_adapters=tuple(args.preload_adapters),
         adapter_roots=tuple(args.adapter_roots),
+        adapter_store=args.adapter_store or None,
+        adapter_store_poll_s=args.adapter_store_poll_s,
+        s3_endpoint_url=args.s3_endpoint_url or None,
         max_upload_mb=args.max_upload_mb,
         max_request_body_mb=args.max_request_body_mb,
         request_body_timeout_s=args.request_body_timeout_s,

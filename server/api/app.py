@@ -15,7 +15,7 @@ from server.api.hosts import AllowedHosts
 from server.api.limits import BodyLimit, ConcurrencyLimit, RequestLimits
 from server.api.metrics_port import MetricsListener
 from server.api.routes import adapters, files, fine_tuning, lorax, openai, ops
-from server.api.state import ServerState
+from server.api.state import ServerState, open_adapter_store
 from server.config import EngineConfig, ServerConfig
 from server.engine.llm_engine import LLMEngine
 from server.engine.setup import open_registry
@@ -79,6 +79,7 @@ def build_state(server: ServerConfig, engine: EngineConfig) -> ServerState:
     name = server.served_model_name or Path(engine.model).name
 
     def load() -> LLMEngine:
-        return LLMEngine(engine, registry=open_registry(server.data_dir, engine))
+        store = open_adapter_store(server)
+        return LLMEngine(engine, registry=open_registry(server.data_dir, engine, store))
 
     return ServerState(config=server, loader=load, model_name=name, metrics=Metrics(name))

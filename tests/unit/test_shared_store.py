@@ -1,0 +1,119 @@
+"""The shared adapter store: what one replica adds or deletes, the others see; a half-written
+adapter is never listed. Over file:// and an S3-compatible server (moto)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from adapters import AdapterError, AdapterExistsError, AdapterSpec, read_adapter_spec
+from adapters.faults import set_fault_points
+from adapters.format import WEIGHTS_FILE
+from adapters.shared_store import SharedAdapterStore, storage_options
+from tests.s3_server import moto_s3, new_bucket
+from tests.unit.adapter_fixtures import MAX_RANK, tiny_base, tiny_files
+
+BASE = tiny_base()
+
+
+def validate(path: Path) -> AdapterSpec:
+    return read_adapter_spec(path, BASE, MAX_RANK)
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint() -> Iterator[str]:
+    with moto_s3() as endpoint:
+        yield endpoint
+
+
+@pytest.fixture(params=["file", "s3"])
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, dict]:
+    """A fresh shared location and its fsspec options."""
+    if request.param == "file":
+        return f"file://{tmp_path / 'shared'}", {}
+    endpoint = request.getfixturevalue("s3_endpoint")
+    return f"s3://{new_bucket(endpoint)}/prefix", storage_options("s3://x", endpoint)
+
+
+def replica(url: tuple[str, dict], data_dir: Path) -> SharedAdapterStore:
+    return SharedAdapterStore(url[0], data_dir, durable=False, options=url[1])
+
+
+def test_an_adapter_added_through_one_replica_serves_from_another(url, tmp_path: Path) -> None:
+    a, b = replica(url, tmp_path / "a"), replica(url, tmp_path / "b")
+    files = tiny_files(rank=4)
+    record = a.add("team/one", "upload", validate, files=files)
+    assert b.get("team/one") is None  # not until it polls
+    changes = b.refresh()
+    assert [r.name for r in changes.added] == ["team/one"]
+    assert b.get("team/one") == record
+    assert not (tmp_path / "b" / "adapters").joinpath("team%2Fone").exists()  # fetched on use
+    assert (b.path("team/one") / WEIGHTS_FILE).read_bytes() == files[WEIGHTS_FILE]
+
+
+def test_a_delete_through_one_replica_is_seen_by_another(url, tmp_path: Path) -> None:
+    a, b = replica(url, tmp_path / "a"), replica(url, tmp_path / "b")
+    a.add("one", "upload", validate, files=tiny_files())
+    b.refresh()
+    b.path("one")
+    assert a.delete("one")
+    assert a.get("one") is None
+    assert b.refresh().removed == ("one",)
+    assert [r.name for r in b.list()] == []
+    b.evict("one")
+    assert not b.cache.path("one").exists()
+
+
+def test_a_name_taken_on_another_replica_is_refused(url, tmp_path: Path) -> None:
+    a, b = replica(url, tmp_path / "a"), replica(url, tmp_path / "b")
+    a.add("one", "upload", validate, files=tiny_files())
+    with pytest.raises(AdapterExistsError):
+        b.add("one", "upload", validate, files=tiny_files(rank=4))
+
+
+def test_a_write_failing_before_its_manifest_is_never_listed(url, tmp_path: Path) -> None:
+    a, b = replica(url, tmp_path / "a"), replica(url, tmp_path / "b")
+    set_fault_points("store.shared.manifest=enospc")
+    try:
+        with pytest.raises(OSError):
+            a.add("one", "upload", validate, files=tiny_files())
+    finally:
+        set_fault_points(None)
+    assert a.get("one") is None
+    assert b.refresh().added == () and b.list() == []
+    assert a.fs.ls(f"{a.root}/blobs")  # the blobs were written; nothing refers to them
+
+
+def test_an_invalid_adapter_publishes_nothing(url, tmp_path: Path) -> None:
+    a = replica(url, tmp_path / "a")
+    with pytest.raises(AdapterError):
+        a.add("bad", "upload", validate, files={"adapter_config.json": b"{}"})
+    assert a.refresh() == a.refresh().__class__()
+    assert not a.fs.exists(f"{a.root}/blobs") or not a.fs.ls(f"{a.root}/blobs")
+
+
+def test_a_corrupted_blob_is_refused_when_fetched(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    a = SharedAdapterStore(f"file://{shared}", tmp_path / "a", durable=False)
+    b = SharedAdapterStore(f"file://{shared}", tmp_path / "b", durable=False)
+    record = a.add("one", "upload", validate, files=tiny_files())
+    (shared / "blobs" / record.sha256).write_bytes(b"not the weights")
+    b.refresh()
+    with pytest.raises(AdapterError, match="does not match its sha256"):
+        b.path("one")
+    assert not b.cache.path("one").exists()
+
+
+def test_a_replica_restarted_later_sees_the_store_as_it_is(tmp_path: Path) -> None:
+    url = f"file://{tmp_path / 'shared'}"
+    b = SharedAdapterStore(url, tmp_path / "b", durable=False)
+    b.close()
+    a = SharedAdapterStore(url, tmp_path / "a", durable=False)
+    a.add("kept", "upload", validate, files=tiny_files())
+    manifest = json.loads((tmp_path / "shared" / "manifests" / "kept.json").read_text())
+    assert set(manifest["files"]) == {"adapter_config.json", WEIGHTS_FILE}
+    b = SharedAdapterStore(url, tmp_path / "b", durable=False)
+    assert [r.name for r in b.list()] == ["kept"]
