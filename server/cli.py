@@ -1,4 +1,4 @@
-"""`loraplex serve | demo | finetune`. Flags also read LORAPLEX_<FLAG> from the environment."""
+"""`loraplex serve | serve-ray | demo | finetune`; flags also read LORAPLEX_<FLAG> from the env."""
 
 from __future__ import annotations
 
@@ -94,6 +94,11 @@ def engine_config(args: argparse.Namespace, model: str) -> EngineConfig:
 def _serve_parser(sub: Any) -> None:
     p = sub.add_parser("serve", help="run the HTTP server")
     add_engine_args(p)
+    add_server_args(p)
+    p.set_defaults(func=_serve)
+
+
+def add_server_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("server")
     _add(g, "--host", "127.0.0.1", "interface to listen on")
     _add(g, "--port", 8000, "port", type=int)
@@ -131,16 +136,10 @@ def _serve_parser(sub: Any) -> None:
     _add(g, "--max-queued-jobs", 64, "fine-tuning jobs waiting to train before 429", type=int)
     _add(g, "--max-file-mb", 512, "largest file accepted by /v1/files", type=int)
     _add(g, "--data-quota-mb", None, "files + adapters + job outputs in --data-dir", type=int)
-    p.set_defaults(func=_serve)
 
 
-def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from server.api.app import build_state, create_app
-
-    model = args.model or str(_demo_model())
-    server = ServerConfig(
+def server_config(args: argparse.Namespace) -> ServerConfig:
+    return ServerConfig(
         host=args.host,
         port=args.port,
         data_dir=args.data_dir,
@@ -166,6 +165,15 @@ def _serve(args: argparse.Namespace) -> int:
         max_file_mb=args.max_file_mb,
         data_quota_mb=args.data_quota_mb,
     )
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from server.api.app import build_state, create_app
+
+    model = args.model or str(demo_model())
+    server = server_config(args)
     app = create_app(build_state(server, engine_config(args, model)))
     logger.info(
         "listening on http://%s:%d (the model loads in the background)", server.host, server.port
@@ -182,7 +190,7 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo_model() -> Path:
+def demo_model() -> Path:
     from server.demo import ensure_demo_model
 
     return ensure_demo_model(progress=True)
@@ -219,7 +227,9 @@ def _finetune_parser(sub: Any) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loraplex", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for build in (_serve_parser, _demo_parser, _finetune_parser):
+    from server.ray.cli import add_parser as serve_ray_parser
+
+    for build in (_serve_parser, serve_ray_parser, _demo_parser, _finetune_parser):
         build(sub)
     return parser
 
