@@ -89,3 +89,10 @@ async def call_asgi(
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+
+
+async def body_chunks(stream: AsyncIterator[ResponseStart | bytes]) -> AsyncIterator[bytes]:
+    """The body chunks that follow a response's ResponseStart."""
+    async for chunk in stream:
+        assert isinstance(chunk, bytes), "one ResponseStart per response"
+        yield chunk

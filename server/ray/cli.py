@@ -8,7 +8,12 @@ import logging
 import signal
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ray.serve import Application
+
+    from server.config import ServerConfig
 
 logger = logging.getLogger(__name__)
 APP_NAME = "loraplex"
@@ -32,11 +37,9 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    """Start (or join) Ray, deploy the app, and serve until SIGTERM or SIGINT."""
-    import ray
+def application(args: argparse.Namespace) -> tuple[Application, ServerConfig]:
+    """The Serve application for parsed `serve-ray` flags, and its server settings."""
     import torch
-    from ray import serve
 
     from server.cli import demo_model, engine_config, server_config
     from server.config import ConfigError
@@ -55,17 +58,24 @@ def run(args: argparse.Namespace) -> int:
     gpus = args.gpus_per_replica
     if gpus is None:
         gpus = 1.0 if engine.device != "cpu" and torch.cuda.is_available() else 0.0
+    return build_app(server, engine, args.replicas, gpus, args.cpus_per_replica), server
 
+
+def run(args: argparse.Namespace) -> int:
+    """Start (or join) Ray, deploy the app, and serve until SIGTERM or SIGINT."""
+    import ray
+    from ray import serve
+
+    app, server = application(args)
     ray.init(address=args.ray_address, logging_level=logging.WARNING)
     serve.start(http_options={"host": server.host, "port": server.port})
-    app = build_app(server, engine, args.replicas, gpus, args.cpus_per_replica)
     serve.run(app, name=APP_NAME, route_prefix="/")
     logger.info(
         "serving on http://%s:%d through Ray Serve: %d replicas, adapters in %s",
         server.host,
         server.port,
         args.replicas,
-        store,
+        server.adapter_store,
     )
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -7,8 +7,6 @@ name, so Ray Serve sends it to a replica that already holds the adapter, and spr
 adapters; base-model and management requests go to any replica. Responses stream through.
 """
 
-from __future__ import annotations
-
 import dataclasses
 import logging
 import re
@@ -21,7 +19,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from server.config import EngineConfig, ServerConfig
-from server.ray.asgi import ForwardedRequest, ResponseStart, call_asgi
+from server.ray.asgi import ForwardedRequest, ResponseStart, body_chunks, call_asgi
 from server.ray.routing import adapter_of
 
 logger = logging.getLogger(__name__)
@@ -105,15 +103,9 @@ class Ingress:
         stream = handle.forward.remote(forwarded)
         start = await stream.__anext__()
         assert isinstance(start, ResponseStart), "a response starts with its status"
-        response = StreamingResponse(_chunks(stream), status_code=start.status)
+        response = StreamingResponse(body_chunks(stream), status_code=start.status)
         response.raw_headers = [(k, v) for k, v in start.headers if k.lower() not in _HOP_BY_HOP]
         return response
-
-
-async def _chunks(stream: AsyncIterator[ResponseStart | bytes]) -> AsyncIterator[bytes]:
-    async for chunk in stream:
-        assert isinstance(chunk, bytes)
-        yield chunk
 
 
 def build_app(

@@ -6,7 +6,7 @@ import json
 
 # Routes whose JSON body names the model (OpenAI) or adapter (LoRAX) a request runs on.
 _OPENAI = ("/v1/completions", "/v1/chat/completions")
-_LORAX = ("/generate", "/generate_stream")
+_LORAX = ("/", "/generate", "/generate_stream")
 
 
 def adapter_of(path: str, body: bytes, base_model: str) -> str | None:
