@@ -79,6 +79,9 @@ class AdapterRegistry:
         self._ids = itertools.count()
         self._cache = HostCache(host_cache_bytes)
         self._loading: dict[int, threading.Event] = {}
+        # Forgotten here but maybe still in the store (its delete under way): sync() must not
+        # register them again.
+        self._forgotten: set[str] = set()
         self._host_loads = 0
         self._disk_load_seconds = 0.0
 
@@ -103,11 +106,17 @@ class AdapterRegistry:
         """Register what other replicas added to a shared store; names they deleted.
 
         The deleted names stay registered: the caller removes each from the engine (refused
-        while requests use it) and then calls store.delete.
+        while requests use it) and then store.evict(name).
         """
         self.store.refresh()
-        for record in self.store.list():
-            if record.name not in self._by_name and (spec := self._stored_spec(record)):
+        stored = self.store.list()
+        with self._lock:
+            self._forgotten &= {r.name for r in stored}
+            new = [
+                r for r in stored if r.name not in self._by_name and r.name not in self._forgotten
+            ]
+        for record in new:
+            if spec := self._stored_spec(record):
                 self._add(record, spec)
                 logger.info("registered adapter %s from the shared store", record.name)
         return [r.name for r in self.list() if self.store.get(r.name) is None]
@@ -172,6 +181,7 @@ class AdapterRegistry:
             if reg is not None:
                 del self._by_id[reg.adapter_id]
                 self._cache.pop(reg.adapter_id)
+                self._forgotten.add(name)
         return reg
 
     def _check_new(self, name: str) -> None:
@@ -185,6 +195,10 @@ class AdapterRegistry:
 
     def _add(self, record: AdapterRecord, spec: AdapterSpec) -> RegisteredAdapter:
         with self._lock:
+            existing = self._by_name.get(record.name)
+            if existing is not None and existing.record.sha256 == record.sha256:
+                return existing  # sync() saw the row before the add that wrote it returned
+            self._forgotten.discard(record.name)
             reg = RegisteredAdapter(next(self._ids), record.name, spec, record)
             self._by_name[reg.name] = reg
             self._by_id[reg.adapter_id] = reg

@@ -9,7 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from adapters import AdapterError, AdapterExistsError, AdapterSpec, read_adapter_spec
+from adapters import (
+    AdapterError,
+    AdapterExistsError,
+    AdapterRegistry,
+    AdapterSpec,
+    read_adapter_spec,
+)
 from adapters.faults import set_fault_points
 from adapters.format import WEIGHTS_FILE
 from adapters.shared_store import SharedAdapterStore, storage_options
@@ -117,3 +123,36 @@ def test_a_replica_restarted_later_sees_the_store_as_it_is(tmp_path: Path) -> No
     assert set(manifest["files"]) == {"adapter_config.json", WEIGHTS_FILE}
     b = SharedAdapterStore(url, tmp_path / "b", durable=False)
     assert [r.name for r in b.list()] == ["kept"]
+
+
+def shared_registry(url: str, data_dir: Path) -> AdapterRegistry:
+    store = SharedAdapterStore(url, data_dir, durable=False)
+    registry = AdapterRegistry(store, BASE, MAX_RANK, 1 << 20)
+    registry.load_index()
+    return registry
+
+
+def test_registry_sync_registers_other_replicas_adds_and_reports_their_deletes(
+    tmp_path: Path,
+) -> None:
+    url = f"file://{tmp_path / 'shared'}"
+    a, b = shared_registry(url, tmp_path / "a"), shared_registry(url, tmp_path / "b")
+    a.register_files("one", tiny_files(rank=4))
+    assert b.sync() == []
+    assert b.get("one") is not None and b.get("one").spec.rank == 4
+    assert b.weights(b.get("one").adapter_id).nbytes > 0  # files fetched on first use
+    a.unregister("one")
+    assert b.sync() == ["one"]  # still registered: the engine removes it, then evict
+    b.forget("one")
+    b.store.evict("one")
+    assert b.sync() == [] and b.get("one") is None
+
+
+def test_registry_sync_does_not_bring_back_an_adapter_being_deleted(tmp_path: Path) -> None:
+    a = shared_registry(f"file://{tmp_path / 'shared'}", tmp_path / "a")
+    a.register_files("one", tiny_files())
+    a.forget("one")  # the engine dropped it; store.delete has not run yet
+    assert a.sync() == [] and a.get("one") is None
+    a.store.delete("one")
+    a.register_files("one", tiny_files(rank=4))  # the name can be used again
+    assert a.sync() == [] and a.get("one").spec.rank == 4
