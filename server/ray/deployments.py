@@ -7,6 +7,7 @@ name, so Ray Serve sends it to a replica that already holds the adapter, and spr
 adapters; base-model and management requests go to any replica. Responses stream through.
 """
 
+import asyncio
 import dataclasses
 import logging
 import re
@@ -25,6 +26,7 @@ from server.ray.routing import adapter_of
 logger = logging.getLogger(__name__)
 
 REPLICA_HEADER = "x-loraplex-replica"  # which engine replica served a response
+MAX_HELD_ADAPTERS = 64  # per replica, for Ray's routing (a decorator argument: fixed here)
 _HOP_BY_HOP = {b"content-length", b"transfer-encoding", b"connection"}
 
 
@@ -47,12 +49,17 @@ class EngineReplica:
             raise RuntimeError(f"replica start-up failed: {self.state.load_error}")
         logger.info("engine replica %s ready", self.replica_id)
 
-    @serve.multiplexed(max_num_models_per_replica=64)
+    @serve.multiplexed(max_num_models_per_replica=MAX_HELD_ADAPTERS)
     async def hold(self, adapter: str) -> str:
-        """Ray Serve's model load: warm the adapter into host memory here (if it exists)."""
+        """Ray Serve's model load: warm the adapter into host memory here (if it exists).
+
+        Ray counts a replica as holding its MAX_HELD_ADAPTERS most recently used adapters
+        and routes their requests to it; the engine's own caches decide what stays on the
+        device and in host memory.
+        """
         reg = self.state.registry.get(adapter)
-        if reg is not None:
-            self.state.registry.warm(reg.adapter_id)
+        if reg is not None:  # off the event loop: a first use fetches from the shared store
+            await asyncio.to_thread(self.state.registry.warm, reg.adapter_id)
         return adapter
 
     async def forward(self, request: ForwardedRequest) -> AsyncIterator[ResponseStart | bytes]:
