@@ -1,6 +1,6 @@
 """Two `loraplex serve` processes on one shared adapter store (file:// and an S3-compatible
-server started here): what one uploads the other serves, a delete through one is seen by the
-other within a poll, and a writer killed mid-upload leaves nothing listed anywhere."""
+server started here): what one uploads or trains the other serves, a delete through one is
+seen by the other within a poll, and a writer killed mid-upload leaves nothing listed."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ import pytest
 
 from adapters.format import CONFIG_FILE, WEIGHTS_FILE
 from tests.integration.conftest import ENGINE_FLAGS, MODEL_NAME, serve_flags
+from tests.integration.fine_tuning_data import jsonl, ordering_task, wait_for_job
+from tests.integration.fine_tuning_data import upload as upload_file
 from tests.integration.live_server import LiveServer, wait_until
 from tests.s3_server import CREDENTIALS, moto_s3, new_bucket
 
@@ -151,3 +153,34 @@ def test_load_lora_adapter_by_uri_honours_the_roots(
         assert complete(server, "two")["status"] == 200
     finally:
         server.stop()
+
+
+def test_an_adapter_trained_on_one_server_serves_from_the_other(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    store = (f"file://{tmp_path / 'shared'}", [], {})
+    a = replica(model_dir, tmp_path / "a", store).start()
+    b = replica(model_dir, tmp_path / "b", store).start()
+    try:
+        with a.client(admin=True) as admin:
+            file_id = upload_file(admin, "train.jsonl", jsonl(ordering_task(16, seed=0)))
+            hyper = {"r": 4, "batch_size": 2, "max_steps": 3, "quantize": "none"}
+            created = admin.post(
+                "/v1/fine_tuning/jobs",
+                json={
+                    "model": MODEL_NAME,
+                    "training_file": file_id,
+                    "method": {"type": "qlora", "hyperparameters": hyper},
+                },
+            )
+            assert created.status_code == 200, created.text
+            job = wait_for_job(admin, created.json()["id"], timeout=300)
+        assert job["status"] == "succeeded", job
+        name = job["fine_tuned_model"]
+        assert wait_until(lambda: name in listed(b), timeout=10 * POLL_S + 5)
+        on_a, on_b = complete(a, name), complete(b, name)
+        assert on_b["status"] == 200, on_b
+        assert on_b["body"]["choices"][0]["text"] == on_a["body"]["choices"][0]["text"]
+    finally:
+        a.stop()
+        b.stop()
