@@ -4,7 +4,8 @@ Each EngineReplica runs the whole loraplex app (the one `loraplex serve` runs) i
 over its own engine and a per-replica cache of the shared adapter store. The Ingress reads
 which adapter a request is for and calls the replicas with multiplexed_model_id = that
 name, so Ray Serve sends it to a replica that already holds the adapter, and spreads cold
-adapters; base-model and management requests go to any replica. Responses stream through.
+adapters; training files and jobs route together by one key (they live on the replica that
+took them); base-model and other requests go to any replica. Responses stream through.
 """
 
 import asyncio
@@ -21,7 +22,7 @@ from ray.serve.handle import DeploymentHandle
 
 from server.config import EngineConfig, ServerConfig
 from server.ray.asgi import ForwardedRequest, ResponseStart, body_chunks, call_asgi
-from server.ray.routing import adapter_of
+from server.ray.routing import routing_key
 
 logger = logging.getLogger(__name__)
 
@@ -64,9 +65,9 @@ class EngineReplica:
 
     async def forward(self, request: ForwardedRequest) -> AsyncIterator[ResponseStart | bytes]:
         """Run one request through this replica's app: ResponseStart, then body chunks."""
-        adapter = serve.get_multiplexed_model_id()
-        if adapter:
-            await self.hold(adapter)
+        key = serve.get_multiplexed_model_id()  # an adapter name, TRAINING_KEY or ""
+        if key:
+            await self.hold(key)
         header = [(REPLICA_HEADER.encode(), self.replica_id.encode())]
         async for item in call_asgi(self.app, request, header):
             yield item
@@ -97,7 +98,7 @@ class Ingress:
         """Forward the request; `path` is unused (the route matches every path)."""
         body = await request.body()
         path = request.url.path
-        adapter = adapter_of(path, body, self.base_model)
+        key = routing_key(path, body, self.base_model)
         forwarded = ForwardedRequest(
             method=request.method,
             path=path,
@@ -106,7 +107,7 @@ class Ingress:
             body=body,
             client=(request.client.host, request.client.port) if request.client else None,
         )
-        handle = self.engines.options(stream=True, multiplexed_model_id=adapter or "")
+        handle = self.engines.options(stream=True, multiplexed_model_id=key or "")
         stream = handle.forward.remote(forwarded)
         start = await stream.__anext__()
         assert isinstance(start, ResponseStart), "a response starts with its status"

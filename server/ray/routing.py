@@ -4,9 +4,20 @@ from __future__ import annotations
 
 import json
 
+# Training files and jobs live on the replica that took them: these routes all go to the
+# replica holding this routing key (Ray multiplexing, like an adapter's requests).
+TRAINING_KEY = "loraplex:training"
+_TRAINING = ("/v1/files", "/v1/fine_tuning")
 # Routes whose JSON body names the model (OpenAI) or adapter (LoRAX) a request runs on.
 _OPENAI = ("/v1/completions", "/v1/chat/completions")
 _LORAX = ("/", "/generate", "/generate_stream")
+
+
+def routing_key(path: str, body: bytes, base_model: str) -> str | None:
+    """What Ray routes a request by: its adapter, TRAINING_KEY, or None (any replica)."""
+    if path.startswith(_TRAINING):
+        return TRAINING_KEY
+    return adapter_of(path, body, base_model)
 
 
 def adapter_of(path: str, body: bytes, base_model: str) -> str | None:

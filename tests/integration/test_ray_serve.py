@@ -3,7 +3,8 @@
 One cluster start for the whole module (Ray is heavy on 2 cores): adapters uploaded through
 the cluster serve from it with a plain server's completions; every request for an adapter
 is served by the one replica that holds it (the x-loraplex-replica header); streaming passes
-through; a delete is honoured by every replica.
+through; an adapter trained by a job through the cluster serves from every replica; a delete
+is honoured by every replica.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import pytest
 
 from adapters.format import CONFIG_FILE, WEIGHTS_FILE
 from tests.integration.conftest import ENGINE_FLAGS, LORA_CONFIGS, MODEL_NAME, serve_flags
+from tests.integration.fine_tuning_data import jsonl, ordering_task, wait_for_job
+from tests.integration.fine_tuning_data import upload as upload_file
 from tests.integration.live_server import LiveServer, sse_events
 from tests.peft_reference import save_peft_adapter
 
@@ -136,6 +139,38 @@ def test_streaming_passes_through_the_ingress(
     assert text == complete(plain, name).json()["choices"][0]["text"]
 
 
+def test_an_adapter_trained_through_the_cluster_serves_from_every_replica(
+    servers: tuple[LiveServer, LiveServer],
+) -> None:
+    _, cluster = servers
+    with cluster.client(admin=True) as admin:  # files and jobs route to one replica
+        file_id = upload_file(admin, "train.jsonl", jsonl(ordering_task(16, seed=0)))
+        hyper = {"r": 4, "batch_size": 2, "max_steps": 3, "quantize": "none"}
+        method = {"type": "qlora", "hyperparameters": hyper}
+        body = {"model": MODEL_NAME, "training_file": file_id, "method": method}
+        created = admin.post("/v1/fine_tuning/jobs", json=body)
+        assert created.status_code == 200, created.text
+        job = wait_for_job(admin, created.json()["id"], timeout=300)
+    assert job["status"] == "succeeded", job
+    name = job["fine_tuned_model"]
+    time.sleep(3 * POLL_S)
+    assert answered_by_every_replica(cluster, f"/v1/adapters/{name}", 200)
+    assert complete(cluster, name).status_code == 200
+
+
+def answered_by_every_replica(server: LiveServer, path: str, status: int) -> bool:
+    """GET path until every replica has answered (it goes to any); all with status."""
+    answered_by = set()
+    with server.client() as http:
+        for _ in range(20):
+            response = http.get(path)
+            assert response.status_code == status, response.text
+            answered_by.add(response.headers[REPLICA_HEADER])
+            if len(answered_by) == NUM_REPLICAS:
+                return True
+    return False
+
+
 def test_a_delete_through_the_cluster_is_honoured_by_every_replica(
     servers: tuple[LiveServer, LiveServer], ray_adapters: dict[str, Path]
 ) -> None:
@@ -145,15 +180,7 @@ def test_a_delete_through_the_cluster_is_honoured_by_every_replica(
         assert http.delete(f"/v1/adapters/{name}").status_code == 200
     time.sleep(3 * POLL_S)
     assert complete(cluster, name).status_code == 404
-    answered_by = set()
-    with cluster.client() as http:
-        for _ in range(20):  # base routes go to any replica: ask until both have answered
-            response = http.get(f"/v1/adapters/{name}")
-            assert response.status_code == 404, response.text
-            answered_by.add(response.headers[REPLICA_HEADER])
-            if len(answered_by) == NUM_REPLICAS:
-                break
-    assert len(answered_by) == NUM_REPLICAS
+    assert answered_by_every_replica(cluster, f"/v1/adapters/{name}", 404)
 
 
 def test_ray_overhead_per_request(servers: tuple[LiveServer, LiveServer]) -> None:

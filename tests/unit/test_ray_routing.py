@@ -9,7 +9,7 @@ from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
 
 from server.ray.asgi import ForwardedRequest, ResponseStart, body_chunks, call_asgi
-from server.ray.routing import adapter_of
+from server.ray.routing import TRAINING_KEY, adapter_of, routing_key
 
 BASE = "tiny-chat"
 
@@ -63,3 +63,10 @@ def test_call_asgi_streams_status_headers_and_chunks() -> None:
     assert start.status == 201
     assert (b"x-a", b"1") in start.headers and (b"x-replica", b"r1") in start.headers
     assert b"".join(chunks) == b"ab"
+
+
+def test_training_files_and_jobs_route_together() -> None:
+    assert routing_key("/v1/files", b"", BASE) == TRAINING_KEY
+    assert routing_key("/v1/fine_tuning/jobs/ftjob-1/events", b"", BASE) == TRAINING_KEY
+    assert routing_key("/v1/completions", body(model="sql"), BASE) == "sql"
+    assert routing_key("/v1/models", b"", BASE) is None
