@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 
+import pytest
 from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
 
@@ -12,6 +14,7 @@ from server.ray.asgi import ForwardedRequest, ResponseStart, body_chunks, call_a
 from server.ray.routing import TRAINING_KEY, adapter_of, routing_key
 
 BASE = "tiny-chat"
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def body(**fields: object) -> bytes:
@@ -70,3 +73,14 @@ def test_training_files_and_jobs_route_together() -> None:
     assert routing_key("/v1/fine_tuning/jobs/ftjob-1/events", b"", BASE) == TRAINING_KEY
     assert routing_key("/v1/completions", body(model="sql"), BASE) == "sql"
     assert routing_key("/v1/models", b"", BASE) is None
+
+
+def test_the_rayservice_manifest_names_our_app_and_deployments() -> None:
+    yaml = pytest.importorskip("yaml")
+    manifest = yaml.safe_load((REPO_ROOT / "deploy" / "ray" / "rayservice.yaml").read_text())
+    assert manifest["kind"] == "RayService"
+    (app,) = yaml.safe_load(manifest["spec"]["serveConfigV2"])["applications"]
+    module, _, attribute = app["import_path"].partition(":")
+    assert (REPO_ROOT / (module.replace(".", "/") + ".py")).is_file() and attribute == "app"
+    assert {d["name"] for d in app["deployments"]} == {"EngineReplica", "Ingress"}
+    assert "EngineReplica" in (REPO_ROOT / "server" / "ray" / "deployments.py").read_text()

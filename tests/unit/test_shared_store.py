@@ -19,6 +19,7 @@ from adapters import (
 from adapters.faults import set_fault_points
 from adapters.format import WEIGHTS_FILE
 from adapters.shared_store import SharedAdapterStore, storage_options
+from server.config import ConfigError, ServerConfig
 from tests.s3_server import moto_s3, new_bucket
 from tests.unit.adapter_fixtures import MAX_RANK, tiny_base, tiny_files
 
@@ -156,3 +157,10 @@ def test_registry_sync_does_not_bring_back_an_adapter_being_deleted(tmp_path: Pa
     a.store.delete("one")
     a.register_files("one", tiny_files(rank=4))  # the name can be used again
     assert a.sync() == [] and a.get("one").spec.rank == 4
+
+
+def test_an_adapter_store_that_is_not_file_or_s3_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="--adapter-store must be a file:// or s3:// URL"):
+        ServerConfig(adapter_store="http://example.com/adapters")
+    with pytest.raises(ConfigError, match="--adapter-store-poll-s must be > 0"):
+        ServerConfig(adapter_store_poll_s=0)
