@@ -1,4 +1,4 @@
-"""Run one HTTP request through an in-process ASGI app, streaming what it sends back."""
+"""Drive an in-process ASGI app: its lifespan, and HTTP requests with streamed responses."""
 
 from __future__ import annotations
 
@@ -96,3 +96,31 @@ async def body_chunks(stream: AsyncIterator[ResponseStart | bytes]) -> AsyncIter
     async for chunk in stream:
         assert isinstance(chunk, bytes), "one ResponseStart per response"
         yield chunk
+
+
+class Lifespan:
+    """An ASGI app's lifespan (start-up and shutdown hooks), run as a server would run it."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self._inbox: asyncio.Queue[Message] = asyncio.Queue()
+        self._outbox: asyncio.Queue[Message] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+
+    async def startup(self) -> None:
+        """Run the app's start-up; raises if the app reports it failed."""
+        scope = {"type": "lifespan", "asgi": {"version": "3.0"}}
+        self._task = asyncio.create_task(self.app(scope, self._inbox.get, self._outbox.put))
+        await self._inbox.put({"type": "lifespan.startup"})
+        reply = await self._outbox.get()
+        if reply["type"] != "lifespan.startup.complete":
+            raise RuntimeError(f"app start-up failed: {reply.get('message', reply['type'])}")
+
+    async def shutdown(self) -> None:
+        """Run the app's shutdown and wait for the lifespan to end."""
+        if self._task is None:
+            return
+        await self._inbox.put({"type": "lifespan.shutdown"})
+        await self._outbox.get()
+        await self._task
+        self._task = None

@@ -21,12 +21,13 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from server.config import EngineConfig, ServerConfig
-from server.ray.asgi import ForwardedRequest, ResponseStart, body_chunks, call_asgi
+from server.ray.asgi import ForwardedRequest, Lifespan, ResponseStart, body_chunks, call_asgi
 from server.ray.routing import routing_key
 
 logger = logging.getLogger(__name__)
 
 REPLICA_HEADER = "x-loraplex-replica"  # which engine replica served a response
+STARTUP_POLL_S = 0.1
 MAX_HELD_ADAPTERS = 64  # per replica, for Ray's routing (a decorator argument: fixed here)
 _HOP_BY_HOP = {b"content-length", b"transfer-encoding", b"connection"}
 
@@ -45,9 +46,14 @@ class EngineReplica:
         server = dataclasses.replace(server, data_dir=str(data_dir), metrics_port=None)
         self.state = build_state(server, engine)
         self.app = create_app(self.state)
-        await self.state.start()  # loads the model: the replica is healthy once it serves
-        if self.state.load_error is not None:
-            raise RuntimeError(f"replica start-up failed: {self.state.load_error}")
+        # The app's own lifespan, as `loraplex serve` runs it; the model loads in the
+        # background, and the replica counts as started once it is ready to serve.
+        self.lifespan = Lifespan(self.app)
+        await self.lifespan.startup()
+        while not self.state.ready:
+            if self.state.load_error is not None:
+                raise RuntimeError(f"replica start-up failed: {self.state.load_error}")
+            await asyncio.sleep(STARTUP_POLL_S)
         logger.info("engine replica %s ready", self.replica_id)
 
     @serve.multiplexed(max_num_models_per_replica=MAX_HELD_ADAPTERS)
@@ -78,7 +84,7 @@ class EngineReplica:
             raise RuntimeError("the engine loop is not running")
 
     async def __del__(self) -> None:
-        await self.state.stop()
+        await self.lifespan.shutdown()
 
 
 ingress_app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
 
-from server.ray.asgi import ForwardedRequest, ResponseStart, body_chunks, call_asgi
+from server.ray.asgi import ForwardedRequest, Lifespan, ResponseStart, body_chunks, call_asgi
 from server.ray.routing import TRAINING_KEY, adapter_of, routing_key
 
 BASE = "tiny-chat"
@@ -84,3 +86,24 @@ def test_the_rayservice_manifest_names_our_app_and_deployments() -> None:
     assert (REPO_ROOT / (module.replace(".", "/") + ".py")).is_file() and attribute == "app"
     assert {d["name"] for d in app["deployments"]} == {"EngineReplica", "Ingress"}
     assert "EngineReplica" in (REPO_ROOT / "server" / "ray" / "deployments.py").read_text()
+
+
+def test_lifespan_runs_the_apps_startup_and_shutdown() -> None:
+    events: list[str] = []
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        events.append("startup")
+        yield
+        events.append("shutdown")
+
+    app = FastAPI(lifespan=lifespan)
+
+    async def run() -> None:
+        span = Lifespan(app)
+        await span.startup()
+        assert events == ["startup"]
+        await span.shutdown()
+
+    asyncio.run(run())
+    assert events == ["startup", "shutdown"]
