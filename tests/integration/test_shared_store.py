@@ -117,7 +117,7 @@ def test_two_servers_share_uploads_and_deletes_and_never_list_a_killed_write(
         b.stop()
 
 
-def test_load_lora_adapter_by_uri_honours_the_roots(
+def test_adapters_load_and_preload_by_uri_and_the_roots_hold(
     model_dir: Path, spare_adapters: Path, tmp_path: Path, s3_endpoint: str
 ) -> None:
     bucket = new_bucket(s3_endpoint)
@@ -126,11 +126,12 @@ def test_load_lora_adapter_by_uri_honours_the_roots(
     for file in (CONFIG_FILE, WEIGHTS_FILE):
         fs.put_file(str(spare_adapters / "spare-2" / file), f"{bucket}/allowed/two/{file}")
         fs.put_file(str(spare_adapters / "spare-2" / file), f"{bucket}/other/two/{file}")
+        fs.put_file(str(spare_adapters / "spare-1" / file), f"{bucket}/preload/pre/{file}")
     local_root = tmp_path / "roots"
     shutil.copytree(spare_adapters / "spare-3", local_root / "three")
     args = serve_flags(**ENGINE_FLAGS, served_model_name=MODEL_NAME)
     args += ["--s3-endpoint-url", s3_endpoint, "--adapter-roots", str(local_root)]
-    args += [f"s3://{bucket}/allowed"]
+    args += [f"s3://{bucket}/allowed", "--preload-adapters", f"s3://{bucket}/preload/pre"]
     server = LiveServer(model_dir, tmp_path / "data", args, env=dict(CREDENTIALS)).start()
     try:
         with server.client(admin=True) as http:
@@ -149,7 +150,7 @@ def test_load_lora_adapter_by_uri_honours_the_roots(
             missing = load("gone", f"s3://{bucket}/allowed/nothing")
             assert missing.status_code == 400 and "does not hold" in missing.text
             assert load("ftp", "ftp://host/x").status_code == 400
-        assert {"two", "three"} <= set(listed(server))
+        assert {"two", "three", "pre"} <= set(listed(server))
         assert complete(server, "two")["status"] == 200
     finally:
         server.stop()
