@@ -66,10 +66,15 @@ def _hub_cache(home: Path, repo: str) -> None:
     (cache / "refs" / "main").write_text(commit)
 
 
+def offline_hub(monkeypatch: pytest.MonkeyPatch, cache: Path) -> None:
+    """huggingface_hub offline over cache (its constants are read at import, so set them)."""
+    constants = pytest.importorskip("huggingface_hub.constants")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+
+
 def test_hf_uris_come_from_the_offline_cache(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    offline_hub(monkeypatch, tmp_path / "hf" / "hub")
     _hub_cache(tmp_path / "hf", "myorg/one")
     with fetched("hf://myorg/one", tmp_path, 2**20) as adapter_dir:
         assert (adapter_dir / WEIGHTS_FILE).read_bytes() == tiny_files()[WEIGHTS_FILE]
@@ -79,8 +84,7 @@ def test_hf_uris_come_from_the_offline_cache(tmp_path: Path, monkeypatch) -> Non
 def test_an_hf_uri_neither_cached_nor_reachable_is_refused_cleanly(
     tmp_path: Path, monkeypatch
 ) -> None:
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    offline_hub(monkeypatch, tmp_path / "empty")
     refused = pytest.raises(AdapterError, match="not in the local Hugging Face cache")
     with refused as info, fetched("hf://myorg/missing", tmp_path, 2**20):
         pass
