@@ -36,6 +36,8 @@ NUM_ADAPTERS = 6
 POLL_S = 0.5
 PROMPT = "The quick brown fox"
 REPLICA_HEADER = "x-loraplex-replica"
+# Replicas report what they hold every 0.1 s; it reaches Ray's routers through the controller.
+ROUTING_LAG_S = 2.0
 
 
 @dataclass
@@ -145,6 +147,7 @@ def test_an_adapter_trained_through_the_cluster_serves_from_every_replica(
     _, cluster = servers
     with cluster.client(admin=True) as admin:  # files and jobs route to one replica
         file_id = upload_file(admin, "train.jsonl", jsonl(ordering_task(16, seed=0)))
+        time.sleep(ROUTING_LAG_S)  # until Ray's routers know which replica holds the key
         hyper = {"r": 4, "batch_size": 2, "max_steps": 3, "quantize": "none"}
         method = {"type": "qlora", "hyperparameters": hyper}
         body = {"model": MODEL_NAME, "training_file": file_id, "method": method}
