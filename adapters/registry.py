@@ -27,7 +27,7 @@ from adapters.format import (
     write_adapter,
 )
 from adapters.host_cache import HostCache
-from adapters.store import AdapterRecord, AdapterStore, check_adapter_name
+from adapters.store import AdapterBackend, AdapterRecord, check_adapter_name
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class AdapterRegistry:
 
     def __init__(
         self,
-        store: AdapterStore,
+        store: AdapterBackend,
         base: BaseModelInfo,
         max_lora_rank: int,
         host_cache_bytes: int,
@@ -79,6 +79,9 @@ class AdapterRegistry:
         self._ids = itertools.count()
         self._cache = HostCache(host_cache_bytes)
         self._loading: dict[int, threading.Event] = {}
+        # Forgotten here but maybe still in the store (its delete under way): sync() must not
+        # register them again.
+        self._forgotten: set[str] = set()
         self._host_loads = 0
         self._disk_load_seconds = 0.0
 
@@ -91,17 +94,47 @@ class AdapterRegistry:
         for record in self.store.list():
             if record.name in self._by_name:
                 continue
-            try:
-                spec = read_adapter_spec(
-                    self.store.path(record.name), self.base, self.max_lora_rank
-                )
-            except (AdapterError, OSError) as e:
-                logger.warning("skipping stored adapter %s: %s", record.name, e)
+            spec = self._stored_spec(record)
+            if spec is None:
                 continue
             self._add(record, spec)
             count += 1
         logger.info("registered %d stored adapters in %.2f s", count, time.perf_counter() - start)
         return count
+
+    def sync(self) -> list[str]:
+        """Register what other replicas added to a shared store; names they deleted.
+
+        The deleted names stay registered: the caller removes each from the engine (refused
+        while requests use it) and then store.evict(name).
+        """
+        self.store.refresh()
+        stored = self.store.list()
+        with self._lock:
+            self._forgotten &= {r.name for r in stored}
+            new = [
+                r for r in stored if r.name not in self._by_name and r.name not in self._forgotten
+            ]
+        for record in new:
+            if spec := self._stored_spec(record):
+                self._add(record, spec)
+                logger.info("registered adapter %s from the shared store", record.name)
+        return [r.name for r in self.list() if self.store.get(r.name) is None]
+
+    def _stored_spec(self, record: AdapterRecord) -> AdapterSpec | None:
+        """The spec of a stored adapter, or None (logged) when it cannot serve here."""
+        try:
+            if self.store.shared:
+                # Validated by the replica that stored it; fetching every adapter's files at
+                # start-up would defeat the per-replica cache, so only the rank is rechecked.
+                spec = record.spec
+                if spec.rank > self.max_lora_rank:
+                    raise AdapterError(f"rank {spec.rank} exceeds --max-lora-rank")
+                return spec
+            return read_adapter_spec(self.store.path(record.name), self.base, self.max_lora_rank)
+        except (AdapterError, OSError, KeyError, ValueError) as e:
+            logger.warning("skipping stored adapter %s: %s", record.name, e)
+            return None
 
     def register_files(
         self, name: str, files: Mapping[str, bytes], source: str = "upload"
@@ -148,6 +181,7 @@ class AdapterRegistry:
             if reg is not None:
                 del self._by_id[reg.adapter_id]
                 self._cache.pop(reg.adapter_id)
+                self._forgotten.add(name)
         return reg
 
     def _check_new(self, name: str) -> None:
@@ -161,6 +195,10 @@ class AdapterRegistry:
 
     def _add(self, record: AdapterRecord, spec: AdapterSpec) -> RegisteredAdapter:
         with self._lock:
+            existing = self._by_name.get(record.name)
+            if existing is not None and existing.record.sha256 == record.sha256:
+                return existing  # sync() saw the row before the add that wrote it returned
+            self._forgotten.discard(record.name)
             reg = RegisteredAdapter(next(self._ids), record.name, spec, record)
             self._by_name[reg.name] = reg
             self._by_id[reg.adapter_id] = reg

@@ -1,5 +1,9 @@
 """Persistent adapter store: files under data_dir/adapters/<name>/, an index in SQLite.
 
+This is the local backend, and the default. adapters/shared_store.py keeps adapters in object
+storage or a shared filesystem and uses this class as each replica's cache of them; both
+satisfy AdapterBackend.
+
 An add writes into a temp dir inside the store, validates, fsyncs, renames into place, and
 only then inserts the index row. A crash before the insert leaves a temp or unindexed dir,
 which the next start-up removes; so an adapter is either fully registered or absent.
@@ -22,7 +26,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import quote, unquote
 
 from adapters.config import AdapterSpec
@@ -59,8 +63,10 @@ _COLUMNS = (
     "name, sha256, created_at, size_bytes, rank, alpha, target_modules, "
     "rope_scaling_factor, source, spec_json"
 )
+_VALUES = ", ".join("?" * len(_COLUMNS.split(", ")))
 
 Validator = Callable[[Path], AdapterSpec]
+Publisher = Callable[[Path, "AdapterRecord"], None]
 
 
 @dataclass(frozen=True)
@@ -96,13 +102,49 @@ def check_adapter_name(name: str) -> None:
         raise AdapterError(f"adapter name {name!r} must not start with '/' or '.' nor hold '..'")
 
 
+class AdapterBackend(Protocol):
+    """What the registry needs of a store: local files by name, an index, atomic add/delete."""
+
+    data_dir: Path
+    shared: bool  # other processes may add and delete adapters (refresh() sees them)
+
+    def path(self, name: str) -> Path: ...
+    def get(self, name: str) -> AdapterRecord | None: ...
+    def list(self) -> list[AdapterRecord]: ...
+    def add(
+        self,
+        name: str,
+        source: str,
+        validate: Validator,
+        *,
+        files: Mapping[str, bytes] | None = None,
+        source_dir: Path | None = None,
+        writer: Callable[[Path], None] | None = None,
+    ) -> AdapterRecord: ...
+    def delete(self, name: str) -> bool: ...
+    def refresh(self) -> StoreChanges: ...
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class StoreChanges:
+    """What refresh() found other processes did: adapters added, names deleted."""
+
+    added: tuple[AdapterRecord, ...] = ()
+    removed: tuple[str, ...] = ()
+
+
 class AdapterStore:
     """Adapters on disk plus their SQLite index; safe to share between threads."""
 
-    def __init__(self, data_dir: Path, durable: bool = True) -> None:
+    shared = False
+
+    def __init__(self, data_dir: Path, durable: bool = True, files_on_demand: bool = False) -> None:
         # durable=False skips fsync, for throwaway data dirs (tests, benchmarks).
+        # files_on_demand: a cache whose rows may come before their files (a shared store's).
         self.data_dir = data_dir
         self.durable = durable
+        self.files_on_demand = files_on_demand
         self.blobs = data_dir / BLOBS_DIR
         self.blobs.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
@@ -148,9 +190,12 @@ class AdapterStore:
         files: Mapping[str, bytes] | None = None,
         source_dir: Path | None = None,
         writer: Callable[[Path], None] | None = None,
+        publish: Publisher | None = None,
     ) -> AdapterRecord:
         """Store an adapter atomically from one of files, source_dir, writer, if validate passes."""
         # validate(staged_dir) returns the spec the row records; if it raises, nothing stays.
+        # publish(staged_dir, record) runs after validation, before the row: a shared store
+        # uploads there, so what it publishes has always passed validation.
         check_adapter_name(name)
         if source not in SOURCES:
             raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
@@ -185,6 +230,8 @@ class AdapterStore:
                     source=source,
                     spec_json=json.dumps(spec.to_dict()),
                 )
+                if publish is not None:
+                    publish(staging, record)
                 self._commit(staging, record)
             except BaseException:
                 shutil.rmtree(staging, ignore_errors=True)
@@ -193,12 +240,12 @@ class AdapterStore:
         return record
 
     def delete(self, name: str) -> bool:
-        """Remove an adapter's row, then its files; False if it did not exist."""
+        """Remove an adapter's row, then its files; False if neither existed."""
         final = self.path(name)
         with self._lock:
             with self._db:
                 deleted = self._db.execute("DELETE FROM adapters WHERE name = ?", (name,)).rowcount
-            if not deleted:
+            if not deleted and not final.exists():
                 return False
             fault_point("store.delete")
             # Moved aside under the lock so a re-add of the name never meets the old files.
@@ -210,6 +257,38 @@ class AdapterStore:
             shutil.rmtree(doomed, ignore_errors=True)
         logger.info("deleted adapter %s", name)
         return True
+
+    def refresh(self) -> StoreChanges:
+        """Nothing else writes a local store: never any changes."""
+        return StoreChanges()
+
+    def cache_record(self, record: AdapterRecord) -> None:
+        """Index a record whose files come later (a shared store's manifest)."""
+        with self._lock, self._db:
+            self._db.execute(
+                f"INSERT OR REPLACE INTO adapters ({_COLUMNS}) VALUES ({_VALUES})",
+                _row(record),
+            )
+
+    def uncache_record(self, name: str) -> None:
+        """Drop a row, keeping any files (requests may still read them until delete)."""
+        with self._lock, self._db:
+            self._db.execute("DELETE FROM adapters WHERE name = ?", (name,))
+
+    def commit_files(self, staging: Path, name: str) -> Path:
+        """Move a fetched, checked directory into place as name's files (first one wins)."""
+        final = self.path(name)
+        with self._lock:
+            if final.is_dir():
+                shutil.rmtree(staging, ignore_errors=True)
+            else:
+                self._sync_dir_contents(staging)
+                staging.rename(final)
+        return final
+
+    def staging_dir(self) -> Path:
+        """A fresh temp dir inside the store; a start-up recover() removes it if left behind."""
+        return Path(tempfile.mkdtemp(prefix=_TEMP_PREFIX, dir=self.blobs))
 
     def recover(self) -> builtins.list[Path]:
         """Remove temp dirs and unindexed adapter dirs left by a crash; returns what went."""
@@ -225,7 +304,7 @@ class AdapterStore:
                     removed.append(entry)
                     logger.warning("removed leftover %s from an interrupted write", entry)
             for name in sorted(names):
-                if not self.path(name).is_dir():
+                if not self.files_on_demand and not self.path(name).is_dir():
                     logger.warning("adapter %s is indexed but its files are missing", name)
         return removed
 
@@ -243,7 +322,7 @@ class AdapterStore:
                 self._fsync(self.blobs)
                 with self._db:
                     self._db.execute(
-                        f"INSERT INTO adapters ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        f"INSERT INTO adapters ({_COLUMNS}) VALUES ({_VALUES})",
                         _row(record),
                     )
             except BaseException:
@@ -274,12 +353,27 @@ def _write_files(directory: Path, files: Mapping[str, bytes]) -> None:
         (directory / file).write_bytes(data)
 
 
+def sha256_file(path: Path) -> str:
+    """The hex sha256 of a file, read in chunks."""
+    return _sha256(path)
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
         while chunk := f.read(_HASH_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def record_to_dict(r: AdapterRecord) -> dict[str, Any]:
+    """A record as JSON-ready fields (a shared store's manifest holds one)."""
+    return dict(zip(_COLUMNS.split(", "), _row(r), strict=True))
+
+
+def record_from_dict(fields: Mapping[str, Any]) -> AdapterRecord:
+    """The inverse of record_to_dict."""
+    return _record(tuple(fields[c] for c in _COLUMNS.split(", ")))
 
 
 def _row(r: AdapterRecord) -> tuple[object, ...]:

@@ -1,4 +1,4 @@
-"""`loraplex serve | demo | finetune`. Flags also read LORAPLEX_<FLAG> from the environment."""
+"""`loraplex serve | serve-ray | demo | finetune`; flags also read LORAPLEX_<FLAG> from the env."""
 
 from __future__ import annotations
 
@@ -106,6 +106,11 @@ def engine_config(args: argparse.Namespace, model: str) -> EngineConfig:
 def _serve_parser(sub: Any) -> None:
     p = sub.add_parser("serve", help="run the HTTP server")
     add_engine_args(p)
+    add_server_args(p)
+    p.set_defaults(func=_serve)
+
+
+def add_server_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("server")
     _add(g, "--host", "127.0.0.1", "interface to listen on")
     _add(g, "--port", 8000, "port", type=int)
@@ -130,7 +135,16 @@ def _serve_parser(sub: Any) -> None:
     )
     _add(g, "--allowed-hosts", [], "Host header names accepted (default: any)", nargs="*")
     _add(g, "--preload-adapters", [], "adapter directories (or folders of them)", nargs="*")
-    _add(g, "--adapter-roots", [], "directories /v1/load_lora_adapter may read", nargs="*")
+    _add(
+        g,
+        "--adapter-roots",
+        [],
+        "directories, s3://bucket/prefix and hf://org entries /v1/load_lora_adapter may read",
+        nargs="*",
+    )
+    _add(g, "--adapter-store", None, "shared adapter store: file:///path or s3://bucket/prefix")
+    _add(g, "--adapter-store-poll-s", 2.0, "how often a shared store is re-listed", type=float)
+    _add(g, "--s3-endpoint-url", None, "S3-compatible endpoint (default: AWS_ENDPOINT_URL)")
     _add(g, "--max-upload-mb", 512, "largest upload accepted", type=int)
     _add(g, "--max-request-body-mb", 4, "largest body of any other request", type=int)
     _add(g, "--request-body-timeout-s", 60.0, "time a whole request body may take", type=float)
@@ -148,16 +162,10 @@ def _serve_parser(sub: Any) -> None:
     _add(g, "--max-queued-jobs", 64, "fine-tuning jobs waiting to train before 429", type=int)
     _add(g, "--max-file-mb", 512, "largest file accepted by /v1/files", type=int)
     _add(g, "--data-quota-mb", None, "files + adapters + job outputs in --data-dir", type=int)
-    p.set_defaults(func=_serve)
 
 
-def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from server.api.app import build_state, create_app
-
-    model = args.model or str(_demo_model())
-    server = ServerConfig(
+def server_config(args: argparse.Namespace) -> ServerConfig:
+    return ServerConfig(
         host=args.host,
         port=args.port,
         data_dir=args.data_dir,
@@ -170,6 +178,9 @@ def _serve(args: argparse.Namespace) -> int:
         allowed_hosts=tuple(args.allowed_hosts),
         preload_adapters=tuple(args.preload_adapters),
         adapter_roots=tuple(args.adapter_roots),
+        adapter_store=args.adapter_store or None,
+        adapter_store_poll_s=args.adapter_store_poll_s,
+        s3_endpoint_url=args.s3_endpoint_url or None,
         max_upload_mb=args.max_upload_mb,
         max_request_body_mb=args.max_request_body_mb,
         request_body_timeout_s=args.request_body_timeout_s,
@@ -182,6 +193,15 @@ def _serve(args: argparse.Namespace) -> int:
         max_file_mb=args.max_file_mb,
         data_quota_mb=args.data_quota_mb,
     )
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from server.api.app import build_state, create_app
+
+    model = args.model or str(demo_model())
+    server = server_config(args)
     app = create_app(build_state(server, engine_config(args, model)))
     logger.info(
         "listening on http://%s:%d (the model loads in the background)", server.host, server.port
@@ -198,7 +218,7 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo_model() -> Path:
+def demo_model() -> Path:
     from server.demo import ensure_demo_model
 
     return ensure_demo_model(progress=True)
@@ -235,7 +255,9 @@ def _finetune_parser(sub: Any) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loraplex", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for build in (_serve_parser, _demo_parser, _finetune_parser):
+    from server.ray.cli import add_parser as serve_ray_parser
+
+    for build in (_serve_parser, serve_ray_parser, _demo_parser, _finetune_parser):
         build(sub)
     return parser
 

@@ -108,6 +108,9 @@ class ServerConfig:
     allowed_hosts: tuple[str, ...] = ()  # Host header names accepted; empty: any
     preload_adapters: tuple[str, ...] = ()  # directories of adapters, or folders of them
     adapter_roots: tuple[str, ...] = ()  # where /v1/load_lora_adapter may read from
+    adapter_store: str | None = None  # a shared store's fsspec URL; None: data_dir's own
+    adapter_store_poll_s: float = 2.0  # how often a shared store is re-listed
+    s3_endpoint_url: str | None = None  # for s3:// stores and URIs; default: AWS_ENDPOINT_URL
     max_upload_mb: int = 512
     max_request_body_mb: int = 4  # every other route's body
     request_body_timeout_s: float = 60.0  # a whole body must arrive within this
@@ -135,6 +138,16 @@ class ServerConfig:
             raise ConfigError("--api-key and --admin-api-key must differ")
         for host in self.allowed_hosts:
             _host_pattern(host)
+        if not self.adapter_store_poll_s > 0:
+            raise ConfigError(
+                f"--adapter-store-poll-s must be > 0, got {self.adapter_store_poll_s}"
+            )
+        if self.adapter_store is not None and not self.adapter_store.startswith(
+            ("file://", "s3://")
+        ):
+            raise ConfigError(
+                f"--adapter-store must be a file:// or s3:// URL, got {self.adapter_store!r}"
+            )
         if self.max_upload_mb < 1:
             raise ConfigError(f"--max-upload-mb must be >= 1, got {self.max_upload_mb}")
         if self.max_request_body_mb < 1:

@@ -15,7 +15,7 @@ from server.api.hosts import AllowedHosts
 from server.api.limits import BodyLimit, ConcurrencyLimit, RequestLimits
 from server.api.metrics_port import MetricsListener
 from server.api.routes import adapters, console, files, fine_tuning, lorax, openai, ops
-from server.api.state import ServerState
+from server.api.state import ServerState, open_adapter_store
 from server.api.stats_history import StatsHistory
 from server.config import EngineConfig, ServerConfig
 from server.engine.llm_engine import LLMEngine
@@ -84,7 +84,8 @@ def build_state(server: ServerConfig, engine: EngineConfig) -> ServerState:
     name = server.served_model_name or Path(engine.model).name
 
     def load() -> LLMEngine:
-        return LLMEngine(engine, registry=open_registry(server.data_dir, engine))
+        store = open_adapter_store(server)
+        return LLMEngine(engine, registry=open_registry(server.data_dir, engine, store))
 
     metrics = Metrics(name, server.metrics_max_adapters, server.metrics_vllm_names)
     return ServerState(config=server, loader=load, model_name=name, metrics=metrics)

@@ -13,11 +13,13 @@ from pathlib import Path
 
 from fastapi import Request
 
-from adapters import AdapterRegistry
+from adapters import AdapterRegistry, sources
+from adapters.shared_store import SharedAdapterStore, storage_options
+from adapters.store import AdapterBackend, AdapterStore
 from server.api.errors import BadRequest, ClientDisconnected, NotFound, Overloaded, Unavailable
 from server.config import ServerConfig
 from server.engine.async_engine import AsyncLLMEngine
-from server.engine.llm_engine import LLMEngine, Prompt
+from server.engine.llm_engine import AdapterBusyError, LLMEngine, Prompt, UnknownAdapterError
 from server.engine.outputs import RequestOutput
 from server.engine.sampling_params import SamplingParams
 from server.metrics import Metrics
@@ -27,6 +29,15 @@ from server.training.manager import JobManager
 logger = logging.getLogger(__name__)
 
 DISCONNECT_POLL_SECONDS = 0.5
+
+
+def open_adapter_store(config: ServerConfig) -> AdapterBackend:
+    """The local store in --data-dir, or the shared one at --adapter-store cached there."""
+    data_dir = Path(config.data_dir)
+    if config.adapter_store is None:
+        return AdapterStore(data_dir)
+    options = storage_options(config.adapter_store, config.s3_endpoint_url)
+    return SharedAdapterStore(config.adapter_store, data_dir, options=options)
 
 
 @dataclass
@@ -42,6 +53,7 @@ class ServerState:
     ready: bool = False
     load_error: BaseException | None = None
     started: float = field(default_factory=time.time)
+    poller: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Load the model, start the step loop, preload adapters, then report ready."""
@@ -52,6 +64,8 @@ class ServerState:
             engine.start()
             self.engine = engine
             await asyncio.to_thread(self._preload)
+            if isinstance(self.registry.store, SharedAdapterStore):
+                self.poller = asyncio.create_task(self._poll_store(self.registry.store))
             self.jobs = self._job_manager(llm)
             await self.jobs.start()
             self.ready = True
@@ -62,6 +76,10 @@ class ServerState:
 
     async def stop(self) -> None:
         self.ready = False
+        if self.poller is not None:
+            self.poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.poller
         if self.jobs is not None:
             await self.jobs.stop()
         if self.engine is not None:
@@ -89,10 +107,45 @@ class ServerState:
             raise Unavailable("the server is not ready yet", headers={"Retry-After": "5"})
         return self.jobs
 
+    async def _poll_store(self, store: SharedAdapterStore) -> None:
+        """Every --adapter-store-poll-s: register what other replicas added, and remove what
+        they deleted (an adapter busy with requests here goes at a later poll)."""
+        while True:
+            await asyncio.sleep(self.config.adapter_store_poll_s)
+            try:
+                for name in await asyncio.to_thread(self.registry.sync):
+                    try:
+                        await self.async_engine.call(lambda n=name: self.llm.remove_adapter(n))
+                    except AdapterBusyError:
+                        continue
+                    except UnknownAdapterError:
+                        pass
+                    await asyncio.to_thread(store.evict, name)
+                    logger.info("adapter %s was deleted through another replica", name)
+            except Exception:  # a store outage must not end the polling
+                logger.exception("polling the shared adapter store failed")
+
+    def load_adapter_uri(self, name: str, uri: str, source: str) -> None:
+        """Register an adapter from a path, file://, s3:// or hf:// URI (no roots checked)."""
+        options = storage_options(uri, self.config.s3_endpoint_url)
+        scratch = self.registry.store.data_dir
+        max_bytes = self.config.max_upload_mb * 2**20
+        with sources.fetched(uri, scratch, max_bytes, options) as adapter_dir:
+            self.registry.register_dir(name, adapter_dir, source=source)
+
     def _preload(self) -> None:
-        """Register --preload-adapters folders; a bad one is logged and skipped, not fatal."""
+        """Register --preload-adapters (folders, or s3:// and hf:// URIs of one adapter each);
+        a bad one is logged and skipped, not fatal."""
         for root in self.config.preload_adapters:
-            path = Path(root)
+            try:
+                kind = sources.scheme(root)
+            except Exception as exc:
+                logger.error("not preloading %s: %s", root, exc)
+                continue
+            if kind != "file":
+                self._preload_one(sources.adapter_name_for(root), root)
+                continue
+            path = sources.local_path(root)
             try:
                 dirs = (
                     [path]
@@ -103,14 +156,17 @@ class ServerState:
                 logger.error("not preloading adapters from %s: %s", path, exc)
                 continue
             for d in dirs:
-                if self.registry.get(d.name) is not None:
-                    continue
-                try:
-                    self.registry.register_dir(d.name, d, source="preload")
-                except Exception as exc:  # one bad folder must not keep the rest from serving
-                    logger.error("skipping preloaded adapter %s (%s): %s", d.name, d, exc)
-                    continue
-                logger.info("preloaded adapter %s from %s", d.name, d)
+                self._preload_one(d.name, str(d))
+
+    def _preload_one(self, name: str, uri: str) -> None:
+        if self.registry.get(name) is not None:
+            return
+        try:
+            self.load_adapter_uri(name, uri, "preload")
+        except Exception as exc:  # one bad adapter must not keep the rest from serving
+            logger.error("skipping preloaded adapter %s (%s): %s", name, uri, exc)
+            return
+        logger.info("preloaded adapter %s from %s", name, uri)
 
     @property
     def async_engine(self) -> AsyncLLMEngine:

@@ -20,6 +20,7 @@ from server.model.quant import quantize_nf4
 
 if TYPE_CHECKING:
     from adapters.registry import AdapterRegistry
+    from adapters.store import AdapterBackend
 
 logger = logging.getLogger(__name__)
 
@@ -83,14 +84,17 @@ def kernel_backend(config: EngineConfig) -> str:
     )
 
 
-def open_registry(data_dir: str | Path, config: EngineConfig) -> AdapterRegistry:
-    """The adapter store under data_dir, indexed and validated against the engine's model."""
+def open_registry(
+    data_dir: str | Path, config: EngineConfig, store: AdapterBackend | None = None
+) -> AdapterRegistry:
+    """The adapter store (default: the local one under data_dir), indexed and validated
+    against the engine's model."""
     from adapters import AdapterRegistry, AdapterStore, BaseModelInfo
 
     assert config.model is not None
     raw = json.loads((Path(config.model) / "config.json").read_text())
     registry = AdapterRegistry(
-        AdapterStore(Path(data_dir)),
+        store if store is not None else AdapterStore(Path(data_dir)),
         BaseModelInfo.from_hf_config(raw),
         config.max_lora_rank,
         config.host_cache_mb * 2**20,

@@ -12,8 +12,8 @@ from fastapi.responses import PlainTextResponse
 # Starlette's class: what request.form() yields (fastapi.UploadFile is a subclass of it).
 from starlette.datastructures import FormData, UploadFile
 
-from adapters import RegisteredAdapter, extract_adapter_files
-from adapters.format import ADAPTER_FILES, CONFIG_FILE, WEIGHTS_FILE
+from adapters import AdapterError, RegisteredAdapter, extract_adapter_files, sources
+from adapters.format import CONFIG_FILE, WEIGHTS_FILE
 from server.api.auth import require_admin_key, require_api_key
 from server.api.errors import BadRequest, Forbidden, NotFound
 from server.api.schemas.admin import (
@@ -190,41 +190,37 @@ async def _remove(state: ServerState, name: str) -> None:
     await asyncio.to_thread(state.registry.store.delete, name)
 
 
-def _inside_roots(path: Path, roots: tuple[str, ...]) -> bool:
-    """Whether path, and each adapter file in it, resolves (links followed) inside a root."""
-    targets = [path, *(path / f for f in ADAPTER_FILES if (path / f).exists())]
-    allowed = [Path(r).resolve() for r in roots]
-    return all(any(t.resolve().is_relative_to(r) for r in allowed) for t in targets)
-
-
 @router.post(
     "/v1/load_lora_adapter",
     response_class=PlainTextResponse,
     dependencies=[Depends(require_admin_key)],
 )
 async def load_lora_adapter(body: LoadLoraAdapterRequest, request: Request) -> str:
-    """vLLM's route: register an adapter from a directory under one of --adapter-roots."""
+    """vLLM's route: register an adapter from a path, file://, s3:// or hf:// URI that falls
+    under one of --adapter-roots."""
     state = _state(request)
     registry = state.registry  # 503 while the model loads
     roots = state.config.adapter_roots
     if not roots:
         raise Forbidden("loading adapters from paths is disabled: start with --adapter-roots")
-    path = Path(body.lora_path)
+    uri = body.lora_path
     try:
-        inside, is_dir = _inside_roots(path, roots), path.is_dir()
+        kind = sources.scheme(uri)
+        sources.check_allowed(uri, roots)
+        is_dir = kind != "file" or sources.local_path(uri).is_dir()
+    except sources.SourceForbidden as exc:
+        raise Forbidden(f"lora_path: {exc}", "lora_path") from exc
+    except AdapterError as exc:
+        raise BadRequest(f"lora_path: {exc}", "lora_path") from exc
     except (OSError, ValueError) as exc:  # a NUL byte, a name too long, a loop of links
-        raise BadRequest(f"lora_path {body.lora_path!r} is not usable: {exc}", "lora_path") from exc
-    if not inside:
-        raise Forbidden(
-            f"lora_path {body.lora_path!r} is outside the allowed --adapter-roots", "lora_path"
-        )
+        raise BadRequest(f"lora_path {uri!r} is not usable: {exc}", "lora_path") from exc
     if registry.get(body.lora_name) is not None:
         raise BadRequest(
             f"the lora adapter {body.lora_name!r} has already been loaded", "lora_name"
         )
     if not is_dir:
-        raise BadRequest(f"lora_path {body.lora_path!r} is not a directory", "lora_path")
-    await asyncio.to_thread(registry.register_dir, body.lora_name, path, "path")
+        raise BadRequest(f"lora_path {uri!r} is not a directory", "lora_path")
+    await asyncio.to_thread(state.load_adapter_uri, body.lora_name, uri, "path")
     return f"Success: LoRA adapter '{body.lora_name}' added successfully."
 
 

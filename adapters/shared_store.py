@@ -1,0 +1,265 @@
+"""A shared adapter store: blobs and manifests in object storage or a shared filesystem.
+
+Layout under the store's URL (any fsspec URL: file:///mnt/adapters, s3://bucket/prefix):
+
+    blobs/<sha256>                  one adapter file, named by its content's hash
+    manifests/<quoted name>.json    {"files": {file: sha256}, "record": {...}}: written last
+
+An add uploads the blobs, then the manifest: a writer killed before the manifest leaves only
+unreferenced blobs, so a half-written adapter is never visible. Every replica indexes the
+manifests in its local SQLite store (adapters/store.py, files_on_demand) and fetches an
+adapter's blobs into that local store the first time it is used. refresh() re-lists the
+manifests, so what other replicas add or delete shows up one poll later (--adapter-store-poll-s).
+
+Two replicas adding the same name in the same instant both pass the existence check and the
+last manifest wins; blobs of deleted adapters stay (other manifests may share them).
+"""
+
+from __future__ import annotations
+
+import builtins
+import json
+import logging
+import shutil
+import threading
+import uuid
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, unquote
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from adapters.errors import AdapterError, AdapterExistsError, AdapterNotFoundError
+from adapters.faults import fault_point
+from adapters.store import (
+    AdapterRecord,
+    AdapterStore,
+    StoreChanges,
+    Validator,
+    check_adapter_name,
+    record_from_dict,
+    record_to_dict,
+    sha256_file,
+)
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_VERSION = 1
+BLOBS = "blobs"
+MANIFESTS = "manifests"
+_TMP = ".tmp"
+_SUFFIX = ".json"
+
+
+def storage_options(url: str, s3_endpoint_url: str | None = None) -> dict[str, Any]:
+    """fsspec options for url: an S3 endpoint from the flag, else the usual AWS_* variables."""
+    if url.startswith("s3://") and s3_endpoint_url:
+        return {"client_kwargs": {"endpoint_url": s3_endpoint_url}}
+    return {}
+
+
+class SharedAdapterStore:
+    """Adapters in a shared fsspec location, indexed and cached in a local AdapterStore."""
+
+    shared = True
+
+    def __init__(
+        self,
+        url: str,
+        data_dir: Path,
+        durable: bool = True,
+        options: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.url = url
+        self.fs, self.root = fsspec.core.url_to_fs(url, **dict(options or {}))
+        self.root = self.root.rstrip("/")
+        self.cache = AdapterStore(data_dir, durable, files_on_demand=True)
+        self.data_dir = data_dir
+        self._fetch_lock = threading.Lock()
+        self._local = isinstance(self.fs, LocalFileSystem)
+        if self._local:
+            self.fs.makedirs(f"{self.root}/{MANIFESTS}", exist_ok=True)
+            self.fs.makedirs(f"{self.root}/{BLOBS}", exist_ok=True)
+        changes = self.refresh()
+        logger.info(
+            "shared adapter store %s: %d adapters (%d new, %d gone since the last run)",
+            url,
+            len(self.cache.list()),
+            len(changes.added),
+            len(changes.removed),
+        )
+
+    def close(self) -> None:
+        """Close the local index."""
+        self.cache.close()
+
+    # ---- reads: the local index, files fetched on first use ------------------------------
+
+    def get(self, name: str) -> AdapterRecord | None:
+        """The record of one adapter as of the last refresh, or None."""
+        return self.cache.get(name)
+
+    def list(self) -> builtins.list[AdapterRecord]:
+        """Every record as of the last refresh, oldest first."""
+        return self.cache.list()
+
+    def path(self, name: str) -> Path:
+        """A local directory with name's files, fetched from the shared store if not cached."""
+        local = self.cache.path(name)
+        if local.is_dir():
+            return local
+        with self._fetch_lock:  # one download per adapter, however many readers ask
+            if local.is_dir():
+                return local
+            record = self.cache.get(name)
+            if record is None:
+                raise AdapterNotFoundError(f"adapter {name!r} is not in the shared store")
+            self._fetch(name, record)
+        return local
+
+    def _fetch(self, name: str, record: AdapterRecord) -> None:
+        manifest = self._read_manifest(self._manifest_path(name))
+        if manifest is None or manifest["record"]["sha256"] != record.sha256:
+            raise AdapterNotFoundError(f"adapter {name!r} was deleted or replaced meanwhile")
+        staging = self.cache.staging_dir()
+        try:
+            for file, digest in manifest["files"].items():
+                self.fs.get_file(self._blob_path(digest), str(staging / file))
+                if sha256_file(staging / file) != digest:
+                    raise AdapterError(f"adapter {name!r}: {file} does not match its sha256")
+            self.cache.commit_files(staging, name)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        logger.info("fetched adapter %s from the shared store", name)
+
+    # ---- writes ----------------------------------------------------------------------------
+
+    def add(
+        self,
+        name: str,
+        source: str,
+        validate: Validator,
+        *,
+        files: Mapping[str, bytes] | None = None,
+        source_dir: Path | None = None,
+        writer: Callable[[Path], None] | None = None,
+    ) -> AdapterRecord:
+        """Validate locally, upload blobs then the manifest, then index and cache it here."""
+        check_adapter_name(name)
+        if self.fs.exists(self._manifest_path(name)):
+            raise AdapterExistsError(f"adapter {name!r} already exists")
+        return self.cache.add(
+            name,
+            source,
+            validate,
+            files=files,
+            source_dir=source_dir,
+            writer=writer,
+            publish=lambda staging, record: self._publish(name, staging, record),
+        )
+
+    def _publish(self, name: str, staging: Path, record: AdapterRecord) -> None:
+        digests: dict[str, str] = {}
+        for file in sorted(p.name for p in staging.iterdir()):
+            digest = sha256_file(staging / file)
+            digests[file] = digest
+            blob = self._blob_path(digest)
+            if not self.fs.exists(blob):
+                self._put(str(staging / file), blob)
+            fault_point("store.shared.blob")
+        manifest = {"version": MANIFEST_VERSION, "files": digests, "record": record_to_dict(record)}
+        fault_point("store.shared.manifest")
+        path = self._manifest_path(name)
+        if self.fs.exists(path):
+            raise AdapterExistsError(f"adapter {name!r} already exists")
+        self._put_bytes(json.dumps(manifest).encode(), path)
+        logger.info("published adapter %s to %s", name, self.url)
+
+    def delete(self, name: str) -> bool:
+        """Remove the manifest (every replica stops listing it), then the local copy."""
+        path = self._manifest_path(name)
+        shared = self.fs.exists(path)
+        if shared:
+            self.fs.rm_file(path)
+        local = self.cache.delete(name)
+        return shared or local
+
+    def evict(self, name: str) -> None:
+        """Drop the local copy of an adapter another replica deleted (row and files)."""
+        self.cache.delete(name)
+
+    def refresh(self) -> StoreChanges:
+        """Bring the local index up to the shared manifests; what changed since last time."""
+        self.fs.invalidate_cache()  # s3fs caches listings; a poll must see the store as it is
+        remote = self._manifest_names()
+        indexed = {r.name: r for r in self.cache.list()}
+        added = []
+        for name in sorted(remote.keys() - indexed.keys()):
+            manifest = self._read_manifest(remote[name])
+            if manifest is None:
+                continue  # deleted between the listing and the read
+            try:
+                record = record_from_dict(manifest["record"])
+            except (KeyError, TypeError, ValueError) as exc:
+                logger.warning("skipping unreadable manifest %s: %s", remote[name], exc)
+                continue
+            self.cache.cache_record(record)
+            added.append(record)
+        removed = sorted(indexed.keys() - remote.keys())
+        for name in removed:
+            self.cache.uncache_record(name)
+        if added or removed:
+            logger.info("shared store: %d adapters appeared, %d deleted", len(added), len(removed))
+        return StoreChanges(tuple(added), tuple(removed))
+
+    # ---- paths and atomic writes -------------------------------------------------------------
+
+    def _manifest_names(self) -> dict[str, str]:
+        try:
+            paths = self.fs.ls(f"{self.root}/{MANIFESTS}", detail=False)
+        except FileNotFoundError:
+            return {}
+        names = {}
+        for path in paths:
+            base = str(path).rsplit("/", 1)[-1]
+            if base.endswith(_SUFFIX) and not base.startswith("."):
+                names[unquote(base[: -len(_SUFFIX)])] = str(path)
+        return names
+
+    def _read_manifest(self, path: str) -> dict[str, Any] | None:
+        try:
+            data: dict[str, Any] = json.loads(self.fs.cat_file(path))
+        except FileNotFoundError:
+            return None
+        return data
+
+    def _manifest_path(self, name: str) -> str:
+        check_adapter_name(name)
+        return f"{self.root}/{MANIFESTS}/{quote(name, safe='._-')}{_SUFFIX}"
+
+    def _blob_path(self, digest: str) -> str:
+        return f"{self.root}/{BLOBS}/{digest}"
+
+    def _put(self, local: str, remote: str) -> None:
+        # An object store's PUT is atomic; on a filesystem write aside, then rename.
+        if not self._local:
+            self.fs.put_file(local, remote)
+            return
+        tmp = self._tmp_path()
+        self.fs.put_file(local, tmp)
+        self.fs.mv(tmp, remote)
+
+    def _put_bytes(self, data: bytes, remote: str) -> None:
+        if not self._local:
+            self.fs.pipe_file(remote, data)
+            return
+        tmp = self._tmp_path()
+        self.fs.pipe_file(tmp, data)
+        self.fs.mv(tmp, remote)
+
+    def _tmp_path(self) -> str:
+        self.fs.makedirs(f"{self.root}/{_TMP}", exist_ok=True)
+        return f"{self.root}/{_TMP}/{uuid.uuid4().hex}"
