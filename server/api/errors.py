@@ -8,7 +8,6 @@ the openai SDK turns into typed exceptions; the LoRAX/TGI routes answer `{"error
 from __future__ import annotations
 
 import logging
-import re
 import uuid
 
 from fastapi import FastAPI, Request
@@ -22,12 +21,11 @@ from adapters.faults import DiskFullError
 from server.engine.async_engine import EngineDeadError, EngineStepError, RequestFailedError
 from server.engine.llm_engine import AdapterBusyError, UnknownAdapterError
 from server.engine.sampling_params import InvalidRequestError
+from server.redact import without_paths
 
 logger = logging.getLogger(__name__)
 
 LORAX_PATHS = ("/generate", "/generate_stream")
-# An absolute POSIX path of two or more parts (not inside a URL).
-_SERVER_PATH = re.compile(r"(?<![\w.~:/])/(?:[^\s'\"/]+/)+[^\s'\"/]*")
 _TYPE_NAMES = frozenset({"str", "int", "float", "bool", "dict", "list", "bytes", "none"})
 
 
@@ -159,11 +157,6 @@ def error_response(request: Request, err: APIError) -> JSONResponse:
     if lorax and isinstance(err, GenerationError):
         status = 424
     return JSONResponse(error_body(err, lorax), status_code=status, headers=err.headers)
-
-
-def without_paths(message: str) -> str:
-    """A message with each absolute server path cut to its last part (a file or folder name)."""
-    return _SERVER_PATH.sub(lambda m: m.group(0).rstrip("/").rsplit("/", 1)[-1], message)
 
 
 def translate(exc: Exception) -> APIError:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from adapters.faults import DiskFullError
+from server.redact import without_paths
 from server.training.data import DataError, count_examples
 from server.training.hparams import HParamsError, hparams_for
 from server.training.jobs import ACTIVE, Job, JobStore, new_id
@@ -322,6 +323,9 @@ class JobManager:
         self._finish(job, "succeeded", fine_tuned_model=name)
 
     def _finish(self, job: Job, status: str, **fields: Any) -> None:
+        error = fields.get("error")
+        if error and error.get("message"):  # job errors are client-facing: no server paths
+            fields["error"] = {**error, "message": without_paths(str(error["message"]))}
         self.store.update_job(job.id, status=status, finished_at=int(time.time()), **fields)
         if status == "succeeded":
             message = f"The job has successfully completed: {fields['fine_tuned_model']}"

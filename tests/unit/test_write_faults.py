@@ -111,3 +111,20 @@ def test_past_max_queued_jobs_a_new_job_is_refused(tmp_path):
         manager.create(body)
     store.update_job(first.id, status="running")  # a job that starts frees its place
     assert isinstance(manager.create(body), Job)
+
+
+def test_a_failed_jobs_error_and_event_name_no_server_path(tmp_path):
+    store = JobStore(tmp_path)
+    file_id = store.add_file("train.jsonl", "fine-tune", ROW, 1).id
+    registry = SimpleNamespace(max_lora_rank=64, base=tiny_base())
+    manager = JobManager(store, registry, "base", tmp_path, "cpu", 1)  # type: ignore[arg-type]
+    job = manager.create({"model": "base", "training_file": file_id})
+    where = tmp_path / "jobs" / job.id / "step-5" / "optimizer.pt"
+    manager._finish(
+        job, "failed", error={"code": "boom", "message": f"cannot read {where}", "param": None}
+    )
+    failed = manager.get(job.id)
+    events, _ = store.events(job.id, limit=100)
+    assert failed.error is not None
+    assert failed.error["message"] == "cannot read optimizer.pt"
+    assert all(str(tmp_path) not in e.message for e in events)
