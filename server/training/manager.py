@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from adapters.faults import DiskFullError
 from server.training.data import DataError, count_examples
-from server.training.hparams import HParamsError, hparams_for
+from server.training.hparams import HParamsError, canonical_overrides, hparams_for
 from server.training.jobs import ACTIVE, Job, JobStore, new_id
 from server.training.lora import adapter_spec
 from server.training.worker import run_job
@@ -34,8 +34,6 @@ logger = logging.getLogger(__name__)
 
 METHODS = ("qlora", "longlora")
 SUFFIX = re.compile(r"^[A-Za-z0-9._-]{1,40}$")
-# OpenAI's hyperparameter names, as ours.
-OPENAI_ALIASES = {"n_epochs": "num_epochs", "batch_size": "batch_size"}
 
 
 class JobRequestError(ValueError):
@@ -56,25 +54,13 @@ class JobQueueFullError(Exception):
 
 def _hyperparameters(method: dict[str, Any], legacy: dict[str, Any] | None) -> dict[str, Any]:
     """Overrides from `method.hyperparameters`, OpenAI's `method.<type>.hyperparameters`, or
-    the legacy top-level `hyperparameters`, with OpenAI's names mapped to ours."""
+    the legacy top-level `hyperparameters`, under our names (hparams.ALIASES)."""
     kind = method.get("type")
     raw = dict(legacy or {})
     raw.update(method.get("hyperparameters") or {})
     nested = method.get(kind) if isinstance(method.get(kind), dict) else {}
     raw.update(nested.get("hyperparameters") or {})
-    out: dict[str, Any] = {}
-    multiplier = None
-    for key, value in raw.items():
-        if value == "auto":
-            continue
-        if key == "learning_rate_multiplier":
-            multiplier = float(value)
-            continue
-        out[OPENAI_ALIASES.get(key, key)] = value
-    if multiplier is not None:
-        base = hparams_for(kind, {k: v for k, v in out.items() if k != "learning_rate"})
-        out["learning_rate"] = out.get("learning_rate", base.learning_rate) * multiplier
-    return out
+    return canonical_overrides(str(kind), raw)
 
 
 class JobManager:
