@@ -25,6 +25,7 @@ from server.training.data import DataError, count_examples
 from server.training.hparams import HParamsError, canonical_overrides, hparams_for
 from server.training.jobs import ACTIVE, Job, JobStore, new_id
 from server.training.lora import adapter_spec
+from server.training.publish import CheckpointPublisher, RemoveAdapter, fine_tuned_name
 from server.training.worker import run_job
 
 if TYPE_CHECKING:
@@ -74,6 +75,7 @@ class JobManager:
         threads: int,
         max_concurrent: int = 1,
         max_queued: int = 64,
+        remove_adapter: RemoveAdapter | None = None,
     ) -> None:
         self.store = store
         self.registry = registry
@@ -83,6 +85,7 @@ class JobManager:
         self.threads = threads
         self.max_concurrent = max_concurrent
         self.max_queued = max_queued
+        self.publisher = CheckpointPublisher(store, registry, remove_adapter)
         self._workers: dict[str, BaseProcess] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -211,6 +214,11 @@ class JobManager:
             if len(self._workers) >= self.max_concurrent:
                 break
             self._launch(job)
+        for job_id in list(self._workers):
+            try:
+                await self.publisher.sync(self.get(job_id))
+            except Exception:  # one job's publishing must not stop the others' scheduling
+                logger.exception("publishing the checkpoints of %s failed", job_id)
 
     def _validate(self, job: Job) -> None:
         try:
@@ -252,6 +260,10 @@ class JobManager:
         self._workers.pop(job_id, None)
         if self._stopping:
             return
+        try:
+            await self.publisher.sync(self.get(job_id))  # checkpoints written since the last tick
+        except Exception:
+            logger.exception("publishing the checkpoints of %s failed", job_id)
         await asyncio.to_thread(self._complete, job_id, proc.exitcode)
         self._wake.set()
 
@@ -321,8 +333,3 @@ class JobManager:
     @property
     def active_jobs(self) -> int:
         return len(self.store.jobs_with_status(*ACTIVE))
-
-
-def fine_tuned_name(job: Job) -> str:
-    short = job.id.removeprefix("ftjob-")[:8]
-    return f"ft:{job.model}:{job.suffix}:{short}" if job.suffix else f"ft:{job.model}:{short}"
