@@ -120,6 +120,13 @@ def _serve_parser(sub: Any) -> None:
     _add(g, "--max-concurrent-jobs", 1, "fine-tuning jobs that train at once", type=int)
     _add(g, "--training-threads", None, "CPU threads per training job", type=int)
     _add(g, "--max-queued-jobs", 64, "fine-tuning jobs waiting to train before 429", type=int)
+    _add(
+        g,
+        "--training-memory-mb",
+        None,
+        "device memory one fine-tuning job may use (default: what serving leaves free)",
+        type=int,
+    )
     _add(g, "--max-file-mb", 512, "largest file accepted by /v1/files", type=int)
     _add(g, "--data-quota-mb", None, "files + adapters + job outputs in --data-dir", type=int)
     p.set_defaults(func=_serve)
@@ -151,6 +158,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_concurrent_jobs=args.max_concurrent_jobs,
         training_threads=args.training_threads,
         max_queued_jobs=args.max_queued_jobs,
+        training_memory_mb=args.training_memory_mb,
         max_file_mb=args.max_file_mb,
         data_quota_mb=args.data_quota_mb,
     )

@@ -85,6 +85,7 @@ class ServerState:
             self.config.max_concurrent_jobs,
             self.config.max_queued_jobs,
             remove_adapter=self._remove_adapter,
+            memory_limit_mb=self.config.training_memory_mb,
         )
 
     async def _remove_adapter(self, name: str) -> None:

@@ -21,10 +21,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from adapters.faults import DiskFullError
+from server.model.config import ModelConfig
 from server.training.data import DataError, count_examples
-from server.training.hparams import HParamsError, canonical_overrides, hparams_for
+from server.training.hparams import HParams, HParamsError, canonical_overrides, hparams_for
 from server.training.jobs import ACTIVE, Job, JobStore, new_id
 from server.training.lora import adapter_spec
+from server.training.memory import (
+    MemoryBudget,
+    MemoryBudgetError,
+    MemoryEstimate,
+    cuda_memory,
+    estimate,
+    no_device_memory,
+)
 from server.training.publish import CheckpointPublisher, RemoveAdapter, fine_tuned_name
 from server.training.worker import run_job
 
@@ -76,6 +85,8 @@ class JobManager:
         max_concurrent: int = 1,
         max_queued: int = 64,
         remove_adapter: RemoveAdapter | None = None,
+        memory_limit_mb: int | None = None,
+        memory: MemoryBudget | None = None,
     ) -> None:
         self.store = store
         self.registry = registry
@@ -86,6 +97,11 @@ class JobManager:
         self.max_concurrent = max_concurrent
         self.max_queued = max_queued
         self.publisher = CheckpointPublisher(store, registry, remove_adapter)
+        device_memory = cuda_memory() if device == "cuda" else no_device_memory
+        limit = memory_limit_mb * 2**20 if memory_limit_mb is not None else None
+        self.memory = memory or MemoryBudget(limit, device_memory)
+        self._waiting_for_memory: set[str] = set()  # jobs told so, once each
+        self._model_config: ModelConfig | None = None
         self._workers: dict[str, BaseProcess] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -140,7 +156,9 @@ class JobManager:
             )
         try:
             adapter_spec(hp, self.registry.base)  # target_modules must match the served model
-        except HParamsError as exc:
+            if self.memory.limit_bytes is not None:
+                self.memory.check_fits(self.estimate(hp))
+        except (HParamsError, MemoryBudgetError) as exc:
             raise JobRequestError(str(exc), "method.hyperparameters") from exc
         for param in ("training_file", "validation_file"):
             file_id = body.get(param)
@@ -213,7 +231,20 @@ class JobManager:
         for job in self.store.jobs_with_status("queued"):
             if len(self._workers) >= self.max_concurrent:
                 break
-            self._launch(job)
+            try:
+                grant, wait = self._memory_grant(job)
+            except MemoryBudgetError as exc:  # the cap was lowered since the job was created
+                error = {"code": "insufficient_memory", "message": str(exc), "param": None}
+                self._finish(job, "failed", error=error)
+                continue
+            if wait is not None:
+                if job.id not in self._waiting_for_memory:
+                    self._waiting_for_memory.add(job.id)
+                    self.store.add_event(job.id, wait)
+                    logger.info("job %s is %s", job.id, wait)
+                break  # first come, first served: no later job starts past it
+            self._waiting_for_memory.discard(job.id)
+            self._launch(job, grant)
         for job_id in list(self._workers):
             try:
                 await self.publisher.sync(self.get(job_id))
@@ -239,11 +270,34 @@ class JobManager:
         self.store.update_job(job.id, status="queued")
         self.store.add_event(job.id, "Files validated; job queued")
 
-    def _launch(self, job: Job) -> None:
+    def estimate(self, hp: HParams) -> MemoryEstimate:
+        """The device memory a job with these hyperparameters needs on the served base."""
+        if self._model_config is None:
+            self._model_config = ModelConfig.from_dir(self.model_dir)
+        cfg = self._model_config
+        max_seq_len = hp.max_seq_len or hp.target_context(cfg.max_position_embeddings)
+        spec = adapter_spec(hp, self.registry.base)
+        return estimate(cfg, hp, spec, max_seq_len, cuda=self.device == "cuda")
+
+    def _memory_grant(self, job: Job) -> tuple[int | None, str | None]:
+        """(bytes the worker may use, None), or (None, why the job waits)."""
+        if self.memory.limit_bytes is None and self.memory.device_memory() is None:
+            return None, None  # nothing to bound: CPU without --training-memory-mb
+        hp = hparams_for(job.method, job.hyperparameters)
+        return self.memory.grant(self.estimate(hp))
+
+    def _launch(self, job: Job, memory_limit: int | None = None) -> None:
         ctx = multiprocessing.get_context("spawn")
         proc = ctx.Process(
             target=run_job,
-            args=(str(self.store.data_dir), job.id, self.model_dir, self.device, self.threads),
+            args=(
+                str(self.store.data_dir),
+                job.id,
+                self.model_dir,
+                self.device,
+                self.threads,
+                memory_limit,
+            ),
             name=f"loraplex-job-{job.id}",
             daemon=True,
         )
