@@ -99,7 +99,7 @@ class JobManager:
         self.publisher = CheckpointPublisher(store, registry, remove_adapter)
         device_memory = cuda_memory() if device == "cuda" else no_device_memory
         limit = memory_limit_mb * 2**20 if memory_limit_mb is not None else None
-        self.memory = memory or MemoryBudget(limit, device_memory)
+        self.memory = memory or MemoryBudget.at_start(limit, device_memory)
         self._waiting_for_memory: set[str] = set()  # jobs told so, once each
         self._model_config: ModelConfig | None = None
         self._workers: dict[str, BaseProcess] = {}
@@ -156,7 +156,7 @@ class JobManager:
             )
         try:
             adapter_spec(hp, self.registry.base)  # target_modules must match the served model
-            if self.memory.limit_bytes is not None:
+            if self.memory.limit_bytes is not None or self.memory.capacity_bytes is not None:
                 self.memory.check_fits(self.estimate(hp))
         except (HParamsError, MemoryBudgetError) as exc:
             raise JobRequestError(str(exc), "method.hyperparameters") from exc

@@ -93,14 +93,29 @@ class MemoryBudget:
 
     limit_bytes: int | None  # None: no fixed cap, only what is free
     device_memory: DeviceMemory
+    # What was free beside serving once the pool was allocated: more never frees up.
+    capacity_bytes: int | None = None
+
+    @classmethod
+    def at_start(cls, limit_bytes: int | None, device_memory: DeviceMemory) -> MemoryBudget:
+        """Call once serving has allocated its pool: the capacity is read from the device."""
+        device = device_memory()
+        capacity = None if device is None else device[0] - int(SERVING_HEADROOM * device[1])
+        return cls(limit_bytes, device_memory, capacity)
 
     def check_fits(self, need: MemoryEstimate) -> None:
-        """Raise MemoryBudgetError when the job could never fit the fixed cap."""
+        """Raise MemoryBudgetError when the job could never fit the cap or the device."""
+        advice = "lower batch_size, max_seq_len or r, or use quantize nf4"
         if self.limit_bytes is not None and need.total > self.limit_bytes:
             raise MemoryBudgetError(
                 f"this job needs {need.describe()} but --training-memory-mb allows "
-                f"{self.limit_bytes / MIB:.0f} MiB; lower batch_size, max_seq_len or r, "
-                "or use quantize nf4"
+                f"{self.limit_bytes / MIB:.0f} MiB; {advice}"
+            )
+        if self.capacity_bytes is not None and need.total > self.capacity_bytes:
+            raise MemoryBudgetError(
+                f"this job needs {need.describe()} but at most "
+                f"{max(self.capacity_bytes, 0) / MIB:.0f} MiB of device memory is free beside "
+                f"the serving pool; {advice}"
             )
 
     def grant(self, need: MemoryEstimate) -> tuple[int | None, str | None]:

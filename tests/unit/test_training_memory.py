@@ -96,6 +96,15 @@ def test_a_job_waits_while_serving_leaves_too_little_free():
     assert wait is not None and "waiting for device memory" in wait and "1000 MiB" in wait
 
 
+def test_a_job_larger_than_what_serving_left_free_at_start_can_never_fit():
+    device = FakeDevice(free=2 * GIB)
+    budget = MemoryBudget.at_start(None, device)
+    device.free = 16 * GIB  # even if more frees later: serving's pool holds the rest for good
+    with pytest.raises(MemoryBudgetError, match="free beside the serving pool"):
+        budget.grant(_need(3000))
+    assert budget.grant(_need(1000))[1] is None
+
+
 def test_on_cpu_only_the_fixed_cap_is_checked():
     assert MemoryBudget(None, lambda: None).grant(_need(10**6)) == (None, None)
     assert MemoryBudget(500 * MIB, lambda: None).grant(_need(100)) == (500 * MIB, None)
