@@ -101,6 +101,7 @@ class JobManager:
         limit = memory_limit_mb * 2**20 if memory_limit_mb is not None else None
         self.memory = memory or MemoryBudget.at_start(limit, device_memory)
         self._waiting_for_memory: set[str] = set()  # jobs told so, once each
+        self._grants: dict[str, int] = {}  # device bytes granted to running workers
         self._model_config: ModelConfig | None = None
         self._workers: dict[str, BaseProcess] = {}
         self._wake = asyncio.Event()
@@ -284,7 +285,7 @@ class JobManager:
         if self.memory.limit_bytes is None and self.memory.device_memory() is None:
             return None, None  # nothing to bound: CPU without --training-memory-mb
         hp = hparams_for(job.method, job.hyperparameters)
-        return self.memory.grant(self.estimate(hp))
+        return self.memory.grant(self.estimate(hp), sum(self._grants.values()))
 
     def _launch(self, job: Job, memory_limit: int | None = None) -> None:
         ctx = multiprocessing.get_context("spawn")
@@ -303,6 +304,8 @@ class JobManager:
         )
         proc.start()
         self._workers[job.id] = proc
+        if memory_limit is not None:
+            self._grants[job.id] = memory_limit
         self.store.update_job(job.id, status="running", result=None)
         self.store.add_event(job.id, f"Fine-tuning job started ({job.method}, pid {proc.pid})")
         task = asyncio.create_task(self._watch(job.id, proc))
@@ -312,6 +315,7 @@ class JobManager:
     async def _watch(self, job_id: str, proc: BaseProcess) -> None:
         await asyncio.to_thread(proc.join)
         self._workers.pop(job_id, None)
+        self._grants.pop(job_id, None)
         if self._stopping:
             return
         try:

@@ -118,9 +118,12 @@ class MemoryBudget:
                 f"the serving pool; {advice}"
             )
 
-    def grant(self, need: MemoryEstimate) -> tuple[int | None, str | None]:
+    def grant(self, need: MemoryEstimate, granted: int = 0) -> tuple[int | None, str | None]:
         """(bytes the worker may use, None) to start now, or (None, why it must wait).
 
+        `granted`: what running workers were granted. Their use may not show in the device's
+        free memory yet (a worker allocates as it loads), so it counts as taken: with several
+        concurrent jobs a later one may wait longer than it needs to, never take too much.
         On CPU (no device memory to measure) the grant is the fixed cap, or None: unbounded.
         """
         self.check_fits(need)
@@ -128,7 +131,7 @@ class MemoryBudget:
         if device is None:
             return self.limit_bytes, None
         free, total = device
-        available = free - int(SERVING_HEADROOM * total)
+        available = free - int(SERVING_HEADROOM * total) - granted
         if need.total > available:
             return None, (
                 f"waiting for device memory: this job needs {need.describe()}, "

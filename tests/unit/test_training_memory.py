@@ -89,6 +89,14 @@ def test_a_job_that_fits_is_granted_what_is_free_beside_serving_up_to_the_cap():
     assert MemoryBudget(2 * GIB, device).grant(_need(1000)) == (2 * GIB, None)
 
 
+def test_memory_granted_to_running_workers_counts_as_taken():
+    device = FakeDevice(free=4 * GIB)
+    headroom = int(SERVING_HEADROOM * device.total)
+    budget = MemoryBudget(None, device)
+    assert budget.grant(_need(1000), granted=2 * GIB) == (2 * GIB - headroom, None)
+    assert budget.grant(_need(1000), granted=4 * GIB)[0] is None
+
+
 def test_a_job_waits_while_serving_leaves_too_little_free():
     device = FakeDevice(free=1 * GIB)
     grant, wait = MemoryBudget(None, device).grant(_need(1000))
