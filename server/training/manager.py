@@ -5,7 +5,9 @@ by default, each in a worker process (server.training.worker); a finished job's 
 registered under its `fine_tuned_model` name at once, so the next request can use it. On start
 the manager requeues jobs a previous server left running; their workers resume from the last
 checkpoint. At most `max_queued` jobs wait (validating_files or queued); past that a new job
-is refused with JobQueueFullError.
+is refused with JobQueueFullError. A queued job starts only when its estimated device memory
+is free beside serving (server.training.memory); while it runs, its kept checkpoints are
+published as adapters (server.training.publish).
 """
 
 from __future__ import annotations
