@@ -1,7 +1,7 @@
 """Fine-tuning quality: QLoRA vs LoRA on the 16-bit (fp32 on CPU) base vs full fine-tuning,
 and LongLoRA's ablation on long inputs. One run, a table on stdout and JSON with --out.
 
-    python -m bench.quality [--steps 100] [--larger-pretrain-seconds 120] [--no-larger]
+    python -m bench.quality [--steps 100] [--larger-pretrain-seconds 100] [--no-larger]
         [--long-steps 15] [--no-long] [--threads 2] [--out results.json]
 
 Every run of a comparison trains on the same data, with the same steps, batches (the same
@@ -129,13 +129,14 @@ def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
 
 
 def larger_model(pretrain_seconds: float) -> Path:
-    """A 4-layer 256-wide Llama (about 4x the demo's non-embedding weights), pretrained here."""
+    """A 4-layer 192-wide Llama (about twice the demo's parameters), pretrained here."""
     from server.demo.build import build_demo_model, default_demo_dir, is_complete
     from server.demo.train import DemoSize
 
-    size = DemoSize(hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=4,
-                    intermediate_size=704, learning_rate=1e-3)  # fmt: skip
-    path = default_demo_dir().parent / f"bench-larger-{int(pretrain_seconds)}s"
+    size = DemoSize(hidden_size=192, num_layers=4, num_heads=6, num_kv_heads=2,
+                    intermediate_size=512, learning_rate=1e-3)  # fmt: skip
+    name = f"bench-larger-{size.hidden_size}x{size.num_layers}-{int(pretrain_seconds)}s"
+    path = default_demo_dir().parent / name
     if not is_complete(path):
         logger.info("pretraining the larger model for %.0f s", pretrain_seconds)
         build_demo_model(path, train_seconds=pretrain_seconds, size=size, progress=False)
@@ -311,7 +312,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--long-steps", type=int, default=15, help="steps per LongLoRA run")
     parser.add_argument("--lora-lr", type=float, default=1e-3)
     parser.add_argument("--full-lr", type=float, default=2e-4)
-    parser.add_argument("--larger-pretrain-seconds", type=float, default=120.0)
+    parser.add_argument("--larger-pretrain-seconds", type=float, default=100.0)
     parser.add_argument("--no-larger", action="store_true", help="skip the larger model")
     parser.add_argument("--no-long", action="store_true", help="skip the LongLoRA ablation")
     parser.add_argument("--threads", type=int, default=2)
