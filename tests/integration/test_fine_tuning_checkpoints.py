@@ -3,6 +3,7 @@ running job shows in /metrics."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -107,8 +108,9 @@ def running_job(server: LiveServer) -> Iterator[dict]:
 
 
 def test_a_checkpoint_serves_while_its_job_still_runs(server, running_job):
-    name = _published(server, running_job["id"])[-1]
-    assert name.endswith(":ckpt-step-2")
+    name = _published(server, running_job["id"])[0]  # the newest published
+    short = running_job["id"].removeprefix("ftjob-")[:8]
+    assert re.fullmatch(rf"ft:{server.model_dir.name}:live:{short}:ckpt-step-\d+", name)
     card = _models(server)[name]
     assert card["parent"] == server.model_dir.name
     status, body = _complete(server, name)
