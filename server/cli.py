@@ -63,7 +63,14 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         "share of the GPU for weights, the largest step's activations and the page pool",
         type=float,
     )
-    _add(g, "--training-memory-mb", 0, "GPU memory kept for a fine-tuning worker", type=int)
+    _add(
+        g,
+        "--training-memory-mb",
+        0,
+        "GPU memory kept out of the page pool for fine-tuning, and the most one job may use "
+        "(0: none kept; a job may use what serving leaves free)",
+        type=int,
+    )
     _add(g, "--enforce-eager", False, "no CUDA graphs for decode steps", action="store_true")
     _add(g, "--max-lora-rank", 64, "largest adapter rank accepted", type=int)
     _add(g, "--max-loras", 32, "adapters resident on the device at once", type=int)
@@ -190,6 +197,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         max_concurrent_jobs=args.max_concurrent_jobs,
         training_threads=args.training_threads,
         max_queued_jobs=args.max_queued_jobs,
+        training_memory_mb=args.training_memory_mb or None,  # the same budget, on the job side
         max_file_mb=args.max_file_mb,
         data_quota_mb=args.data_quota_mb,
     )

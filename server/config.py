@@ -120,6 +120,7 @@ class ServerConfig:
     max_concurrent_jobs: int = 1  # fine-tuning jobs training at once
     training_threads: int | None = None  # CPU threads per job; default half the cores
     max_queued_jobs: int = 64  # fine-tuning jobs waiting to train before 429
+    training_memory_mb: int | None = None  # device memory one job may use; None: what is free
     max_file_mb: int = 512  # one uploaded file (the body is also held to max_upload_mb)
     data_quota_mb: int | None = None  # files + adapters + job outputs in data_dir; None: no quota
 
@@ -164,6 +165,8 @@ class ServerConfig:
             raise ConfigError(f"--max-waiting must be >= 1, got {self.max_waiting}")
         if self.max_queued_jobs < 1:
             raise ConfigError(f"--max-queued-jobs must be >= 1, got {self.max_queued_jobs}")
+        if self.training_memory_mb is not None and self.training_memory_mb < 1:
+            raise ConfigError(f"--training-memory-mb must be >= 1, got {self.training_memory_mb}")
         if self.max_file_mb < 1:
             raise ConfigError(f"--max-file-mb must be >= 1, got {self.max_file_mb}")
         if self.data_quota_mb is not None and self.data_quota_mb < 1:

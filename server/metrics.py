@@ -12,6 +12,7 @@ adapters must not mean thousands of series in every scrape.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import (
@@ -21,13 +22,16 @@ from prometheus_client import (
     Histogram,
     disable_created_metrics,
 )
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.registry import Collector
 
 from server.metrics_vllm import VllmNames
 
 if TYPE_CHECKING:
     from server.engine.llm_engine import LLMEngine
     from server.engine.outputs import RequestOutput
+    from server.training.stats import TrainingStats
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
 TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
@@ -131,6 +135,10 @@ class Metrics:
                 return OTHER_ADAPTERS
             self._counted_adapters.add(name)
         return name
+
+    def watch_training(self, stats: Callable[[], TrainingStats]) -> None:
+        """Report fine-tuning jobs from `stats()`, read at each scrape (once per registry)."""
+        self.registry.register(TrainingCollector(self.model_name, stats))
 
     def observe_step(self, engine: LLMEngine, outputs: list[RequestOutput]) -> None:
         """Engine-thread hook: fold in what the last step did and the state it left."""
@@ -280,3 +288,45 @@ def adapter_levels(engine: LLMEngine) -> dict[str, str]:
         else:
             levels[reg.name] = "disk"
     return levels
+
+
+class TrainingCollector(Collector):
+    """Fine-tuning gauges, built at scrape time so a finished job's series go with it."""
+
+    def __init__(self, model_name: str, stats: Callable[[], TrainingStats]) -> None:
+        self.model_name = model_name
+        self.stats = stats
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        m, stats = self.model_name, self.stats()
+        jobs = GaugeMetricFamily(
+            "loraplex_fine_tuning_jobs",
+            "Fine-tuning jobs by status.",
+            labels=["model_name", "status"],
+        )
+        for status, count in stats.jobs_by_status.items():
+            jobs.add_metric([m, status], count)
+        yield jobs
+        queue = GaugeMetricFamily(
+            "loraplex_fine_tuning_queue_length",
+            "Fine-tuning jobs waiting to train (validating_files or queued).",
+            labels=["model_name"],
+        )
+        queue.add_metric([m], stats.queue_length)
+        yield queue
+        per_job = {
+            "step": "Optimizer steps done by the running job.",
+            "total_steps": "Optimizer steps the running job will take.",
+            "tokens_per_second": "Training tokens per second of the running job's latest step.",
+            "train_loss": "The running job's latest step loss (per trained token).",
+            "validation_loss": "The running job's latest validation loss.",
+        }
+        for name, doc in per_job.items():
+            family = GaugeMetricFamily(
+                f"loraplex_fine_tuning_{name}", doc, labels=["model_name", "job_id"]
+            )
+            for job in stats.running:
+                value = getattr(job, "valid_loss" if name == "validation_loss" else name)
+                if value is not None:
+                    family.add_metric([m, job.job_id], value)
+            yield family

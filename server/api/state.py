@@ -25,6 +25,7 @@ from server.engine.sampling_params import SamplingParams
 from server.metrics import Metrics
 from server.training.jobs import JobStore
 from server.training.manager import JobManager
+from server.training.stats import training_stats
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +69,8 @@ class ServerState:
                 self.poller = asyncio.create_task(self._poll_store(self.registry.store))
             self.jobs = self._job_manager(llm)
             await self.jobs.start()
+            store = self.jobs.store
+            self.metrics.watch_training(lambda: training_stats(store))
             self.ready = True
             logger.info("ready: serving %s with %d adapters", self.model_name, len(self.registry))
         except Exception as exc:
@@ -99,7 +102,14 @@ class ServerState:
             threads,
             self.config.max_concurrent_jobs,
             self.config.max_queued_jobs,
+            remove_adapter=self._remove_adapter,
+            memory_limit_mb=self.config.training_memory_mb,
         )
+
+    async def _remove_adapter(self, name: str) -> None:
+        """Unregister on the step thread (refused while requests use it), then delete files."""
+        await self.async_engine.call(lambda: self.llm.remove_adapter(name))
+        await asyncio.to_thread(self.registry.store.delete, name)
 
     @property
     def job_manager(self) -> JobManager:

@@ -199,25 +199,87 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+# Names other tools use for our hyperparameters, accepted as they are: OpenAI (n_epochs),
+# axolotl (lora_r, micro_batch_size, lora_target_modules, sequence_len), LLaMA-Factory
+# (lora_rank), Hugging Face TrainingArguments (num_train_epochs, per_device_train_batch_size)
+# and TRL (max_seq_length).
+ALIASES: dict[str, str] = {
+    "lora_r": "r",
+    "lora_rank": "r",
+    "n_epochs": "num_epochs",
+    "num_train_epochs": "num_epochs",
+    "per_device_train_batch_size": "batch_size",
+    "micro_batch_size": "batch_size",
+    "lora_target_modules": "target_modules",
+    "sequence_len": "max_seq_len",
+    "max_seq_length": "max_seq_len",
+}
+# OpenAI's learning-rate knob: a factor on the method's default learning_rate.
+LR_MULTIPLIER = "learning_rate_multiplier"
+# OpenAI's "auto" for these means "the method's default" here.
+AUTO = "auto"
+AUTO_NAMES = frozenset({"batch_size", "num_epochs", LR_MULTIPLIER})
+
+
 def hparams_for(method: str, overrides: Mapping[str, Any] | None = None) -> HParams:
     """Defaults for `method` with `overrides` applied; unknown keys are refused by name."""
+    checked = _checked(canonical_overrides(method, overrides))
+    return HParams(method=method, **{**METHOD_DEFAULTS[method], **checked}).validate()
+
+
+def canonical_overrides(method: str, overrides: Mapping[str, Any] | None) -> dict[str, Any]:
+    """`overrides` under our names: aliases renamed, "auto" dropped (the method's default),
+    learning_rate_multiplier turned into learning_rate. Unknown names are left for _checked."""
     if method not in METHODS:
         raise HParamsError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     overrides = dict(overrides or {})
     if overrides.get("method", method) != method:
         raise HParamsError(f"hyperparameter method={overrides['method']!r} contradicts {method!r}")
     overrides.pop("method", None)
-    values = {**METHOD_DEFAULTS[method], **_checked(overrides)}
-    return HParams(method=method, **values).validate()
+    out: dict[str, Any] = {}
+    given_as: dict[str, str] = {}
+    for key, value in overrides.items():
+        name = ALIASES.get(key, key)
+        if value == AUTO and name in AUTO_NAMES:
+            continue
+        if name in given_as:
+            raise HParamsError(
+                f"hyperparameters {given_as[name]} and {key} name the same setting; give one"
+            )
+        given_as[name] = key
+        out[name] = value
+    if LR_MULTIPLIER in out:
+        multiplier = out.pop(LR_MULTIPLIER)
+        if "learning_rate" in out:
+            raise HParamsError(
+                f"give learning_rate or {LR_MULTIPLIER}, not both (the multiplier scales the "
+                f"default learning_rate of {method})"
+            )
+        if not _fits(multiplier, float) or not multiplier > 0:
+            raise HParamsError(
+                f"hyperparameter {LR_MULTIPLIER} must be a number > 0 or 'auto', "
+                f"got {short_repr(multiplier)}"
+            )
+        default = METHOD_DEFAULTS[method].get("learning_rate", HParams.learning_rate)
+        out["learning_rate"] = default * multiplier
+    return out
+
+
+def _suggestion(key: str, names: list[str]) -> str:
+    """'; did you mean ...?' for the closest known name or alias, or ''."""
+    close = difflib.get_close_matches(key, [*names, *ALIASES, LR_MULTIPLIER], n=1)
+    if not close:
+        return ""
+    target = ALIASES.get(close[0])
+    also = f" (an alias of {target!r})" if target else ""
+    return f"; did you mean {close[0]!r}{also}?"
 
 
 def _checked(overrides: dict[str, Any]) -> dict[str, Any]:
     hints = typing.get_type_hints(HParams)
     for key, value in overrides.items():
         if key not in hints:
-            close = difflib.get_close_matches(key, list(hints), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise HParamsError(f"unknown hyperparameter {key!r}{hint}")
+            raise HParamsError(f"unknown hyperparameter {key!r}{_suggestion(key, list(hints))}")
         if not _fits(value, hints[key]):
             raise HParamsError(
                 f"hyperparameter {key} must be {_type_name(hints[key])}, got {short_repr(value)}"

@@ -51,9 +51,12 @@ CREATE TABLE IF NOT EXISTS ft_events (
 CREATE INDEX IF NOT EXISTS ft_events_job ON ft_events (job_id, seq);
 CREATE TABLE IF NOT EXISTS ft_checkpoints (
     id TEXT PRIMARY KEY, job_id TEXT NOT NULL, created_at INTEGER NOT NULL,
-    step INTEGER NOT NULL, metrics TEXT NOT NULL, path TEXT NOT NULL
+    step INTEGER NOT NULL, metrics TEXT NOT NULL, path TEXT NOT NULL,
+    fine_tuned_model_checkpoint TEXT
 );
 """
+# Columns added since a table was first created: (table, column, declaration).
+_ADDED_COLUMNS = (("ft_checkpoints", "fine_tuned_model_checkpoint", "TEXT"),)
 
 
 def new_id(prefix: str) -> str:
@@ -109,6 +112,7 @@ class Checkpoint:
     step: int
     metrics: dict[str, Any] = field(default_factory=dict)
     path: str = ""
+    fine_tuned_model_checkpoint: str | None = None  # its adapter's name, once published
 
 
 class JobStore:
@@ -124,6 +128,10 @@ class JobStore:
         self._db = sqlite3.connect(self.data_dir / DB_FILE, check_same_thread=False, timeout=30)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(_SCHEMA)
+        for table, column, declaration in _ADDED_COLUMNS:
+            columns = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+            if column not in columns:
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
 
     def close(self) -> None:
         with self._lock:
@@ -312,6 +320,31 @@ class JobStore:
             (tokens, job_id),
         )
 
+    def count_by_status(self) -> dict[str, int]:
+        return dict(self._run("SELECT status, COUNT(*) FROM ft_jobs GROUP BY status"))
+
+    def latest_metrics(self, job_id: str) -> dict[str, Any]:
+        """The newest step's metrics event data, with the newest validation loss added."""
+        newest = (
+            "SELECT {} FROM ft_events WHERE job_id = ? AND type = 'metrics' AND {}"
+            " ORDER BY seq DESC LIMIT 1"
+        )
+        rows = self._run(
+            newest.format("data", "json_extract(data, '$.tokens_per_second') IS NOT NULL"),
+            (job_id,),
+        )
+        latest = json.loads(rows[0][0]) if rows else {}
+        rows = self._run(
+            newest.format(
+                "json_extract(data, '$.valid_loss')",
+                "json_extract(data, '$.valid_loss') IS NOT NULL",
+            ),
+            (job_id,),
+        )
+        if rows:
+            latest["valid_loss"] = rows[0][0]
+        return latest
+
     def request_cancel(self, job_id: str) -> None:
         self._run("UPDATE ft_jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
 
@@ -358,8 +391,16 @@ class JobStore:
 
     def add_checkpoint(self, job_id: str, step: int, metrics: dict[str, Any], path: str) -> None:
         self._run(
-            "INSERT INTO ft_checkpoints VALUES (?, ?, ?, ?, ?, ?)",
+            "INSERT INTO ft_checkpoints (id, job_id, created_at, step, metrics, path)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
             (new_id("ftckpt"), job_id, int(time.time()), step, json.dumps(metrics), path),
+        )
+
+    def set_checkpoint_model(self, checkpoint_id: str, name: str) -> None:
+        """Record the adapter name a checkpoint was published under."""
+        self._run(
+            "UPDATE ft_checkpoints SET fine_tuned_model_checkpoint = ? WHERE id = ?",
+            (name, checkpoint_id),
         )
 
     def prune_checkpoints(self, job_id: str) -> None:
@@ -372,7 +413,7 @@ class JobStore:
         rows = self._run(
             "SELECT * FROM ft_checkpoints WHERE job_id = ? ORDER BY step DESC", (job_id,)
         )
-        return [Checkpoint(r[0], r[1], r[2], r[3], json.loads(r[4]), r[5]) for r in rows]
+        return [Checkpoint(r[0], r[1], r[2], r[3], json.loads(r[4]), r[5], r[6]) for r in rows]
 
 
 def _file_row(rec: FileRecord) -> tuple:

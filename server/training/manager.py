@@ -5,7 +5,9 @@ by default, each in a worker process (server.training.worker); a finished job's 
 registered under its `fine_tuned_model` name at once, so the next request can use it. On start
 the manager requeues jobs a previous server left running; their workers resume from the last
 checkpoint. At most `max_queued` jobs wait (validating_files or queued); past that a new job
-is refused with JobQueueFullError.
+is refused with JobQueueFullError. A queued job starts only when its estimated device memory
+is free beside serving (server.training.memory); while it runs, its kept checkpoints are
+published as adapters (server.training.publish).
 """
 
 from __future__ import annotations
@@ -21,11 +23,21 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from adapters.faults import DiskFullError
+from server.model.config import ModelConfig
 from server.redact import without_paths
 from server.training.data import DataError, count_examples
-from server.training.hparams import HParamsError, hparams_for
+from server.training.hparams import HParams, HParamsError, canonical_overrides, hparams_for
 from server.training.jobs import ACTIVE, Job, JobStore, new_id
 from server.training.lora import adapter_spec
+from server.training.memory import (
+    MemoryBudget,
+    MemoryBudgetError,
+    MemoryEstimate,
+    cuda_memory,
+    estimate,
+    no_device_memory,
+)
+from server.training.publish import CheckpointPublisher, RemoveAdapter, fine_tuned_name
 from server.training.worker import run_job
 
 if TYPE_CHECKING:
@@ -35,8 +47,6 @@ logger = logging.getLogger(__name__)
 
 METHODS = ("qlora", "longlora")
 SUFFIX = re.compile(r"^[A-Za-z0-9._-]{1,40}$")
-# OpenAI's hyperparameter names, as ours.
-OPENAI_ALIASES = {"n_epochs": "num_epochs", "batch_size": "batch_size"}
 
 
 class JobRequestError(ValueError):
@@ -57,25 +67,13 @@ class JobQueueFullError(Exception):
 
 def _hyperparameters(method: dict[str, Any], legacy: dict[str, Any] | None) -> dict[str, Any]:
     """Overrides from `method.hyperparameters`, OpenAI's `method.<type>.hyperparameters`, or
-    the legacy top-level `hyperparameters`, with OpenAI's names mapped to ours."""
+    the legacy top-level `hyperparameters`, under our names (hparams.ALIASES)."""
     kind = method.get("type")
     raw = dict(legacy or {})
     raw.update(method.get("hyperparameters") or {})
     nested = method.get(kind) if isinstance(method.get(kind), dict) else {}
     raw.update(nested.get("hyperparameters") or {})
-    out: dict[str, Any] = {}
-    multiplier = None
-    for key, value in raw.items():
-        if value == "auto":
-            continue
-        if key == "learning_rate_multiplier":
-            multiplier = float(value)
-            continue
-        out[OPENAI_ALIASES.get(key, key)] = value
-    if multiplier is not None:
-        base = hparams_for(kind, {k: v for k, v in out.items() if k != "learning_rate"})
-        out["learning_rate"] = out.get("learning_rate", base.learning_rate) * multiplier
-    return out
+    return canonical_overrides(str(kind), raw)
 
 
 class JobManager:
@@ -89,6 +87,9 @@ class JobManager:
         threads: int,
         max_concurrent: int = 1,
         max_queued: int = 64,
+        remove_adapter: RemoveAdapter | None = None,
+        memory_limit_mb: int | None = None,
+        memory: MemoryBudget | None = None,
     ) -> None:
         self.store = store
         self.registry = registry
@@ -98,6 +99,13 @@ class JobManager:
         self.threads = threads
         self.max_concurrent = max_concurrent
         self.max_queued = max_queued
+        self.publisher = CheckpointPublisher(store, registry, remove_adapter)
+        device_memory = cuda_memory() if device == "cuda" else no_device_memory
+        limit = memory_limit_mb * 2**20 if memory_limit_mb is not None else None
+        self.memory = memory or MemoryBudget.at_start(limit, device_memory)
+        self._waiting_for_memory: set[str] = set()  # jobs told so, once each
+        self._grants: dict[str, int] = {}  # device bytes granted to running workers
+        self._model_config: ModelConfig | None = None
         self._workers: dict[str, BaseProcess] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -152,7 +160,9 @@ class JobManager:
             )
         try:
             adapter_spec(hp, self.registry.base)  # target_modules must match the served model
-        except HParamsError as exc:
+            if self.memory.limit_bytes is not None or self.memory.capacity_bytes is not None:
+                self.memory.check_fits(self.estimate(hp))
+        except (HParamsError, MemoryBudgetError) as exc:
             raise JobRequestError(str(exc), "method.hyperparameters") from exc
         for param in ("training_file", "validation_file"):
             file_id = body.get(param)
@@ -225,7 +235,25 @@ class JobManager:
         for job in self.store.jobs_with_status("queued"):
             if len(self._workers) >= self.max_concurrent:
                 break
-            self._launch(job)
+            try:
+                grant, wait = self._memory_grant(job)
+            except MemoryBudgetError as exc:  # the cap was lowered since the job was created
+                error = {"code": "insufficient_memory", "message": str(exc), "param": None}
+                self._finish(job, "failed", error=error)
+                continue
+            if wait is not None:
+                if job.id not in self._waiting_for_memory:
+                    self._waiting_for_memory.add(job.id)
+                    self.store.add_event(job.id, wait)
+                    logger.info("job %s is %s", job.id, wait)
+                break  # first come, first served: no later job starts past it
+            self._waiting_for_memory.discard(job.id)
+            self._launch(job, grant)
+        for job_id in list(self._workers):
+            try:
+                await self.publisher.sync(self.get(job_id))
+            except Exception:  # one job's publishing must not stop the others' scheduling
+                logger.exception("publishing the checkpoints of %s failed", job_id)
 
     def _validate(self, job: Job) -> None:
         try:
@@ -246,16 +274,41 @@ class JobManager:
         self.store.update_job(job.id, status="queued")
         self.store.add_event(job.id, "Files validated; job queued")
 
-    def _launch(self, job: Job) -> None:
+    def estimate(self, hp: HParams) -> MemoryEstimate:
+        """The device memory a job with these hyperparameters needs on the served base."""
+        if self._model_config is None:
+            self._model_config = ModelConfig.from_dir(self.model_dir)
+        cfg = self._model_config
+        max_seq_len = hp.max_seq_len or hp.target_context(cfg.max_position_embeddings)
+        spec = adapter_spec(hp, self.registry.base)
+        return estimate(cfg, hp, spec, max_seq_len, cuda=self.device == "cuda")
+
+    def _memory_grant(self, job: Job) -> tuple[int | None, str | None]:
+        """(bytes the worker may use, None), or (None, why the job waits)."""
+        if self.memory.limit_bytes is None and self.memory.device_memory() is None:
+            return None, None  # nothing to bound: CPU without --training-memory-mb
+        hp = hparams_for(job.method, job.hyperparameters)
+        return self.memory.grant(self.estimate(hp), sum(self._grants.values()))
+
+    def _launch(self, job: Job, memory_limit: int | None = None) -> None:
         ctx = multiprocessing.get_context("spawn")
         proc = ctx.Process(
             target=run_job,
-            args=(str(self.store.data_dir), job.id, self.model_dir, self.device, self.threads),
+            args=(
+                str(self.store.data_dir),
+                job.id,
+                self.model_dir,
+                self.device,
+                self.threads,
+                memory_limit,
+            ),
             name=f"loraplex-job-{job.id}",
             daemon=True,
         )
         proc.start()
         self._workers[job.id] = proc
+        if memory_limit is not None:
+            self._grants[job.id] = memory_limit
         self.store.update_job(job.id, status="running", result=None)
         self.store.add_event(job.id, f"Fine-tuning job started ({job.method}, pid {proc.pid})")
         task = asyncio.create_task(self._watch(job.id, proc))
@@ -265,8 +318,13 @@ class JobManager:
     async def _watch(self, job_id: str, proc: BaseProcess) -> None:
         await asyncio.to_thread(proc.join)
         self._workers.pop(job_id, None)
+        self._grants.pop(job_id, None)
         if self._stopping:
             return
+        try:
+            await self.publisher.sync(self.get(job_id))  # checkpoints written since the last tick
+        except Exception:
+            logger.exception("publishing the checkpoints of %s failed", job_id)
         await asyncio.to_thread(self._complete, job_id, proc.exitcode)
         self._wake.set()
 
@@ -339,8 +397,3 @@ class JobManager:
     @property
     def active_jobs(self) -> int:
         return len(self.store.jobs_with_status(*ACTIVE))
-
-
-def fine_tuned_name(job: Job) -> str:
-    short = job.id.removeprefix("ftjob-")[:8]
-    return f"ft:{job.model}:{job.suffix}:{short}" if job.suffix else f"ft:{job.model}:{short}"

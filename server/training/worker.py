@@ -18,6 +18,7 @@ from server.training.data import DataError
 from server.training.events import TrainingEvent
 from server.training.hparams import hparams_for
 from server.training.jobs import JobStore
+from server.training.memory import cap_worker_memory
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +45,16 @@ def _event_message(ev: TrainingEvent) -> tuple[str, str, dict[str, Any] | None]:
     return "message", ev.message or "", None
 
 
-def run_job(data_dir: str, job_id: str, model_dir: str, device: str, threads: int) -> None:
-    """Process entry point: train `job_id` and record the outcome in its row."""
+def run_job(
+    data_dir: str,
+    job_id: str,
+    model_dir: str,
+    device: str,
+    threads: int,
+    memory_limit: int | None = None,
+) -> None:
+    """Process entry point: train `job_id` and record the outcome in its row; on CUDA the
+    worker's allocator is capped at `memory_limit` bytes (server.training.memory)."""
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -53,6 +62,7 @@ def run_job(data_dir: str, job_id: str, model_dir: str, device: str, threads: in
     import torch
 
     torch.set_num_threads(threads)
+    cap_worker_memory(memory_limit)
     store = JobStore(data_dir)
     job = store.get_job(job_id)
     assert job is not None, f"job {job_id} vanished"
@@ -117,6 +127,18 @@ def run_job(data_dir: str, job_id: str, model_dir: str, device: str, threads: in
         if os.getppid() != parent:
             return
         error = {"code": "disk_full", "message": str(exc), "param": None}
+        store.update_job(job_id, result={"status": "failed", "error": error})
+        return
+    except torch.OutOfMemoryError as exc:
+        logger.error("job %s ran out of device memory: %s", job_id, exc)
+        if os.getppid() != parent:
+            return
+        budget = f" of {memory_limit / 2**20:.0f} MiB" if memory_limit is not None else ""
+        message = (
+            f"training ran out of its device memory budget{budget}; lower batch_size, "
+            "max_seq_len or r"
+        )
+        error = {"code": "out_of_memory", "message": message, "param": None}
         store.update_job(job_id, result={"status": "failed", "error": error})
         return
     except Exception as exc:

@@ -23,6 +23,7 @@ import pytest
 
 from server.metrics_vllm import VLLM_NAMES
 from tests.integration.conftest import ENGINE_FLAGS, MODEL_NAME, serve_flags
+from tests.integration.fine_tuning_data import jsonl, ordering_task, upload
 from tests.integration.live_server import REPO_ROOT, LiveServer, free_port
 from tests.integration.prometheus_server import PrometheusServer, prometheus_binary
 
@@ -88,6 +89,29 @@ def drive_traffic(server: LiveServer, stop: threading.Event, failures: list[str]
                 return
 
 
+def start_training(server: LiveServer) -> str:
+    """A long fine-tuning job that evaluates often, so the per-job series (tokens/s, progress,
+    training and validation loss) exist while Prometheus scrapes; cancelled by the caller."""
+    rows = jsonl(ordering_task(32, seed=3))
+    with server.client(admin=True) as admin:
+        train, valid = upload(admin, "train.jsonl", rows), upload(admin, "valid.jsonl", rows)
+        hyper = {"r": 8, "batch_size": 2, "quantize": "none", "max_steps": 5000}
+        response = admin.post(
+            "/v1/fine_tuning/jobs",
+            json={
+                "model": server.model_dir.name,
+                "training_file": train,
+                "validation_file": valid,
+                "method": {
+                    "type": "qlora",
+                    "hyperparameters": {**hyper, "checkpoint_steps": 0, "eval_steps": 2},
+                },
+            },
+        )
+    assert response.status_code == 200, response.text
+    return response.json()["id"]
+
+
 def without_data(prometheus: PrometheusServer, exprs: list[str]) -> dict[str, str]:
     """The expressions that return nothing (or NaN) now, with what they returned."""
     missing = {}
@@ -105,6 +129,7 @@ def test_every_dashboard_expression_returns_data_from_a_real_prometheus(
     exprs = dashboard_exprs()
     assert len(exprs) > 40
     stop, failures = threading.Event(), list[str]()
+    job_id = start_training(server)
     traffic = threading.Thread(target=drive_traffic, args=(server, stop, failures), daemon=True)
     traffic.start()
     try:
@@ -116,6 +141,8 @@ def test_every_dashboard_expression_returns_data_from_a_real_prometheus(
     finally:
         stop.set()
         traffic.join(timeout=30)
+        with server.client(admin=True) as admin:
+            admin.post(f"/v1/fine_tuning/jobs/{job_id}/cancel")
     assert not failures, failures
     assert not missing, json.dumps(missing, indent=1) + prometheus.log()
 

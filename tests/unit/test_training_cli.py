@@ -65,7 +65,7 @@ def test_unknown_hyperparameter_exits_2_naming_it(model_dir, tmp_path, capsys):
         "--output",
         str(tmp_path / "r"),
         "--hparam",
-        "lora_rank=4",
+        "lora_rnak=4",
     ]
     assert run_finetune(argv) == 2
-    assert "unknown hyperparameter 'lora_rank'" in capsys.readouterr().err
+    assert "unknown hyperparameter 'lora_rnak'" in capsys.readouterr().err

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from server.training.cli import parse_hparams
-from server.training.hparams import HParamsError, hparams_for
+from server.training.hparams import ALIASES, HParamsError, hparams_for
 
 
 def test_qlora_defaults_follow_the_paper():
@@ -45,10 +45,96 @@ def test_overrides_replace_defaults():
 
 
 def test_unknown_keys_are_refused_by_name_with_a_suggestion():
-    with pytest.raises(HParamsError, match="unknown hyperparameter 'lora_rank'"):
-        hparams_for("qlora", {"lora_rank": 8})
+    with pytest.raises(HParamsError, match="unknown hyperparameter 'lora_rnak'"):
+        hparams_for("qlora", {"lora_rnak": 8})
     with pytest.raises(HParamsError, match="did you mean 'learning_rate'"):
         hparams_for("qlora", {"learning_rat": 1e-4})
+
+
+@pytest.mark.parametrize(
+    ("key", "suggested"),
+    [
+        ("lora_rnak", "'lora_rank' (an alias of 'r')"),
+        ("lora_rr", "'lora_r' (an alias of 'r')"),
+        ("n_epoch", "'n_epochs' (an alias of 'num_epochs')"),
+        ("num_epoch", "'num_epochs'"),
+        ("learning_rate_multiplyer", "'learning_rate_multiplier'"),
+        ("lora_alhpa", "'lora_alpha'"),
+    ],
+)
+def test_a_near_miss_names_the_right_hyperparameter_or_alias(key, suggested):
+    with pytest.raises(HParamsError) as info:
+        hparams_for("qlora", {key: 1})
+    assert str(info.value) == f"unknown hyperparameter {key!r}; did you mean {suggested}?"
+
+
+def test_a_name_nothing_resembles_gets_no_suggestion():
+    with pytest.raises(HParamsError) as info:
+        hparams_for("qlora", {"xyzzy": 1})
+    assert str(info.value) == "unknown hyperparameter 'xyzzy'"
+
+
+@pytest.mark.parametrize(
+    ("alias", "value", "field"),
+    [
+        ("lora_r", 8, "r"),
+        ("lora_rank", 8, "r"),
+        ("n_epochs", 3, "num_epochs"),
+        ("num_train_epochs", 3, "num_epochs"),
+        ("per_device_train_batch_size", 2, "batch_size"),
+        ("micro_batch_size", 2, "batch_size"),
+        ("lora_target_modules", ["q_proj"], "target_modules"),
+        ("sequence_len", 128, "max_seq_len"),
+        ("max_seq_length", 128, "max_seq_len"),
+    ],
+)
+def test_aliases_set_the_hyperparameter_they_name(alias, value, field):
+    assert ALIASES[alias] == field
+    assert getattr(hparams_for("qlora", {alias: value}), field) == value
+
+
+def test_an_alias_is_checked_like_the_name_it_stands_for():
+    with pytest.raises(HParamsError, match="hyperparameter r must be >= 1, got 0"):
+        hparams_for("qlora", {"lora_r": 0})
+
+
+def test_an_alias_and_its_name_together_are_refused():
+    with pytest.raises(HParamsError, match="r and lora_r name the same setting"):
+        hparams_for("qlora", {"r": 8, "lora_r": 8})
+
+
+@pytest.mark.parametrize(
+    "key", ["batch_size", "n_epochs", "num_epochs", "learning_rate_multiplier"]
+)
+def test_auto_means_the_methods_default(key):
+    assert hparams_for("longlora", {key: "auto"}) == hparams_for("longlora")
+
+
+def test_auto_elsewhere_is_refused_as_a_wrong_type():
+    with pytest.raises(HParamsError, match="hyperparameter r must be an integer, got 'auto'"):
+        hparams_for("qlora", {"r": "auto"})
+
+
+@pytest.mark.parametrize(("method", "default"), [("qlora", 2e-4), ("longlora", 2e-5)])
+def test_learning_rate_multiplier_scales_the_methods_default(method, default):
+    hp = hparams_for(method, {"learning_rate_multiplier": 0.5})
+    assert hp.learning_rate == pytest.approx(default * 0.5)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"learning_rate_multiplier": 0}, "must be a number > 0 or 'auto', got 0"),
+        ({"learning_rate_multiplier": "2"}, "must be a number > 0 or 'auto', got '2'"),
+        (
+            {"learning_rate_multiplier": 2, "learning_rate": 1e-4},
+            "give learning_rate or learning_rate_multiplier, not both",
+        ),
+    ],
+)
+def test_bad_learning_rate_multipliers_are_refused(overrides, message):
+    with pytest.raises(HParamsError, match=message):
+        hparams_for("qlora", overrides)
 
 
 @pytest.mark.parametrize(

@@ -117,6 +117,24 @@ def test_openai_hyperparameter_names_are_mapped():
     assert got == {"num_epochs": 3, "learning_rate": pytest.approx(4e-4)}
 
 
+def test_a_job_stores_aliases_under_our_names(manager):
+    body = {
+        "model": "base",
+        "training_file": _file(manager),
+        "method": {"type": "qlora", "hyperparameters": {"lora_r": 8, "n_epochs": "auto"}},
+    }
+    assert manager.create(body).hyperparameters == {"r": 8}
+
+
+def test_a_near_miss_in_a_job_request_is_refused_with_the_right_name(manager):
+    body = {
+        "model": "base",
+        "training_file": _file(manager),
+        "method": {"type": "qlora", "hyperparameters": {"lora_rnak": 8}},
+    }
+    _refused(manager, body, "method.hyperparameters", "did you mean 'lora_rank'")
+
+
 def test_fine_tuned_model_names_carry_base_suffix_and_job():
     job = SimpleNamespace(id="ftjob-0123456789abcdef", model="base", suffix="sql")
     assert fine_tuned_name(job) == "ft:base:sql:01234567"  # type: ignore[arg-type]

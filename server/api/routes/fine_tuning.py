@@ -155,6 +155,7 @@ async def job_checkpoints(
             id=c.id,
             created_at=c.created_at,
             fine_tuning_job_id=job_id,
+            fine_tuned_model_checkpoint=c.fine_tuned_model_checkpoint,
             step_number=c.step,
             metrics=c.metrics,
         )
