@@ -218,6 +218,9 @@ class AdapterRegistry:
                     self._retired.pop(old.adapter_id, None)
                 raise
             with self._lock:
+                if self._by_name.get(name) is not old:  # deleted meanwhile: stay deleted
+                    self._retired.pop(old.adapter_id, None)
+                    raise AdapterNotFoundError(f"adapter {name!r} was deleted during the reload")
                 new = RegisteredAdapter(
                     next(self._ids), name, record.spec, record, version=old.version + 1
                 )

@@ -12,8 +12,8 @@ from typing import Any
 import httpx
 
 from server.engine.sampling_params import SamplingParams
-from tests.integration.conftest import MODEL_NAME, Oracle
-from tests.integration.live_server import LiveServer, wait_until
+from tests.integration.conftest import Oracle
+from tests.integration.live_server import LiveServer
 from tests.integration.test_adapters_api import PROMPT, complete, upload, upload_files
 
 NUM_TOKENS = 24
@@ -81,42 +81,6 @@ def test_reload_under_load_keeps_old_requests_on_old_weights_and_new_ones_on_new
     assert later["reply"].json()["choices"][0]["text"] == new_text
     again = complete(slow_server, "hot", max_tokens=NUM_TOKENS, ignore_eos=True)
     assert again.json()["choices"][0]["text"] == new_text
-
-
-def test_a_request_queued_before_a_reload_runs_after_it_on_the_old_weights(
-    slow_server: LiveServer, spare_adapters: Path, oracle: Oracle
-) -> None:
-    old_tokens = oracle_tokens(oracle, "reload-old", spare_adapters / "spare-0")
-    assert upload(slow_server, "queued", spare_adapters / "spare-0").status_code == 201
-    queued: dict[str, list[int]] = {}
-
-    parameters = {"max_new_tokens": NUM_TOKENS, "ignore_eos_token": True, "adapter_id": "queued"}
-
-    def run_queued() -> None:
-        body = {"inputs": PROMPT, "parameters": parameters}
-        with (
-            slow_server.client() as client,
-            client.stream("POST", "/generate_stream", json=body) as stream,
-        ):
-            queued["ids"] = stream_tokens(stream.iter_lines(), NUM_TOKENS)
-
-    def active(http: httpx.Client) -> int:
-        return http.get("/v1/adapters/queued").json()["residency"]["active_requests"]
-
-    blocker = {"model": MODEL_NAME, "prompt": PROMPT, "max_tokens": 4000, "ignore_eos": True}
-    waiter = threading.Thread(target=run_queued)
-    with (
-        slow_server.client(admin=True) as http,
-        http.stream("POST", "/v1/completions", json={**blocker, "stream": True}) as stream,
-    ):
-        assert next(line for line in stream.iter_lines() if line.startswith("data:"))
-        waiter.start()  # waits behind the blocker: one sequence at a time
-        assert wait_until(lambda: active(http) == 1, 10)
-        assert reload(slow_server, "queued", spare_adapters / "spare-1").status_code == 200
-        assert active(http) == 0  # the queued request holds the old version
-    # The blocker is gone: every token of the queued request is computed after the reload.
-    waiter.join(60)
-    assert queued["ids"] == old_tokens
 
 
 def test_a_bad_reload_keeps_serving_the_old_weights(

@@ -45,6 +45,27 @@ def test_running_request_keeps_old_weights_new_request_gets_new_and_old_copy_is_
     assert engine.adapter_cache.get(new.adapter_id) is not None
 
 
+def test_a_request_queued_before_the_reload_runs_after_it_on_the_old_weights(
+    tiny_model_dir, make_engine, tmp_path
+):
+    base = tiny_model_dir("llama")
+    old_dir = save_peft_adapter(base, tmp_path / "v1", seed=1, **LORA)
+    registry = open_registry(tmp_path / "data", make_engine(base).config)
+    engine = make_engine(base, registry=registry)
+    old = registry.register_dir("a", old_dir)
+    queued = engine.add_request(PROMPT, GREEDY, adapter_name="a")  # not yet on the device
+    registry.reload_dir("a", save_peft_adapter(base, tmp_path / "v2", seed=2, **LORA))
+    engine.retire_adapter(old.adapter_id)
+    assert registry.by_id(old.adapter_id) is not None  # kept for the queued request
+    tokens: list[int] = []
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            assert out.request_id == queued
+            tokens = out.token_ids
+    assert tokens == peft_greedy(base, old_dir, PROMPT, GREEDY.max_tokens)
+    assert registry.by_id(old.adapter_id) is None
+
+
 def test_an_unused_old_version_is_freed_at_once(tiny_model_dir, make_engine, tmp_path):
     base = tiny_model_dir("llama")
     registry = open_registry(tmp_path / "data", make_engine(base).config)
