@@ -40,6 +40,9 @@ class RegisteredAdapter:
     name: str
     spec: AdapterSpec
     record: AdapterRecord
+    # 1, then +1 per in-place reload: (name, version) names one set of weights, as adapter_id
+    # does, so anything cached from weights (KV, a future prefix cache) must key by either.
+    version: int = 1
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,10 @@ class AdapterRegistry:
         self._ids = itertools.count()
         self._cache = HostCache(host_cache_bytes)
         self._loading: dict[int, threading.Event] = {}
+        # Replaced by an in-place reload but still used by requests: their weights, held here
+        # (never read from disk again, where the new files now are) until drop_retired().
+        self._retired: dict[int, AdapterWeights] = {}
+        self._reload_lock = threading.Lock()
         # Forgotten here but maybe still in the store (its delete under way): sync() must not
         # register them again.
         self._forgotten: set[str] = set()
@@ -167,6 +174,79 @@ class AdapterRegistry:
         )
         return self._add(record, record.spec)
 
+    def reload_files(
+        self, name: str, files: Mapping[str, bytes], source: str = "upload"
+    ) -> tuple[RegisteredAdapter, RegisteredAdapter]:
+        """Replace name's weights with uploaded files in place; (new, retired)."""
+        if WEIGHTS_FILE not in files and PICKLED_WEIGHTS_FILE in files:
+            raise AdapterError(PICKLE_REFUSED)
+        return self._reload(name, source, files=files)
+
+    def reload_dir(
+        self, name: str, path: Path, source: str = "path"
+    ) -> tuple[RegisteredAdapter, RegisteredAdapter]:
+        """Replace name's weights with a PEFT adapter directory in place; (new, retired)."""
+        check_adapter_dir(path)
+        return self._reload(name, source, source_dir=path)
+
+    def _reload(
+        self,
+        name: str,
+        source: str,
+        *,
+        files: Mapping[str, bytes] | None = None,
+        source_dir: Path | None = None,
+    ) -> tuple[RegisteredAdapter, RegisteredAdapter]:
+        """Validate and store the new files, then point name at them under a new adapter_id.
+
+        The old adapter_id stays registered, its weights held in memory, so requests already
+        given it keep the old weights; the engine calls drop_retired() when the last one ends.
+        """
+        if self.store.shared:
+            raise AdapterError("in-place reload is not supported with a shared adapter store")
+        with self._reload_lock:
+            old = self.get(name)
+            if old is None:
+                raise AdapterNotFoundError(f"adapter {name!r} does not exist")
+            self._retire(old.adapter_id)
+            try:
+                record = self.store.replace(
+                    name, source, self._validate, files=files, source_dir=source_dir
+                )
+            except BaseException:
+                with self._lock:
+                    self._retired.pop(old.adapter_id, None)
+                raise
+            with self._lock:
+                if self._by_name.get(name) is not old:  # deleted meanwhile: stay deleted
+                    self._retired.pop(old.adapter_id, None)
+                    raise AdapterNotFoundError(f"adapter {name!r} was deleted during the reload")
+                new = RegisteredAdapter(
+                    next(self._ids), name, record.spec, record, version=old.version + 1
+                )
+                self._by_name[name] = new
+                self._by_id[new.adapter_id] = new
+                self._cache.pop(old.adapter_id)
+        logger.info("reloaded adapter %s in place (version %d)", name, new.version)
+        return new, old
+
+    def _retire(self, adapter_id: int) -> None:
+        """Hold an adapter's current weights in memory before its files are replaced."""
+        while True:
+            weights = self.weights(adapter_id)
+            with self._lock:
+                # A disk read started since may see the new files: wait for it, then retry.
+                if adapter_id not in self._loading:
+                    self._retired[adapter_id] = weights
+                    return
+
+    def drop_retired(self, adapter_id: int) -> None:
+        """Forget a reloaded adapter's old version once no request uses it (engine thread)."""
+        with self._lock:
+            weights = self._retired.pop(adapter_id, None)
+            assert weights is not None, f"adapter id {adapter_id} is not retired"
+            del self._by_id[adapter_id]
+
     def unregister(self, name: str) -> bool:
         """Remove an adapter from the index, the host cache and the store."""
         reg = self.forget(name)
@@ -231,7 +311,9 @@ class AdapterRegistry:
                 reg = self._by_id.get(adapter_id)
                 if reg is None:
                     raise AdapterNotFoundError(f"adapter id {adapter_id} is not registered")
-                cached = self._cache.get(adapter_id)
+                cached = self._retired.get(adapter_id)
+                if cached is None:
+                    cached = self._cache.get(adapter_id)
                 if cached is not None:
                     return cached
                 pending = self._loading.get(adapter_id)
@@ -259,7 +341,7 @@ class AdapterRegistry:
         with self._lock:
             self._host_loads += 1
             self._disk_load_seconds += elapsed
-            if self._by_id.get(reg.adapter_id) is not reg:
+            if self._by_id.get(reg.adapter_id) is not reg or reg.adapter_id in self._retired:
                 return weights  # unregistered while loading: serve this caller, cache nothing
             if not self._cache.can_hold(weights):
                 logger.debug(
@@ -277,7 +359,7 @@ class AdapterRegistry:
     def is_host_resident(self, adapter_id: int) -> bool:
         """Whether the adapter's weights are in the host cache now."""
         with self._lock:
-            return adapter_id in self._cache
+            return adapter_id in self._cache or adapter_id in self._retired
 
     def warm(self, adapter_id: int) -> None:
         """Load an adapter into the host cache if absent (for background prefetch)."""

@@ -30,7 +30,7 @@ from typing import Any, Protocol
 from urllib.parse import quote, unquote
 
 from adapters.config import AdapterSpec
-from adapters.errors import AdapterError, AdapterExistsError
+from adapters.errors import AdapterError, AdapterExistsError, AdapterNotFoundError
 from adapters.faults import disk_full_as_error, fault_point
 from adapters.format import ADAPTER_FILES, WEIGHTS_FILE
 
@@ -196,13 +196,47 @@ class AdapterStore:
         # validate(staged_dir) returns the spec the row records; if it raises, nothing stays.
         # publish(staged_dir, record) runs after validation, before the row: a shared store
         # uploads there, so what it publishes has always passed validation.
+        if self.get(name) is not None:
+            raise AdapterExistsError(f"adapter {name!r} already exists")
+        record = self._stage(
+            name, source, validate, files, source_dir, writer, publish, self._commit
+        )
+        logger.info("stored adapter %s (%s, %d bytes)", name, source, record.size_bytes)
+        return record
+
+    def replace(
+        self,
+        name: str,
+        source: str,
+        validate: Validator,
+        *,
+        files: Mapping[str, bytes] | None = None,
+        source_dir: Path | None = None,
+    ) -> AdapterRecord:
+        """Replace a stored adapter's files and row atomically, if the new files validate."""
+        if self.get(name) is None:
+            raise AdapterNotFoundError(f"adapter {name!r} does not exist")
+        record = self._stage(name, source, validate, files, source_dir, None, None, self._swap)
+        logger.info("replaced adapter %s (%s, %d bytes)", name, source, record.size_bytes)
+        return record
+
+    def _stage(
+        self,
+        name: str,
+        source: str,
+        validate: Validator,
+        files: Mapping[str, bytes] | None,
+        source_dir: Path | None,
+        writer: Callable[[Path], None] | None,
+        publish: Publisher | None,
+        commit: Publisher,
+    ) -> AdapterRecord:
+        """Write the files to a staging dir, validate them, then commit(staging, record)."""
         check_adapter_name(name)
         if source not in SOURCES:
             raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
         if sum(x is not None for x in (files, source_dir, writer)) != 1:
             raise ValueError("pass exactly one of files, source_dir, writer")
-        if self.get(name) is not None:
-            raise AdapterExistsError(f"adapter {name!r} already exists")
         with disk_full_as_error("storing an adapter"):
             staging = Path(tempfile.mkdtemp(prefix=_TEMP_PREFIX, dir=self.blobs))
             try:
@@ -232,11 +266,10 @@ class AdapterStore:
                 )
                 if publish is not None:
                     publish(staging, record)
-                self._commit(staging, record)
+                commit(staging, record)
             except BaseException:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise
-        logger.info("stored adapter %s (%s, %d bytes)", name, source, record.size_bytes)
         return record
 
     def delete(self, name: str) -> bool:
@@ -328,6 +361,23 @@ class AdapterStore:
             except BaseException:
                 shutil.rmtree(final, ignore_errors=True)
                 raise
+
+    def _swap(self, staging: Path, record: AdapterRecord) -> None:
+        final = self.path(record.name)
+        with self._lock:
+            if self.get(record.name) is None:
+                raise AdapterNotFoundError(f"adapter {record.name!r} does not exist")
+            doomed = Path(tempfile.mkdtemp(prefix=_TEMP_PREFIX, dir=self.blobs))
+            if final.exists():
+                final.rename(doomed / "old")
+            staging.rename(final)
+            self._fsync(self.blobs)
+            with self._db:
+                self._db.execute(
+                    f"INSERT OR REPLACE INTO adapters ({_COLUMNS}) VALUES ({_VALUES})",
+                    _row(record),
+                )
+        shutil.rmtree(doomed, ignore_errors=True)
 
     def _sync_dir_contents(self, directory: Path) -> None:
         for file in directory.iterdir():

@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from adapters import AdapterError, AdapterExistsError
+from adapters import AdapterError, AdapterExistsError, AdapterNotFoundError
 from adapters.faults import DiskFullError
 from server.engine.async_engine import EngineDeadError, EngineStepError, RequestFailedError
 from server.engine.llm_engine import AdapterBusyError, UnknownAdapterError
@@ -128,6 +128,7 @@ class BodyRefused(StarletteHTTPException):
 DOMAIN_ERRORS: tuple[type[Exception], ...] = (
     InvalidRequestError,
     AdapterError,
+    AdapterNotFoundError,
     AdapterBusyError,
     EngineDeadError,
     EngineStepError,
@@ -175,6 +176,8 @@ def translate(exc: Exception) -> APIError:
         return Conflict(str(exc), headers={"Retry-After": "1"})
     if isinstance(exc, AdapterExistsError):
         return Conflict(str(exc).strip("'\""), "name")
+    if isinstance(exc, AdapterNotFoundError):  # deleted while a reload of it ran
+        return NotFound(str(exc.args[0]), "name")
     if isinstance(exc, AdapterError):
         return BadRequest(without_paths(str(exc)))
     if isinstance(exc, EngineDeadError):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from fastapi import Request
 
-from adapters import AdapterRegistry, sources
+from adapters import AdapterRegistry, RegisteredAdapter, sources
 from adapters.shared_store import SharedAdapterStore, storage_options
 from adapters.store import AdapterBackend, AdapterStore
 from server.api.errors import BadRequest, ClientDisconnected, NotFound, Overloaded, Unavailable
@@ -142,6 +142,16 @@ class ServerState:
         max_bytes = self.config.max_upload_mb * 2**20
         with sources.fetched(uri, scratch, max_bytes, options) as adapter_dir:
             self.registry.register_dir(name, adapter_dir, source=source)
+
+    def reload_adapter_uri(
+        self, name: str, uri: str, source: str
+    ) -> tuple[RegisteredAdapter, RegisteredAdapter]:
+        """Replace a registered adapter's weights from a URI in place; (new, old) versions."""
+        options = storage_options(uri, self.config.s3_endpoint_url)
+        scratch = self.registry.store.data_dir
+        max_bytes = self.config.max_upload_mb * 2**20
+        with sources.fetched(uri, scratch, max_bytes, options) as adapter_dir:
+            return self.registry.reload_dir(name, adapter_dir, source=source)
 
     def _preload(self) -> None:
         """Register --preload-adapters (folders, or s3:// and hf:// URIs of one adapter each);

@@ -127,6 +127,7 @@ class LLMEngine:
         if self.device.type == "cuda":
             self._warm_up()
         self._requests: dict[str, _Request] = {}
+        self._retired_adapters: set[int] = set()  # old versions of reloaded adapters
         self._seed_rng = random.Random(config.seed)
         self._stats = StepStats()
 
@@ -223,7 +224,12 @@ class LLMEngine:
         if seq.adapter_name is not None and (
             self.registry is None or self.registry.by_id(seq.adapter_id) is None
         ):
-            raise UnknownAdapterError(f"adapter {seq.adapter_name!r} was deleted", "model")
+            # Made before an in-place reload whose old version is gone already: the new one.
+            reg = self.registry.get(seq.adapter_name) if self.registry is not None else None
+            if reg is None:
+                raise UnknownAdapterError(f"adapter {seq.adapter_name!r} was deleted", "model")
+            seq.adapter_id = reg.adapter_id
+            seq.rope_scale = reg.spec.rope_scaling_factor
         decoder = self.tokenizer.decode_stream(seq.params.skip_special_tokens)
         self._requests[seq.request_id] = _Request(seq, OutputText(decoder, seq.params.stop))
         self.scheduler.add(seq)
@@ -249,6 +255,7 @@ class LLMEngine:
         self.scheduler.finish(req.seq, "abort")
         self.sampler.release(req.seq)
         self._record_finish(req.seq, time.monotonic())
+        self._free_retired_adapters()
         return self._output(req, [], [], finished=True)
 
     def abort_all(self) -> None:
@@ -275,6 +282,22 @@ class LLMEngine:
         evicted = self.adapter_cache.evict_if_idle(reg.adapter_id)
         assert evicted, "an adapter with no requests must be idle"
         self.registry.forget(name)
+
+    def retire_adapter(self, adapter_id: int) -> None:
+        """An in-place reload replaced this adapter version: free it once no request uses it."""
+        self._retired_adapters.add(adapter_id)
+        self._free_retired_adapters()
+
+    def _free_retired_adapters(self) -> None:
+        for adapter_id in list(self._retired_adapters):
+            if self.requests_for_adapter(adapter_id):
+                continue
+            assert self.adapter_cache is not None and self.registry is not None
+            evicted = self.adapter_cache.evict_if_idle(adapter_id)
+            assert evicted, "an adapter with no requests must be idle"
+            self.registry.drop_retired(adapter_id)
+            self._retired_adapters.discard(adapter_id)
+            logger.info("freed the old version of a reloaded adapter (id %d)", adapter_id)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -303,7 +326,10 @@ class LLMEngine:
             lora = build_lora_batch(chunks, self.adapter_cache)
         logits = self.runner.execute(sched.scheduled, lora)
         self.scheduler.advance(sched)
-        return self._process(sched, logits)
+        outputs = self._process(sched, logits)
+        if self._retired_adapters:
+            self._free_retired_adapters()
+        return outputs
 
     def _process(self, sched: SchedulerOutput, logits: torch.Tensor) -> list[RequestOutput]:
         sampling = [s.seq for s in sched.scheduled if s.samples]

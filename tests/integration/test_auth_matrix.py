@@ -47,6 +47,7 @@ ROUTES: dict[tuple[str, str], str] = {
     ("GET", "/v1/adapters"): INFERENCE,
     ("GET", "/v1/adapters/{name}"): INFERENCE,
     ("POST", "/v1/adapters"): ADMIN,
+    ("PUT", "/v1/adapters/{name}"): ADMIN,
     ("DELETE", "/v1/adapters/{name}"): ADMIN,
     ("POST", "/v1/load_lora_adapter"): ADMIN,
     ("POST", "/v1/unload_lora_adapter"): ADMIN,
@@ -162,7 +163,7 @@ def test_the_table_in_the_api_docs_is_this_one() -> None:
     documented: dict[tuple[str, str], list[str]] = {}
     for row in table.splitlines()[2:]:
         first, *cells = [cell.strip() for cell in row.strip("|").split("|")]
-        for method, path in re.findall(r"`(GET|POST|DELETE) ([^`]+)`", first):
+        for method, path in re.findall(r"`(GET|POST|PUT|DELETE) ([^`]+)`", first):
             documented[method, re.sub(r"\{\w+\}", "{}", path)] = cells
     expected = {
         (method, re.sub(r"\{\w+\}", "{}", path)): [

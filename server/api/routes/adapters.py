@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request, status
 from fastapi.responses import PlainTextResponse
@@ -59,6 +59,7 @@ def adapter_info(state: ServerState, reg: RegisteredAdapter, active: int | None)
         created=int(rec.created_at),
         source=rec.source,
         parent=state.model_name,
+        version=reg.version,
         residency=residency,
     )
 
@@ -86,31 +87,27 @@ async def _files_from_form(form: FormData, max_bytes: int) -> dict[str, bytes]:
     return files
 
 
+def _multipart_body(required: list[str]) -> dict[str, Any]:
+    properties: dict[str, Any] = {
+        "files": {"type": "array", "items": {"type": "string", "format": "binary"}}
+    }
+    if "name" in required:
+        properties["name"] = {"type": "string"}
+    schema = {"type": "object", "required": required, "properties": properties}
+    return {
+        "requestBody": {
+            "content": {"multipart/form-data": {"schema": schema}},
+            "required": True,
+        }
+    }
+
+
 @router.post(
     "/v1/adapters",
     status_code=status.HTTP_201_CREATED,
     response_model=AdapterInfo,
     dependencies=[Depends(require_admin_key)],
-    openapi_extra={
-        "requestBody": {
-            "content": {
-                "multipart/form-data": {
-                    "schema": {
-                        "type": "object",
-                        "required": ["name"],
-                        "properties": {
-                            "name": {"type": "string"},
-                            "files": {
-                                "type": "array",
-                                "items": {"type": "string", "format": "binary"},
-                            },
-                        },
-                    }
-                }
-            },
-            "required": True,
-        }
-    },
+    openapi_extra=_multipart_body(["name"]),
 )
 async def upload_adapter(request: Request) -> AdapterInfo:
     """Register an adapter from adapter_config.json + adapter_model.safetensors, or an archive."""
@@ -123,6 +120,31 @@ async def upload_adapter(request: Request) -> AdapterInfo:
     files = await _files_from_form(form, state.config.max_upload_mb * 2**20)
     reg = await asyncio.to_thread(registry.register_files, name, files, "upload")
     return adapter_info(state, reg, 0)
+
+
+@router.put(
+    "/v1/adapters/{name:path}",
+    response_model=AdapterInfo,
+    dependencies=[Depends(require_admin_key)],
+    openapi_extra=_multipart_body([]),
+)
+async def reload_adapter(name: str, request: Request) -> AdapterInfo:
+    """Replace an adapter's weights in place (files or an archive, as for POST): running
+    requests finish on the old weights, new requests get the new ones."""
+    state = _state(request)
+    registry = state.registry  # 503 while the model loads, before reading the body
+    if registry.get(name) is None:
+        raise NotFound(f"adapter {name!r} does not exist; upload it with POST first", "name")
+    form = await request.form()
+    files = await _files_from_form(form, state.config.max_upload_mb * 2**20)
+    new, old = await asyncio.to_thread(registry.reload_files, name, files, "upload")
+    await _retire(state, old)
+    return adapter_info(state, new, 0)
+
+
+async def _retire(state: ServerState, old: RegisteredAdapter) -> None:
+    """Hand a replaced version to the step thread, which frees it after its last request."""
+    await state.async_engine.call(lambda: state.llm.retire_adapter(old.adapter_id))
 
 
 @router.get("/v1/adapters", response_model=AdapterList, dependencies=[Depends(require_api_key)])
@@ -214,12 +236,16 @@ async def load_lora_adapter(body: LoadLoraAdapterRequest, request: Request) -> s
         raise BadRequest(f"lora_path: {exc}", "lora_path") from exc
     except (OSError, ValueError) as exc:  # a NUL byte, a name too long, a loop of links
         raise BadRequest(f"lora_path {uri!r} is not usable: {exc}", "lora_path") from exc
+    if not is_dir:
+        raise BadRequest(f"lora_path {uri!r} is not a directory", "lora_path")
+    if body.load_inplace and registry.get(body.lora_name) is not None:
+        _, old = await asyncio.to_thread(state.reload_adapter_uri, body.lora_name, uri, "path")
+        await _retire(state, old)
+        return f"Success: LoRA adapter '{body.lora_name}' reloaded in place."
     if registry.get(body.lora_name) is not None:
         raise BadRequest(
             f"the lora adapter {body.lora_name!r} has already been loaded", "lora_name"
         )
-    if not is_dir:
-        raise BadRequest(f"lora_path {uri!r} is not a directory", "lora_path")
     await asyncio.to_thread(state.load_adapter_uri, body.lora_name, uri, "path")
     return f"Success: LoRA adapter '{body.lora_name}' added successfully."
 

@@ -28,6 +28,7 @@ class AdapterInfo(BaseModel):
     created: int
     source: str
     parent: str
+    version: int = 1  # 1, then +1 per in-place reload (since the server started)
     residency: Residency | None = None
     requests_served: int | None = None  # since the server started; in paged listings
 
@@ -50,6 +51,8 @@ class LoadLoraAdapterRequest(BaseModel):
 
     lora_name: str = Field(min_length=1)
     lora_path: str = Field(min_length=1)
+    # Replace a loaded adapter's weights under the same name (running requests keep the old).
+    load_inplace: bool = False
 
 
 class UnloadLoraAdapterRequest(BaseModel):
