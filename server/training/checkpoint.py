@@ -98,7 +98,7 @@ def save_checkpoint(
             if final.exists():  # a rerun of the same step after a crash that followed the rename
                 shutil.rmtree(final)
             os.rename(tmp, final)
-            _fsync_dir(root)
+            fsync_dir(root)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     fault_point("checkpoint.renamed")
@@ -145,7 +145,7 @@ def write_adapter_atomically(
             if adapter_dir.exists():
                 shutil.rmtree(adapter_dir)
             os.rename(tmp, adapter_dir)
-            _fsync_dir(adapter_dir.parent)
+            fsync_dir(adapter_dir.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -158,7 +158,8 @@ def fsync_tree(directory: Path) -> None:
                 os.fsync(f.fileno())
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
+    """Make a rename or a new entry in `directory` durable."""
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)

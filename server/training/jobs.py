@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from adapters.faults import disk_full_as_error, fault_point
-from server.training.checkpoint import TEMP_PREFIX, list_checkpoints
+from server.training.checkpoint import TEMP_PREFIX, fsync_dir, list_checkpoints
 
 logger = logging.getLogger(__name__)
 
@@ -196,7 +196,7 @@ class JobStore:
             fault_point("files.before_rename")
             staged.rename(path)
             try:
-                _fsync_dir(self.files_dir)
+                fsync_dir(self.files_dir)
                 fault_point("files.before_index")
                 self._run("INSERT INTO files VALUES (?, ?, ?, ?, ?, ?)", _file_row(rec))
             except BaseException:
@@ -425,14 +425,6 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 _JOB_FIELDS = [f.name for f in fields(Job)]  # the ft_jobs columns, in order
