@@ -33,14 +33,12 @@ from fsspec.implementations.local import LocalFileSystem
 
 from adapters.errors import AdapterError, AdapterExistsError, AdapterNotFoundError
 from adapters.faults import fault_point
+from adapters.records import AdapterRecord, record_from_dict, record_to_dict
 from adapters.store import (
-    AdapterRecord,
     AdapterStore,
     StoreChanges,
     Validator,
     check_adapter_name,
-    record_from_dict,
-    record_to_dict,
     sha256_file,
 )
 

@@ -26,13 +26,14 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 from urllib.parse import quote, unquote
 
 from adapters.config import AdapterSpec
 from adapters.errors import AdapterError, AdapterExistsError, AdapterNotFoundError
 from adapters.faults import disk_full_as_error, fault_point
 from adapters.format import ADAPTER_FILES, WEIGHTS_FILE
+from adapters.records import COLUMNS, VALUES, AdapterRecord, record_from_row, record_row
 
 logger = logging.getLogger(__name__)
 
@@ -59,35 +60,9 @@ CREATE TABLE IF NOT EXISTS adapters (
 );
 CREATE INDEX IF NOT EXISTS adapters_by_created_at ON adapters (created_at, name);
 """
-_COLUMNS = (
-    "name, sha256, created_at, size_bytes, rank, alpha, target_modules, "
-    "rope_scaling_factor, source, spec_json"
-)
-_VALUES = ", ".join("?" * len(_COLUMNS.split(", ")))
 
 Validator = Callable[[Path], AdapterSpec]
 Publisher = Callable[[Path, "AdapterRecord"], None]
-
-
-@dataclass(frozen=True)
-class AdapterRecord:
-    """One row of the adapter index."""
-
-    name: str
-    sha256: str  # of adapter_model.safetensors
-    created_at: int  # unix seconds
-    size_bytes: int  # both files together
-    rank: int  # the config's r
-    alpha: float
-    target_modules: tuple[str, ...]
-    rope_scaling_factor: float
-    source: str  # one of SOURCES
-    spec_json: str  # AdapterSpec.to_dict() as JSON
-
-    @property
-    def spec(self) -> AdapterSpec:
-        """The spec recorded when the adapter was validated."""
-        return AdapterSpec.from_dict(json.loads(self.spec_json))
 
 
 def check_adapter_name(name: str) -> None:
@@ -169,17 +144,17 @@ class AdapterStore:
         """The record of one adapter, or None."""
         with self._lock:
             row = self._db.execute(
-                f"SELECT {_COLUMNS} FROM adapters WHERE name = ?", (name,)
+                f"SELECT {COLUMNS} FROM adapters WHERE name = ?", (name,)
             ).fetchone()
-        return None if row is None else _record(row)
+        return None if row is None else record_from_row(row)
 
     def list(self) -> list[AdapterRecord]:
         """Every record, oldest first (ties by name)."""
         with self._lock:
             rows = self._db.execute(
-                f"SELECT {_COLUMNS} FROM adapters ORDER BY created_at, name"
+                f"SELECT {COLUMNS} FROM adapters ORDER BY created_at, name"
             ).fetchall()
-        return [_record(row) for row in rows]
+        return [record_from_row(row) for row in rows]
 
     def add(
         self,
@@ -254,7 +229,7 @@ class AdapterStore:
                 self._sync_dir_contents(staging)
                 record = AdapterRecord(
                     name=name,
-                    sha256=_sha256(staging / WEIGHTS_FILE),
+                    sha256=sha256_file(staging / WEIGHTS_FILE),
                     created_at=int(time.time()),
                     size_bytes=sum(f.stat().st_size for f in staging.iterdir()),
                     rank=spec.rank,
@@ -299,8 +274,8 @@ class AdapterStore:
         """Index a record whose files come later (a shared store's manifest)."""
         with self._lock, self._db:
             self._db.execute(
-                f"INSERT OR REPLACE INTO adapters ({_COLUMNS}) VALUES ({_VALUES})",
-                _row(record),
+                f"INSERT OR REPLACE INTO adapters ({COLUMNS}) VALUES ({VALUES})",
+                record_row(record),
             )
 
     def uncache_record(self, name: str) -> None:
@@ -355,8 +330,8 @@ class AdapterStore:
                 self._fsync(self.blobs)
                 with self._db:
                     self._db.execute(
-                        f"INSERT INTO adapters ({_COLUMNS}) VALUES ({_VALUES})",
-                        _row(record),
+                        f"INSERT INTO adapters ({COLUMNS}) VALUES ({VALUES})",
+                        record_row(record),
                     )
             except BaseException:
                 shutil.rmtree(final, ignore_errors=True)
@@ -374,8 +349,8 @@ class AdapterStore:
             self._fsync(self.blobs)
             with self._db:
                 self._db.execute(
-                    f"INSERT OR REPLACE INTO adapters ({_COLUMNS}) VALUES ({_VALUES})",
-                    _row(record),
+                    f"INSERT OR REPLACE INTO adapters ({COLUMNS}) VALUES ({VALUES})",
+                    record_row(record),
                 )
         shutil.rmtree(doomed, ignore_errors=True)
 
@@ -405,53 +380,8 @@ def _write_files(directory: Path, files: Mapping[str, bytes]) -> None:
 
 def sha256_file(path: Path) -> str:
     """The hex sha256 of a file, read in chunks."""
-    return _sha256(path)
-
-
-def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
         while chunk := f.read(_HASH_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def record_to_dict(r: AdapterRecord) -> dict[str, Any]:
-    """A record as JSON-ready fields (a shared store's manifest holds one)."""
-    return dict(zip(_COLUMNS.split(", "), _row(r), strict=True))
-
-
-def record_from_dict(fields: Mapping[str, Any]) -> AdapterRecord:
-    """The inverse of record_to_dict."""
-    return _record(tuple(fields[c] for c in _COLUMNS.split(", ")))
-
-
-def _row(r: AdapterRecord) -> tuple[object, ...]:
-    return (
-        r.name,
-        r.sha256,
-        r.created_at,
-        r.size_bytes,
-        r.rank,
-        r.alpha,
-        json.dumps(list(r.target_modules)),
-        r.rope_scaling_factor,
-        r.source,
-        r.spec_json,
-    )
-
-
-def _record(row: tuple[Any, ...]) -> AdapterRecord:
-    name, sha, created, size, rank, alpha, targets, rope, source, spec_json = row
-    return AdapterRecord(
-        name=name,
-        sha256=sha,
-        created_at=created,
-        size_bytes=size,
-        rank=rank,
-        alpha=alpha,
-        target_modules=tuple(json.loads(targets)),
-        rope_scaling_factor=rope,
-        source=source,
-        spec_json=spec_json,
-    )
