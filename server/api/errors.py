@@ -19,7 +19,7 @@ from starlette.requests import ClientDisconnect
 from adapters import AdapterError, AdapterExistsError, AdapterNotFoundError
 from adapters.faults import DiskFullError
 from server.engine.async_engine import EngineDeadError, EngineStepError, RequestFailedError
-from server.engine.llm_engine import AdapterBusyError, UnknownAdapterError
+from server.engine.errors import AdapterBusyError, UnknownAdapterError
 from server.engine.sampling_params import InvalidRequestError
 from server.redact import without_paths
 

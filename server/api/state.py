@@ -19,7 +19,8 @@ from adapters.store import AdapterBackend, AdapterStore
 from server.api.errors import BadRequest, ClientDisconnected, NotFound, Overloaded, Unavailable
 from server.config import ServerConfig
 from server.engine.async_engine import AsyncLLMEngine
-from server.engine.llm_engine import AdapterBusyError, LLMEngine, Prompt, UnknownAdapterError
+from server.engine.errors import AdapterBusyError, UnknownAdapterError
+from server.engine.llm_engine import LLMEngine, Prompt
 from server.engine.outputs import RequestOutput
 from server.engine.sampling_params import SamplingParams
 from server.metrics import Metrics

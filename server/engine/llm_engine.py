@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from server.config import ConfigError, EngineConfig
+from server.engine.errors import AdapterBusyError, UnknownAdapterError
 from server.engine.grammar import GrammarCompiler
 from server.engine.logits_processors import LogitsState, accept_token
 from server.engine.model_runner import ModelRunner
@@ -48,19 +49,6 @@ Prompt = str | list[int]
 class _Request:
     seq: Sequence
     text: OutputText
-
-
-class UnknownAdapterError(InvalidRequestError):
-    """A request names an adapter that is not registered."""
-
-
-class AdapterBusyError(RuntimeError):
-    """An adapter cannot be removed while requests use it."""
-
-    def __init__(self, name: str, num_requests: int) -> None:
-        super().__init__(
-            f"adapter {name!r} is in use by {num_requests} request(s); retry when they finish"
-        )
 
 
 def _non_finite_message(seq: Sequence) -> str:

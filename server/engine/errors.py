@@ -1,0 +1,18 @@
+"""Errors the engine raises about adapters, which the API turns into 404 and 409."""
+
+from __future__ import annotations
+
+from server.engine.sampling_params import InvalidRequestError
+
+
+class UnknownAdapterError(InvalidRequestError):
+    """A request names an adapter that is not registered."""
+
+
+class AdapterBusyError(RuntimeError):
+    """An adapter cannot be removed while requests use it."""
+
+    def __init__(self, name: str, num_requests: int) -> None:
+        super().__init__(
+            f"adapter {name!r} is in use by {num_requests} request(s); retry when they finish"
+        )
