@@ -28,6 +28,20 @@ class ModelSize:
     vocab: int = 4096
     max_len: int = 1024
 
+    @property
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """(fan_in, fan_out) of each LoRA-targetable linear."""
+        kv = self.hidden // self.heads * self.kv_heads
+        return {
+            "q_proj": (self.hidden, self.hidden),
+            "k_proj": (self.hidden, kv),
+            "v_proj": (self.hidden, kv),
+            "o_proj": (self.hidden, self.hidden),
+            "gate_proj": (self.hidden, self.intermediate),
+            "up_proj": (self.hidden, self.intermediate),
+            "down_proj": (self.intermediate, self.hidden),
+        }
+
     def describe(self) -> str:
         return (
             f"{self.layers} layers x {self.hidden} hidden ({self.heads} heads, "
@@ -80,16 +94,7 @@ def synthetic_adapter(
     if (path / "adapter_model.safetensors").is_file():
         return path
     gen = torch.Generator().manual_seed(seed)
-    kv = size.hidden // size.heads * size.kv_heads
-    shapes = {
-        "q_proj": (size.hidden, size.hidden),
-        "k_proj": (size.hidden, kv),
-        "v_proj": (size.hidden, kv),
-        "o_proj": (size.hidden, size.hidden),
-        "gate_proj": (size.hidden, size.intermediate),
-        "up_proj": (size.hidden, size.intermediate),
-        "down_proj": (size.intermediate, size.hidden),
-    }
+    shapes = size.linear_shapes
     lora = {}
     for layer in range(size.layers):
         for m in targets:

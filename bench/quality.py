@@ -68,10 +68,7 @@ class FullTrainer(Trainer):
             eps=self.hp.adam_epsilon,
             weight_decay=self.hp.weight_decay,
         )
-        warmup = self.hp.num_warmup_steps(self.total_steps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
-        )
+        self.scheduler = self.warmup_schedule(self.optimizer)
 
 
 # ---- data ---------------------------------------------------------------------------------

@@ -78,16 +78,7 @@ def _engine(model_dir: Path, data_dir: Path, args: argparse.Namespace, max_seqs:
 
 def _adapter_bytes(size: ModelSize, targets: tuple[str, ...], dtype_bytes: int) -> int:
     """Bytes of one adapter's A and B over every layer."""
-    kv = size.hidden // size.heads * size.kv_heads
-    dims = {
-        "q_proj": (size.hidden, size.hidden),
-        "k_proj": (size.hidden, kv),
-        "v_proj": (size.hidden, kv),
-        "o_proj": (size.hidden, size.hidden),
-        "gate_proj": (size.hidden, size.intermediate),
-        "up_proj": (size.hidden, size.intermediate),
-        "down_proj": (size.intermediate, size.hidden),
-    }
+    dims = size.linear_shapes
     per_layer = sum(RANK * (dims[m][0] + dims[m][1]) for m in targets)
     return size.layers * per_layer * dtype_bytes
 

@@ -104,6 +104,15 @@ class Trainer:
         """adapter_config.json of the result (PEFT, plus rope_scaling_factor for LongLoRA)."""
         return peft_config(self.spec, self.hp, self.rope_scaling_factor, self.base_model_name)
 
+    def warmup_schedule(
+        self, optimizer: torch.optim.Optimizer
+    ) -> torch.optim.lr_scheduler.LambdaLR:
+        """A linear warmup over the configured steps, then a constant rate."""
+        warmup = self.hp.num_warmup_steps(self.total_steps)
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
+        )
+
     def setup(self) -> None:
         """Load the base (NF4 for QLoRA/LongLoRA by default), add LoRA, build the optimizer."""
         self.model, self.adapter = build_training_model(
@@ -118,10 +127,7 @@ class Trainer:
             eps=self.hp.adam_epsilon,
             weight_decay=self.hp.weight_decay,
         )
-        warmup = self.hp.num_warmup_steps(self.total_steps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
-        )
+        self.scheduler = self.warmup_schedule(self.optimizer)
         if self.device.type == "cpu":
             logger.info("paged AdamW runs unpaged on the CPU (bitsandbytes pages GPU memory)")
         logger.info(
