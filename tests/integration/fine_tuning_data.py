@@ -11,6 +11,8 @@ from typing import Any
 import httpx
 
 FINAL = ("succeeded", "failed", "cancelled")
+# Hyperparameters that train on the tiny test model in seconds.
+SMALL = {"r": 8, "batch_size": 2, "gradient_accumulation_steps": 1, "quantize": "none"}
 
 
 def jsonl(rows: list[dict[str, Any]]) -> bytes:

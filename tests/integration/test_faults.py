@@ -20,6 +20,7 @@ import pytest
 from adapters.faults import FAULT_POINTS_ENV
 from server.training.jobs import JobStore
 from tests.integration.fine_tuning_data import (
+    SMALL,
     all_events,
     jsonl,
     ordering_task,
@@ -28,7 +29,6 @@ from tests.integration.fine_tuning_data import (
 )
 from tests.integration.live_server import LiveServer, wait_until
 
-SMALL = {"r": 8, "batch_size": 2, "gradient_accumulation_steps": 1, "quantize": "none"}
 TRAIN_ROWS = jsonl(ordering_task(32, seed=0))
 
 

@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.fine_tuning_data import jsonl, ordering_task, upload, wait_for_job
+from tests.integration.fine_tuning_data import SMALL, jsonl, ordering_task, upload, wait_for_job
 from tests.integration.live_server import LiveServer, wait_until
 
-SMALL = {"r": 8, "batch_size": 2, "gradient_accumulation_steps": 1, "quantize": "none"}
 ENDLESS = 1_000_000  # max_steps of a job that runs until cancelled
 PROMPT = "Order: 3 1 2 0\nAnswer:"
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.fine_tuning_data import (
+    SMALL,
     all_events,
     jsonl,
     ordering_task,
@@ -17,8 +18,6 @@ from tests.integration.fine_tuning_data import (
     wait_for_job,
 )
 from tests.integration.live_server import LiveServer, wait_until
-
-SMALL = {"r": 8, "batch_size": 2, "gradient_accumulation_steps": 1, "quantize": "none"}
 
 
 @pytest.fixture
