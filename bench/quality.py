@@ -61,13 +61,7 @@ class FullTrainer(Trainer):
             p.requires_grad_(False)
         for p in self.params:
             p.requires_grad_(True)
-        self.optimizer = torch.optim.AdamW(
-            self.params,
-            lr=self.hp.learning_rate,
-            betas=(self.hp.adam_beta1, self.hp.adam_beta2),
-            eps=self.hp.adam_epsilon,
-            weight_decay=self.hp.weight_decay,
-        )
+        self.optimizer = torch.optim.AdamW(self.params, **self.adam_settings())
         self.scheduler = self.warmup_schedule(self.optimizer)
 
 

@@ -104,6 +104,16 @@ class Trainer:
         """adapter_config.json of the result (PEFT, plus rope_scaling_factor for LongLoRA)."""
         return peft_config(self.spec, self.hp, self.rope_scaling_factor, self.base_model_name)
 
+    def adam_settings(self) -> dict[str, Any]:
+        """AdamW's learning rate, betas, epsilon and weight decay from the hyperparameters."""
+        hp = self.hp
+        return {
+            "lr": hp.learning_rate,
+            "betas": (hp.adam_beta1, hp.adam_beta2),
+            "eps": hp.adam_epsilon,
+            "weight_decay": hp.weight_decay,
+        }
+
     def warmup_schedule(
         self, optimizer: torch.optim.Optimizer
     ) -> torch.optim.lr_scheduler.LambdaLR:
@@ -120,13 +130,7 @@ class Trainer:
         )
         self.params = list(self.adapter.parameters())
         bnb = import_bitsandbytes()
-        self.optimizer = bnb.optim.PagedAdamW(
-            self.params,
-            lr=self.hp.learning_rate,
-            betas=(self.hp.adam_beta1, self.hp.adam_beta2),
-            eps=self.hp.adam_epsilon,
-            weight_decay=self.hp.weight_decay,
-        )
+        self.optimizer = bnb.optim.PagedAdamW(self.params, **self.adam_settings())
         self.scheduler = self.warmup_schedule(self.optimizer)
         if self.device.type == "cpu":
             logger.info("paged AdamW runs unpaged on the CPU (bitsandbytes pages GPU memory)")
