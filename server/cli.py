@@ -37,7 +37,7 @@ def _add(parser: argparse.ArgumentParser, flag: str, default: Any, help: str, **
     if env:
         if kw.get("nargs") == "*":
             default = [v for v in env.split(os.pathsep) if v]
-        elif kw.get("action") == "store_true":
+        elif kw.get("action") in ("store_true", argparse.BooleanOptionalAction):
             default = env.lower() in ("1", "true", "yes", "on")
         else:
             default = env
@@ -72,6 +72,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         type=int,
     )
     _add(g, "--enforce-eager", False, "no CUDA graphs for decode steps", action="store_true")
+    _add(
+        g,
+        "--enable-prefix-caching",
+        True,
+        "reuse the KV of prompt prefixes already computed under the same adapter",
+        action=argparse.BooleanOptionalAction,
+    )
     _add(g, "--max-lora-rank", 64, "largest adapter rank accepted", type=int)
     _add(g, "--max-loras", 32, "adapters resident on the device at once", type=int)
     _add(g, "--lora-backend", "auto", "batched LoRA implementation", choices=LORA_BACKEND_CHOICES)
@@ -101,6 +108,7 @@ def engine_config(args: argparse.Namespace, model: str) -> EngineConfig:
         gpu_memory_utilization=args.gpu_memory_utilization,
         training_memory_mb=args.training_memory_mb,
         enforce_eager=args.enforce_eager,
+        enable_prefix_caching=args.enable_prefix_caching,
         max_lora_rank=args.max_lora_rank,
         max_loras=args.max_loras,
         lora_backend=args.lora_backend,

@@ -33,6 +33,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     training_memory_mb: int = 0  # reserved on the GPU for a fine-tuning worker
     enforce_eager: bool = False  # no CUDA graphs for decode steps
+    enable_prefix_caching: bool = True  # reuse cached KV blocks of shared prompt prefixes
     num_pages: int | None = None  # exact pool size in pages; overrides --pool-mb (tests, bench)
     max_lora_rank: int = 64
     max_loras: int = 32  # adapters resident on the device at once

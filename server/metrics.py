@@ -31,6 +31,7 @@ from server.metrics_vllm import VllmNames
 if TYPE_CHECKING:
     from server.engine.llm_engine import LLMEngine
     from server.engine.outputs import RequestOutput
+    from server.memory.prefix_cache import PrefixCacheStats
     from server.training.stats import TrainingStats
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
@@ -66,7 +67,23 @@ class Metrics:
         self.waiting = gauge("num_requests_waiting", "Requests waiting to be scheduled.")
         self.kv_usage = gauge("kv_cache_usage_perc", "Fraction of pool pages holding KV blocks.")
         self.pool_pages = gauge(
-            "pool_pages", "Page pool pages by use (kv, adapter, free).", ["model_name", "kind"]
+            "pool_pages",
+            "Page pool pages by use (kv: held by requests, kv_cached: cached prefix blocks no "
+            "request holds, adapter, free).",
+            ["model_name", "kind"],
+        )
+        self.prefix_queries = counter(
+            "prefix_cache_queries", "Prompt tokens looked up in the prefix cache."
+        )
+        self.prefix_hits = counter(
+            "prefix_cache_hits", "Prompt tokens whose KV the prefix cache already held."
+        )
+        self.prefix_blocks = gauge(
+            "prefix_cache_blocks", "KV blocks findable in the prefix cache (held or idle)."
+        )
+        self.prefix_reclaimed = counter(
+            "prefix_cache_reclaimed_blocks",
+            "Cached prefix blocks evicted for room, or dropped with their adapter version.",
         )
         self.prompt_tokens = counter("prompt_tokens", "Prompt tokens prefilled.")
         self.generation_tokens = counter("generation_tokens", "Tokens generated.")
@@ -119,6 +136,7 @@ class Metrics:
         )
         self._lora_info_labels: tuple[str, ...] | None = None
         self._last_counts = {"loads": 0, "evictions": 0, "disk": 0}
+        self._last_prefix = {"queries": 0, "hits": 0, "reclaimed": 0}
         self._counted_adapters: set[str] = set()  # names with a request series of their own
         self._residency: dict[str, str] = {}  # adapter -> level, as exported
         self._residency_moved: tuple[int, ...] | None = None  # residency_signature at the walk
@@ -171,9 +189,22 @@ class Metrics:
         self.running.labels(m).set(len(sched.running))
         self.waiting.labels(m).set(len(sched.waiting))
         self.kv_usage.labels(m).set(engine.kv.usage)
-        self.pool_pages.labels(m, "kv").set(pool.used_by_kind["kv"])
+        cached_idle = engine.kv.num_cached_idle
+        self.pool_pages.labels(m, "kv").set(pool.used_by_kind["kv"] - cached_idle)
+        self.pool_pages.labels(m, "kv_cached").set(cached_idle)
         self.pool_pages.labels(m, "adapter").set(pool.used_by_kind["adapter"])
         self.pool_pages.labels(m, "free").set(pool.num_free)
+        prefix = engine.prefix_cache
+        if prefix is not None:
+            self.prefix_blocks.labels(m).set(prefix.num_cached_blocks)
+            counts = prefix_counts(prefix.stats)
+            for key, metric in (
+                ("queries", self.prefix_queries),
+                ("hits", self.prefix_hits),
+                ("reclaimed", self.prefix_reclaimed),
+            ):
+                metric.labels(m).inc(counts[key] - self._last_prefix[key])
+            self._last_prefix = counts
         if not self._cache_info_set:
             self.cache_info.labels(m, *cache_info(engine)).set(1)
             self._cache_info_set = True
@@ -226,6 +257,14 @@ class Metrics:
         for name, level in wanted.items():
             self.adapter_residency.labels(m, name, level).set(1)
         self._residency = wanted
+
+
+def prefix_counts(stats: PrefixCacheStats) -> dict[str, int]:
+    return {
+        "queries": stats.queried_tokens,
+        "hits": stats.hit_tokens,
+        "reclaimed": stats.reclaimed_blocks + stats.dropped_blocks,
+    }
 
 
 CACHE_INFO_LABELS = (

@@ -24,6 +24,8 @@ VLLM_NAMES: dict[str, tuple[str, ...]] = {
     "prompt_tokens": ("vllm:prompt_tokens",),
     "generation_tokens": ("vllm:generation_tokens",),
     "num_preemptions": ("vllm:num_preemptions",),
+    "prefix_cache_queries": ("vllm:prefix_cache_queries",),
+    "prefix_cache_hits": ("vllm:prefix_cache_hits",),
     "request_success": ("vllm:request_success",),
     "time_to_first_token_seconds": ("vllm:time_to_first_token_seconds",),
     "inter_token_latency_seconds": ("vllm:inter_token_latency_seconds",),

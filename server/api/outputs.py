@@ -12,6 +12,7 @@ from server.api.schemas.openai import (
     ChatLogprobs,
     ChatTokenLogprob,
     CompletionLogprobs,
+    PromptTokensDetails,
     TopLogprob,
     Usage,
 )
@@ -68,10 +69,15 @@ def best_of(results: list[Finished], best: int, n: int) -> list[Finished]:
 def usage(finals: Iterable[RequestOutput], samples_per_prompt: int) -> Usage:
     """Prompt tokens once per prompt (not per sample); every generated token counts."""
     outs = list(finals)
-    prompt = sum(o.num_prompt_tokens for o in outs) // max(samples_per_prompt, 1)
+    samples = max(samples_per_prompt, 1)
+    prompt = sum(o.num_prompt_tokens for o in outs) // samples
+    cached = sum(o.num_cached_tokens for o in outs) // samples
     completion = sum(o.num_output_tokens for o in outs)
     return Usage(
-        prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        total_tokens=prompt + completion,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
     )
 
 

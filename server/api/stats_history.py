@@ -38,7 +38,8 @@ class StatsSample:
     time: float  # unix seconds
     running: int
     waiting: int
-    kv_pages: int
+    kv_pages: int  # held by requests
+    cached_pages: int  # cached prefix blocks no request holds
     adapter_pages: int
     free_pages: int
     prompt_tokens_per_s: float
@@ -120,6 +121,7 @@ class StatsHistory:
             running=int(self._value("num_requests_running")),
             waiting=int(self._value("num_requests_waiting")),
             kv_pages=int(self._value("pool_pages", kind="kv")),
+            cached_pages=int(self._value("pool_pages", kind="kv_cached")),
             adapter_pages=int(self._value("pool_pages", kind="adapter")),
             free_pages=int(self._value("pool_pages", kind="free")),
             prompt_tokens_per_s=(totals.prompt_tokens - last.prompt_tokens) / dt,

@@ -35,6 +35,8 @@ from server.lora.batch import build_lora_batch, group_by_adapter
 from server.lora.layers import enable_lora
 from server.lora.residency import DeviceAdapterCache
 from server.memory.kv_cache import KVCacheManager
+from server.memory.prefix_cache import PrefixCache
+from server.memory.reclaim import EvictionClock, EvictionSource, PoolReclaimer
 from server.model.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -86,6 +88,10 @@ class LLMEngine:
                 f"--max-model-len {self.max_model_len}; raise --pool-mb or lower --max-model-len"
             )
         self.registry = registry
+        # One eviction policy over everything idle in the pool: adapters nothing runs on and
+        # cached prefix blocks nothing holds (server.memory.reclaim).
+        self.eviction_clock = EvictionClock()
+        sources: list[EvictionSource] = []
         self.adapter_cache: DeviceAdapterCache | None = None
         if registry is not None:
             enable_lora(self.model)
@@ -96,9 +102,17 @@ class LLMEngine:
                 config.max_loras,
                 config.max_lora_rank,
                 lora_backend(self.device, config.lora_backend),
+                clock=self.eviction_clock,
             )
-        # Idle adapters' pages become KV blocks when free pages run short.
-        self.kv = KVCacheManager(self.pool, reclaimer=self.adapter_cache)
+            sources.append(self.adapter_cache)
+        self.prefix_cache: PrefixCache | None = None
+        if config.enable_prefix_caching:
+            self.prefix_cache = PrefixCache(self.pool, self.eviction_clock)
+            sources.append(self.prefix_cache)
+        self.reclaimer = PoolReclaimer(self.eviction_clock, sources)
+        if self.adapter_cache is not None:
+            self.adapter_cache.reclaimer = self.reclaimer
+        self.kv = KVCacheManager(self.pool, reclaimer=self.reclaimer, prefix=self.prefix_cache)
         self.scheduler = Scheduler(
             self.kv, config.max_num_seqs, config.max_num_batched_tokens, self.adapter_cache
         )
@@ -269,10 +283,15 @@ class LLMEngine:
         assert self.adapter_cache is not None and self.registry is not None
         evicted = self.adapter_cache.evict_if_idle(reg.adapter_id)
         assert evicted, "an adapter with no requests must be idle"
+        if self.prefix_cache is not None:
+            self.prefix_cache.drop_adapter(reg.adapter_id)
         self.registry.forget(name)
 
     def retire_adapter(self, adapter_id: int) -> None:
-        """An in-place reload replaced this adapter version: free it once no request uses it."""
+        """An in-place reload replaced this adapter version: free it once no request uses it.
+        Its cached prefix blocks go now (new requests hash under the new version anyway)."""
+        if self.prefix_cache is not None:
+            self.prefix_cache.drop_adapter(adapter_id)
         self._retired_adapters.add(adapter_id)
         self._free_retired_adapters()
 
@@ -312,9 +331,15 @@ class LLMEngine:
             group_by_adapter(sched.scheduled, lambda s: s.seq.adapter_id)
             chunks = ((s.seq.adapter_id, s.num_new_tokens) for s in sched.scheduled)
             lora = build_lora_batch(chunks, self.adapter_cache)
+        start = time.perf_counter()
         logits = self.runner.execute(sched.scheduled, lora)
         self.scheduler.advance(sched)
-        outputs = self._process(sched, logits)
+        outputs = self._process(sched, logits)  # waits for the device: sampled tokens
+        tokens = sched.num_batched_tokens
+        if tokens > len(sched.scheduled):
+            # A step with prefill: what recomputing a cached block would cost, per token.
+            seconds = time.perf_counter() - start
+            self.eviction_clock.prefill_seconds_per_token.add(seconds / tokens)
         if self._retired_adapters:
             self._free_retired_adapters()
         return outputs
@@ -407,6 +432,7 @@ class LLMEngine:
             logprobs=logprobs,
             adapter_name=seq.adapter_name,
             error=seq.error,
+            num_cached_tokens=seq.num_cached_tokens,
         )
 
     # ---- offline --------------------------------------------------------------------------

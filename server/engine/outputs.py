@@ -24,6 +24,7 @@ class RequestOutput:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     adapter_name: str | None = None
     error: str | None = None  # why the engine ended it, when finish_reason is "error"
+    num_cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
 
     @property
     def num_output_tokens(self) -> int:

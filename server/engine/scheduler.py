@@ -128,17 +128,26 @@ class Scheduler:
             and len(self.running) < self.max_num_seqs
         ):
             seq = self.waiting[i]
+            # Cached blocks found now are held from here: the checks below see them as the
+            # sequence's own, no longer as reclaimable room.
+            hit = self.kv.match_prefix(seq)
             n = min(seq.num_uncomputed_tokens, budget)
             if not self.kv.can_allocate(seq, n, reserve=self.watermark_pages):
+                self.kv.unmatch(seq)
                 break
             if self.adapters is not None:
                 if not self.adapters.can_admit(seq, self.kv.blocks_needed(seq, n)) or (
                     adapter_blocked and not self.adapters.is_resident(seq)
                 ):
+                    self.kv.unmatch(seq)
                     adapter_blocked = True
                     i += 1
                     continue
                 self.adapters.admit(seq)
+            if self.kv.prefix is not None:
+                self.kv.prefix.record_hit(seq, hit)
+            if seq.first_scheduled_time is None:
+                seq.num_cached_tokens = hit
             del self.waiting[i]
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
@@ -160,6 +169,7 @@ class Scheduler:
         """After the forward pass: the scheduled tokens now have K/V in the cache."""
         for s in out.scheduled:
             s.seq.num_computed_tokens += s.num_new_tokens
+            self.kv.commit(s.seq)
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """Mark seq finished and free what it holds, wherever it is."""

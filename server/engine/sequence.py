@@ -41,6 +41,12 @@ class Sequence:
     token_ids: list[int] = field(default_factory=list)  # prompt + output
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
     block_table: list[int] = field(default_factory=list)
+    # Prefix caching: hashes of the full blocks so far (tokens only grow, so they stay valid),
+    # how many leading blocks of block_table are in the prefix cache, and how many prompt
+    # tokens the first admission found cached.
+    block_hashes: list[bytes] = field(default_factory=list)
+    num_cached_blocks: int = 0
+    num_cached_tokens: int = 0
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
     stop_reason: str | int | None = None
@@ -86,5 +92,6 @@ class Sequence:
     def reset_for_recompute(self) -> None:
         """Preempted: forget the cache; prompt and output so far will be prefilled again."""
         self.num_computed_tokens = 0
+        self.num_cached_blocks = 0
         self.status = SequenceStatus.WAITING
         self.num_preemptions += 1

@@ -1,8 +1,10 @@
 """Device residency of adapters: which adapters have weights in the page pool, in which slot.
 
 An adapter becomes resident when a request for it is admitted (or ahead of time, by prefetch
-for waiting requests); it stays while any running request uses it, and afterwards sits idle in
-LRU order until its pages are wanted, by KV blocks or by another adapter. Residency is
+for waiting requests); it stays while any running request uses it, and afterwards sits idle
+until its pages are wanted, by KV blocks or by another adapter. Idle adapters and idle cached
+KV blocks are evicted by one policy (server.memory.reclaim): lowest GreedyDual priority first,
+an adapter's cost being its measured load time per page. Residency is
 bookkeeping plus one copy of the host weights into the pool; kernels then read them in place.
 """
 
@@ -20,7 +22,8 @@ from server.lora.batch import NO_ADAPTER, RunBuffers
 from server.lora.layout import Layout
 from server.lora.pooled import PooledWeights, layout_adapter, write_to_pool
 from server.lora.slots import SlotTables
-from server.memory.page_pool import ADAPTER, PagePool
+from server.memory.page_pool import ADAPTER, PagePool, Reclaimer
+from server.memory.reclaim import EvictionClock
 from server.model.config import ModelConfig
 
 if TYPE_CHECKING:
@@ -40,6 +43,7 @@ class ResidentAdapter:
     pages: list[int]
     weights: PooledWeights
     refcount: int = 0
+    key: tuple[float, int] = (0.0, 0)  # eviction priority while idle (server.memory.reclaim)
 
 
 @dataclass
@@ -53,8 +57,9 @@ class ResidencyStats:
 class DeviceAdapterCache:
     """Adapters resident in the page pool: admission, LRU eviction, prefetch.
 
-    It is the pool's reclaimer for KV blocks (the engine hands it to KVCacheManager) and the
-    scheduler's AdapterGate; the pool itself knows nothing of adapters.
+    It is one EvictionSource of the pool's reclaimer (with the prefix cache; the engine builds
+    the PoolReclaimer and sets `reclaimer`) and the scheduler's AdapterGate; the pool itself
+    knows nothing of adapters.
     """
 
     def __init__(
@@ -66,8 +71,12 @@ class DeviceAdapterCache:
         max_rank: int,
         backend: str = "torch",
         prefetch_depth: int = 8,
+        clock: EvictionClock | None = None,
     ) -> None:
         self.pool = pool
+        self.clock = clock or EvictionClock()
+        # What allocations may evict: this cache alone, or the engine's PoolReclaimer.
+        self.reclaimer: Reclaimer = self
         self.registry = registry
         self.cfg = cfg
         self.max_loras = max_loras
@@ -77,7 +86,7 @@ class DeviceAdapterCache:
         self.tables = SlotTables(cfg.num_layers, max_loras, pool.buffer.device)
         self.run_buffers = RunBuffers(max_loras, pool.buffer.device)
         self.stats = ResidencyStats()
-        self._resident: OrderedDict[int, ResidentAdapter] = OrderedDict()  # LRU first
+        self._resident: OrderedDict[int, ResidentAdapter] = OrderedDict()
         self._free_slots = list(range(max_loras - 1, -1, -1))
         self._layouts: dict[int, Layout] = {}
         self._warming: set[int] = set()
@@ -108,14 +117,28 @@ class DeviceAdapterCache:
         return sum(len(r.pages) for r in self._idle())
 
     def reclaim(self, num_pages: int) -> int:
-        """Evict idle adapters, least recently used first, until num_pages are free."""
+        """Evict idle adapters, lowest priority first, until num_pages are free."""
         freed = 0
-        for r in self._idle():
-            if freed >= num_pages:
-                break
+        while freed < num_pages and (r := self._next_victim()) is not None:
             freed += len(r.pages)
             self._evict(r)
         return freed
+
+    # ---- EvictionSource -----------------------------------------------------------------
+
+    def _next_victim(self) -> ResidentAdapter | None:
+        return min(self._idle(), key=lambda r: r.key, default=None)
+
+    def peek(self) -> tuple[float, int] | None:
+        r = self._next_victim()
+        return r.key if r is not None else None
+
+    def evict_one(self) -> int:
+        r = self._next_victim()
+        if r is None:
+            return 0
+        self._evict(r)
+        return len(r.pages)
 
     # ---- AdapterGate --------------------------------------------------------------------
 
@@ -129,10 +152,10 @@ class DeviceAdapterCache:
         r = self._resident.get(seq.adapter_id)
         if r is not None:
             # Admission pins an idle adapter: its pages stop being reclaimable for KV blocks.
-            return r.refcount > 0 or kv_blocks <= self.pool.available(self) - len(r.pages)
+            return r.refcount > 0 or kv_blocks <= self.pool.available(self.reclaimer) - len(r.pages)
         if not self._free_slots and not self._idle():
             return False
-        return self.pages_needed(seq.adapter_id) + kv_blocks <= self.pool.available(self)
+        return self.pages_needed(seq.adapter_id) + kv_blocks <= self.pool.available(self.reclaimer)
 
     def admit(self, seq: Sequence) -> None:
         if seq.adapter_id == NO_ADAPTER:
@@ -146,6 +169,8 @@ class DeviceAdapterCache:
         if r is not None:
             assert r.refcount > 0, f"adapter {r.name} released more often than admitted"
             r.refcount -= 1
+            if r.refcount == 0:
+                r.key = self.clock.stamp(self.clock.adapter_cost())
 
     def prefetch(self, waiting: Iterable[Sequence]) -> None:
         """Ready the adapters of the next waiting requests: host cache in the background,
@@ -192,9 +217,9 @@ class DeviceAdapterCache:
 
     def _take_slot(self) -> int:
         if not self._free_slots:
-            idle = self._idle()
-            assert idle, "no adapter slot free or evictable; can_admit should have refused"
-            self._evict(idle[0])
+            victim = self._next_victim()
+            assert victim, "no adapter slot free or evictable; can_admit should have refused"
+            self._evict(victim)
         return self._free_slots.pop()
 
     def _ensure_resident(self, adapter_id: int) -> ResidentAdapter:
@@ -208,7 +233,7 @@ class DeviceAdapterCache:
         layout = self._layout(adapter_id)
         slot = self._take_slot()
         try:
-            pages = self.pool.allocate(layout.num_pages, ADAPTER, self)
+            pages = self.pool.allocate(layout.num_pages, ADAPTER, self.reclaimer)
         except Exception:
             self._free_slots.append(slot)
             raise
@@ -222,12 +247,14 @@ class DeviceAdapterCache:
             self.cfg,
         )
         r = ResidentAdapter(adapter_id, reg.name, slot, pages, pooled)
+        r.key = self.clock.stamp(self.clock.adapter_cost())
         self.tables.fill(slot, pooled.slices)
         self._resident[adapter_id] = r
         elapsed = time.perf_counter() - start
         self.stats.loads += 1
         self.stats.load_seconds += elapsed
         self._load_times.append(elapsed)
+        self.clock.adapter_seconds_per_page.add(elapsed / max(1, len(pages)))
         logger.debug("adapter %s resident in slot %d (%d pages)", reg.name, slot, len(pages))
         return r
 

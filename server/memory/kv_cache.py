@@ -4,18 +4,24 @@ from __future__ import annotations
 
 from server.engine.sequence import Sequence
 from server.memory.page_pool import KV, PagePool, Reclaimer
+from server.memory.prefix_cache import PrefixCache
 
 
 class KVCacheManager:
     """Block tables over the page pool: check with can_allocate, then allocate.
 
-    `reclaimer` (the adapter residency, when adapters are served) gives back idle adapters'
-    pages when free ones run short, before anything must be preempted.
+    `reclaimer` (the pool's one eviction policy: idle adapters and cached prefix blocks) gives
+    pages back when free ones run short, before anything must be preempted. With `prefix` set,
+    a sequence starts from the longest prefix of whole blocks already cached under its adapter
+    (match_prefix), and its blocks become findable as they fill (commit).
     """
 
-    def __init__(self, pool: PagePool, reclaimer: Reclaimer | None = None) -> None:
+    def __init__(
+        self, pool: PagePool, reclaimer: Reclaimer | None = None, prefix: PrefixCache | None = None
+    ) -> None:
         self.pool = pool
         self.reclaimer = reclaimer
+        self.prefix = prefix
         self.block_size = pool.geometry.block_size
 
     def blocks_needed(self, seq: Sequence, num_new_tokens: int) -> int:
@@ -36,15 +42,49 @@ class KVCacheManager:
             self.pool.clear(pages)
             seq.block_table.extend(pages)
 
+    def match_prefix(self, seq: Sequence) -> int:
+        """Give a sequence with no cache yet its longest cached prefix; the tokens found."""
+        if self.prefix is None or seq.block_table:
+            return 0
+        pages = self.prefix.acquire(seq)
+        seq.block_table = pages
+        seq.num_cached_blocks = len(pages)
+        seq.num_computed_tokens = len(pages) * self.block_size
+        return seq.num_computed_tokens
+
+    def unmatch(self, seq: Sequence) -> None:
+        """Undo match_prefix for a sequence that was not admitted after all."""
+        self.free(seq)
+        seq.num_computed_tokens = 0
+        seq.num_cached_blocks = 0
+
+    def commit(self, seq: Sequence) -> None:
+        """After a step: the blocks seq has filled become findable by later requests."""
+        if self.prefix is None:
+            return
+        full = seq.num_computed_tokens // self.block_size
+        if full > seq.num_cached_blocks:
+            self.prefix.insert(seq, seq.num_cached_blocks, full)
+            seq.num_cached_blocks = full
+
     def free(self, seq: Sequence) -> None:
         if seq.block_table:
-            self.pool.free(seq.block_table, KV)
+            pages = seq.block_table
+            if self.prefix is not None:
+                pages = self.prefix.release(pages)
+            if pages:
+                self.pool.free(pages, KV)
             seq.block_table = []
 
     def max_blocks_per_seq(self, max_model_len: int) -> int:
         return -(-max_model_len // self.block_size)
 
     @property
+    def num_cached_idle(self) -> int:
+        """KV pages holding cached blocks no sequence uses (reclaimable)."""
+        return self.prefix.num_evictable if self.prefix is not None else 0
+
+    @property
     def usage(self) -> float:
-        """Fraction of the pool's pages holding KV blocks."""
-        return self.pool.used_by_kind[KV] / self.pool.num_pages
+        """Fraction of the pool's pages holding KV blocks that running requests use."""
+        return (self.pool.used_by_kind[KV] - self.num_cached_idle) / self.pool.num_pages

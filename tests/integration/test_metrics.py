@@ -79,7 +79,10 @@ def test_pool_pages_by_kind_add_up_to_the_pool(server: LiveServer) -> None:
         assert http.post("/v1/completions", json=short_request(adapter_name(27))).is_success
         pool = http.get("/info").json()["pool"]
     m = server.metrics()
-    pages = {k: m.value("loraplex_pool_pages", **M, kind=k) for k in ("kv", "adapter", "free")}
+    pages = {
+        k: m.value("loraplex_pool_pages", **M, kind=k)
+        for k in ("kv", "kv_cached", "adapter", "free")
+    }
     assert sum(pages.values()) == pool["pages"]
     assert pages["adapter"] > 0  # the adapters used so far stay resident while the pool has room
     assert 0 <= m.value("loraplex_kv_cache_usage_perc", **M) <= 1

@@ -61,7 +61,8 @@ def test_leaving_a_stream_early_aborts_and_frees_its_pages(engine):
     asyncio.run(main())
     assert not engine.has_unfinished_requests()
     assert engine.num_requests == 0
-    assert engine.pool.num_free == engine.pool.num_pages
+    assert engine.pool.available(engine.reclaimer) == engine.pool.num_pages
+    assert engine.kv.usage == 0
 
 
 def test_invalid_request_raises_before_queuing(engine):

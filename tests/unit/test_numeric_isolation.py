@@ -158,7 +158,7 @@ def test_adapter_overflowing_to_inf_fails_alone_and_later_requests_are_unaffecte
     assert bad.token_ids == []
     assert [final[i].token_ids for i in ids] == expected
     # What it held went back; its pages, full of NaN, now serve other requests.
-    assert engine.pool.num_free + engine.adapter_cache.reclaimable_pages() == engine.pool.num_pages
+    assert engine.pool.available(engine.reclaimer) == engine.pool.num_pages
     later = engine.generate(PROMPTS, GREEDY, ADAPTERS)
     assert [o.token_ids for o in later] == expected
 
@@ -170,7 +170,8 @@ def test_an_idle_adapters_pages_are_no_room_for_the_kv_of_the_request_that_pins_
     engine.generate([PROMPTS[0]], GREEDY, ["mlp"])  # now resident, idle, reclaimable
     cache = engine.adapter_cache
     seq = engine.make_sequence(PROMPTS[1], GREEDY, adapter_name="mlp")
-    free = engine.pool.num_free
+    # Room for KV blocks other than the adapter's own pages: free and cached-idle pages.
+    free = engine.pool.available(engine.reclaimer) - cache.reclaimable_pages()
 
     assert cache.reclaimable_pages() > 0
     assert cache.can_admit(seq, free)

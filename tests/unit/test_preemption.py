@@ -19,4 +19,5 @@ def test_small_pool_preempts_and_every_request_matches_its_solo_run(tiny_model_d
 
     assert small.scheduler.num_preemptions > 0
     assert [o.token_ids for o in outs] == expected
-    assert small.pool.num_free == small.pool.num_pages
+    assert small.pool.available(small.reclaimer) == small.pool.num_pages
+    assert small.kv.usage == 0

@@ -73,9 +73,13 @@ async def info(request: Request) -> dict:
             "pages": pool.num_pages,
             "page_bytes": pool.page_bytes,
             "block_size": pool.geometry.block_size,
-            "kv_pages": pool.used_by_kind["kv"],
+            # One budget: KV blocks requests hold, cached prefix blocks none holds (given
+            # back on demand, like idle adapters), adapter weights, free pages.
+            "kv_pages": pool.used_by_kind["kv"] - llm.kv.num_cached_idle,
+            "cached_kv_pages": llm.kv.num_cached_idle,
             "adapter_pages": pool.used_by_kind["adapter"],
             "free_pages": pool.num_free,
+            "prefix_caching": llm.prefix_cache is not None,
         },
     }
 

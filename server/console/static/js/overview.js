@@ -55,6 +55,7 @@ async function poll() {
     const p = info.pool;
     stackedBar(el.poolBar, [
       { name: 'KV cache', cls: 's-kv', value: p.kv_pages },
+      { name: 'cached prefixes', cls: 's-cached', value: p.cached_kv_pages },
       { name: 'adapters', cls: 's-adapter', value: p.adapter_pages },
       { name: 'free', cls: 's-free', value: p.free_pages },
     ]);
@@ -71,7 +72,11 @@ function draw(stats) {
   const opts = { xMin: -300, xMax: 0, xFormat: (v) => (v === 0 ? 'now' : `${Math.round(v / 60)} min`) };
   const series = (key, name, cls) => ({ name, cls, points: pts.map((p) => [x(p), p[key]]) });
   // Pages in use: free pages dwarf them on a big pool (the bar above shows the whole split).
-  lineChart(el.pool, [series('kv_pages', 'KV cache', 's-kv'), series('adapter_pages', 'adapters', 's-adapter')], opts);
+  lineChart(el.pool, [
+    series('kv_pages', 'KV cache', 's-kv'),
+    series('cached_pages', 'cached prefixes', 's-cached'),
+    series('adapter_pages', 'adapters', 's-adapter'),
+  ], opts);
   lineChart(el.queue, [series('running', 'running', 's-run'), series('waiting', 'waiting', 's-wait')], opts);
   lineChart(el.tokens, [
     series('generation_tokens_per_s', 'generated', 's-gen'),
