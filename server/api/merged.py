@@ -19,8 +19,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from adapters import AdapterNotFoundError, RegisteredAdapter
-from adapters.merge import MergeError, MergeParams, merge_adapters
+from adapters import AdapterExistsError, AdapterNotFoundError, RegisteredAdapter
+from adapters.merge import MergeError, MergeParams, merge_adapters, merged_spec
 from adapters.registry import VIRTUAL_PREFIX, is_virtual
 from server.api.errors import BadRequest
 from server.api.schemas.lorax import MergedAdapters
@@ -68,15 +68,21 @@ class MergedAdapterCache:
         self.state.check_serving()  # a full queue refuses before any merge work
         params = _params(spec, field)
         sources = tuple(self._source(name, f"{field}.ids") for name in spec.ids)
+        try:  # ranks and targets are checked before any weights are read
+            merged_spec([s.name for s in sources], [s.spec for s in sources])
+        except MergeError as exc:
+            raise BadRequest(f"{field}.{exc.field}: {exc}", f"{field}.{exc.field}") from exc
         await self.drop_stale()
         key = _digest([[s.name, s.adapter_id] for s in sources], params)
         if not self._is_live(key):
             lock = self._locks.setdefault(key, asyncio.Lock())
-            async with lock:  # identical concurrent requests: one merges, the others wait
-                if not self._is_live(key):
-                    name = await asyncio.to_thread(self._merge, key, sources, params, field)
-                    self._entries[key] = _Entry(name, sources, time.monotonic())
-            self._locks.pop(key, None)
+            try:
+                async with lock:  # identical concurrent requests: one merges, the others wait
+                    if not self._is_live(key):
+                        name = await asyncio.to_thread(self._merge, key, sources, params, field)
+                        self._entries[key] = _Entry(name, sources, time.monotonic())
+            finally:
+                self._locks.pop(key, None)
         entry = self._entries[key]
         entry.last_used = time.monotonic()
         self._entries.move_to_end(key)
@@ -116,7 +122,10 @@ class MergedAdapterCache:
             )
         except MergeError as exc:
             raise BadRequest(f"{field}.{exc.field}: {exc}", f"{field}.{exc.field}") from exc
-        registry.register_virtual(name, spec, merged)
+        try:
+            registry.register_virtual(name, spec, merged)
+        except AdapterExistsError:  # a request that came after the lock was dropped won
+            return name
         self.num_merges += 1
         logger.info(
             "merged %s (%s) as %s in %.3f s",
