@@ -17,10 +17,10 @@ from dataclasses import dataclass
 
 import torch
 
-from adapters.base import MODULE_ORDER
+from adapters.base import MODULE_ORDER, linear_name
 from adapters.config import AdapterSpec, LoraTarget
 from adapters.errors import AdapterError
-from adapters.format import AdapterWeights
+from adapters.format import MAX_WEIGHT_ABS, AdapterWeights
 
 MERGE_STRATEGIES = ("linear", "ties", "dare_linear", "dare_ties")
 SIGN_METHODS = ("total", "frequency")
@@ -142,6 +142,14 @@ def merge_adapters(
             b_parts.append(lora_b.float())
         merged_a = _combine(strategy, a_parts, a_weights, params, generator)
         merged_b = _combine(strategy, b_parts, b_weights, params, generator)
+        for t in (merged_a, merged_b):
+            # The bound every stored adapter meets: the pool may hold float16.
+            if not bool(t.abs().max() <= MAX_WEIGHT_ABS):
+                raise MergeError(
+                    f"the merged weights of {linear_name(*key)} exceed +-{MAX_WEIGHT_ABS:g} "
+                    "(the float16 range); use smaller weights",
+                    "weights",
+                )
         lora[key] = (merged_a, merged_b)
     return spec, AdapterWeights(lora=lora)
 

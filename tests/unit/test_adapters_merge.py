@@ -150,6 +150,13 @@ def test_weights_must_match_the_ids(adapter_dirs: dict[str, Path]) -> None:
     assert err.value.field == "weights"
 
 
+def test_merged_weights_beyond_float16_are_refused(adapter_dirs: dict[str, Path]) -> None:
+    sources = [read_adapter(adapter_dirs["a"], BASE, MAX_RANK)]
+    with pytest.raises(MergeError, match="exceed") as err:
+        merge_adapters(["a"], sources, MergeParams((1e12,)), seed=0)
+    assert err.value.field == "weights"
+
+
 @pytest.mark.parametrize(
     ("kwargs", "field"),
     [

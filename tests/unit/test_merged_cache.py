@@ -169,3 +169,16 @@ def test_a_merge_cannot_name_another_merge(registry: AdapterRegistry) -> None:
     merged = asyncio.run(cache.resolve(spec("src-0"), FIELD))
     with pytest.raises(BadRequest, match="does not exist"):
         asyncio.run(cache.resolve(spec(merged), FIELD))
+
+
+def test_a_refused_merge_registers_nothing(registry: AdapterRegistry) -> None:
+    registry.register_files("rank-4", tiny_files(rank=4, seed=5))
+    cache = make_cache(registry)
+    with pytest.raises(BadRequest, match="same LoRA rank") as err:
+        asyncio.run(cache.resolve(spec("src-0", "rank-4"), FIELD))
+    assert err.value.param == "merged_adapters.ids"
+    with pytest.raises(BadRequest, match="exceed") as err:
+        asyncio.run(cache.resolve(spec("src-0", weights=(1e12,)), FIELD))
+    assert err.value.param == "merged_adapters.weights"
+    assert len(cache) == 0 and cache.num_merges == 0
+    assert len(registry.list()) == 4
