@@ -181,9 +181,11 @@ def _params(spec: MergedAdapters, field: str) -> MergeParams:
     try:
         return MergeParams(
             weights=tuple(spec.weights),
-            strategy=spec.merge_strategy or "linear",
+            strategy="linear" if spec.merge_strategy is None else spec.merge_strategy,
             density=spec.density,
-            majority_sign_method=spec.majority_sign_method or "total",
+            majority_sign_method=(
+                "total" if spec.majority_sign_method is None else spec.majority_sign_method
+            ),
         )
     except MergeError as exc:
         raise BadRequest(f"{field}.{exc.field}: {exc}", f"{field}.{exc.field}") from exc
