@@ -31,6 +31,15 @@ from adapters.store import AdapterBackend, AdapterRecord, check_adapter_name
 
 logger = logging.getLogger(__name__)
 
+# Names of virtual adapters start with it; stored names cannot (check_adapter_name), so a
+# virtual adapter never shadows a stored one nor is listed, stored or synced.
+VIRTUAL_PREFIX = "."
+
+
+def is_virtual(name: str) -> bool:
+    """Whether name is a virtual adapter's (internal, never a client's to name)."""
+    return name.startswith(VIRTUAL_PREFIX)
+
 
 @dataclass(frozen=True)
 class RegisteredAdapter:
@@ -86,6 +95,9 @@ class AdapterRegistry:
         # (never read from disk again, where the new files now are) until drop_retired().
         self._retired: dict[int, AdapterWeights] = {}
         self._reload_lock = threading.Lock()
+        # Adapters computed in memory (merges): served like others, never stored nor listed.
+        self._virtual: dict[str, RegisteredAdapter] = {}
+        self._virtual_weights: dict[int, AdapterWeights] = {}
         # Forgotten here but maybe still in the store (its delete under way): sync() must not
         # register them again.
         self._forgotten: set[str] = set()
@@ -174,6 +186,36 @@ class AdapterRegistry:
         )
         return self._add(record, record.spec)
 
+    def register_virtual(
+        self, name: str, spec: AdapterSpec, weights: AdapterWeights
+    ) -> RegisteredAdapter:
+        """Register weights computed in memory (a merge) under a name no stored adapter can
+        take: served like any adapter, held in memory until forget(name), never listed."""
+        assert name.startswith(VIRTUAL_PREFIX), f"virtual adapter names start {VIRTUAL_PREFIX!r}"
+        weights = weights.to(self.dtype)
+        if self.pin_memory:
+            weights = weights.pin_memory()
+        record = AdapterRecord(
+            name=name,
+            sha256="",
+            created_at=int(time.time()),
+            size_bytes=weights.nbytes,
+            rank=spec.rank,
+            alpha=spec.alpha,
+            target_modules=spec.target_modules,
+            rope_scaling_factor=spec.rope_scaling_factor,
+            source="merged",
+            spec_json="",
+        )
+        with self._lock:
+            if name in self._virtual:
+                raise AdapterExistsError(f"adapter {name!r} already exists")
+            reg = RegisteredAdapter(next(self._ids), name, spec, record)
+            self._virtual[name] = reg
+            self._by_id[reg.adapter_id] = reg
+            self._virtual_weights[reg.adapter_id] = weights
+        return reg
+
     def reload_files(
         self, name: str, files: Mapping[str, bytes], source: str = "upload"
     ) -> tuple[RegisteredAdapter, RegisteredAdapter]:
@@ -257,6 +299,11 @@ class AdapterRegistry:
         """Drop an adapter from the index and the host cache (memory only, quick); its files
         stay in the store until store.delete."""
         with self._lock:
+            reg = self._virtual.pop(name, None)
+            if reg is not None:
+                del self._by_id[reg.adapter_id]
+                del self._virtual_weights[reg.adapter_id]
+                return reg
             reg = self._by_name.pop(name, None)
             if reg is not None:
                 del self._by_id[reg.adapter_id]
@@ -287,8 +334,8 @@ class AdapterRegistry:
     # ---- lookup -------------------------------------------------------------------------
 
     def get(self, name: str) -> RegisteredAdapter | None:
-        """The adapter registered under name, or None."""
-        return self._by_name.get(name)
+        """The adapter registered under name (stored or virtual), or None."""
+        return self._by_name.get(name) or self._virtual.get(name)
 
     def by_id(self, adapter_id: int) -> RegisteredAdapter | None:
         """The adapter with this internal id, or None."""
@@ -311,7 +358,7 @@ class AdapterRegistry:
                 reg = self._by_id.get(adapter_id)
                 if reg is None:
                     raise AdapterNotFoundError(f"adapter id {adapter_id} is not registered")
-                cached = self._retired.get(adapter_id)
+                cached = self._retired.get(adapter_id) or self._virtual_weights.get(adapter_id)
                 if cached is None:
                     cached = self._cache.get(adapter_id)
                 if cached is not None:
@@ -359,7 +406,11 @@ class AdapterRegistry:
     def is_host_resident(self, adapter_id: int) -> bool:
         """Whether the adapter's weights are in the host cache now."""
         with self._lock:
-            return adapter_id in self._cache or adapter_id in self._retired
+            return (
+                adapter_id in self._cache
+                or adapter_id in self._retired
+                or adapter_id in self._virtual_weights
+            )
 
     def warm(self, adapter_id: int) -> None:
         """Load an adapter into the host cache if absent (for background prefetch)."""

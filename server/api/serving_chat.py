@@ -103,7 +103,7 @@ class ChatService(OpenAIService):
                     "tool_choice",
                 )
             grammar = tools.grammar()
-        adapter = self.state.resolve_model(req.model)
+        adapter = await self.adapter(req)
         self.state.check_serving(req.n)  # before any tokenizing
         template_tools = req.tools if tools.tools and tools.choice != "none" else None
         prompt = await self.prompts.encode_chat(

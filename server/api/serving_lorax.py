@@ -29,7 +29,6 @@ from server.engine.outputs import RequestOutput
 from server.engine.sampling_params import SamplingParams
 
 _UNSUPPORTED = (
-    "merged_adapters",
     "adapter_parameters",
     "return_k_alternatives",
     "typical_p",
@@ -92,6 +91,17 @@ class LoraxService:
             special=token_id in self.tok.special_token_ids,
         )
 
+    async def _adapter(self, p: LoraxParameters) -> str | None:
+        """The adapter serving the request: adapter_id's, or a merge of merged_adapters."""
+        if p.merged_adapters is None:
+            return self.state.resolve_model(p.adapter_id)
+        if p.adapter_id is not None:
+            raise BadRequest(
+                "parameters.adapter_id and parameters.merged_adapters cannot both be set",
+                "parameters.merged_adapters",
+            )
+        return await self.state.merged.resolve(p.merged_adapters, "parameters.merged_adapters")
+
     async def _start(self, raw: Request, req: LoraxRequest, details: bool, stream: bool):  # type: ignore[no-untyped-def]
         p = req.parameters
         best = _best_of(p, stream)
@@ -101,7 +111,7 @@ class LoraxService:
             raise BadRequest(
                 "parameters.best_of > 1 needs sampling (do_sample)", "parameters.best_of"
             )
-        adapter = self.state.resolve_model(p.adapter_id)
+        adapter = await self._adapter(p)
         self.state.check_serving(best)  # before any tokenizing
         if p.truncate is not None:  # TGI keeps the last `truncate` tokens
             prompt = await self.prompts.encode_truncated(req.inputs, p.truncate, "inputs")

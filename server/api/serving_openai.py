@@ -52,6 +52,20 @@ class OpenAIService:
         if req.stream_options is not None and not req.stream:
             raise BadRequest("stream_options is only allowed when stream is true", "stream_options")
 
+    async def adapter(self, req: SamplingFields) -> str | None:
+        """The adapter serving the request: the one `model` names, or a merge of
+        merged_adapters (then `model` names the base)."""
+        adapter = self.state.resolve_model(req.model)
+        if req.merged_adapters is None:
+            return adapter
+        if adapter is not None:
+            raise BadRequest(
+                f"with merged_adapters, model must name the base model {self.state.model_name!r}"
+                f", not the adapter {req.model!r}",
+                "model",
+            )
+        return await self.state.merged.resolve(req.merged_adapters, "merged_adapters")
+
     async def compile(self, grammar: Grammar | None) -> Grammar | None:
         return await compile_grammar(self.state.llm.grammars, grammar)
 
@@ -133,7 +147,7 @@ class CompletionService(OpenAIService):
             raise BadRequest("echo with logprobs is not supported", "echo")
         self.check_request(req)
         samples = self._samples(req)
-        adapter = self.state.resolve_model(req.model)
+        adapter = await self.adapter(req)
         grammar = openai_grammar(req.response_format, req.guided_regex, req.guided_choice)
         # best_of ranks samples by their logprobs: the engine reports the sampled token's.
         engine_logprobs = 0 if samples > req.n and req.logprobs is None else req.logprobs

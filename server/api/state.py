@@ -14,9 +14,11 @@ from pathlib import Path
 from fastapi import Request
 
 from adapters import AdapterRegistry, RegisteredAdapter, sources
+from adapters.registry import is_virtual
 from adapters.shared_store import SharedAdapterStore, storage_options
 from adapters.store import AdapterBackend, AdapterStore
 from server.api.errors import BadRequest, ClientDisconnected, NotFound, Overloaded, Unavailable
+from server.api.merged import MergedAdapterCache
 from server.config import ServerConfig
 from server.engine.async_engine import AsyncLLMEngine
 from server.engine.errors import AdapterBusyError, UnknownAdapterError
@@ -56,6 +58,10 @@ class ServerState:
     load_error: BaseException | None = None
     started: float = field(default_factory=time.time)
     poller: asyncio.Task[None] | None = None
+    merged: MergedAdapterCache = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.merged = MergedAdapterCache(self)
 
     async def start(self) -> None:
         """Load the model, start the step loop, preload adapters, then report ready."""
@@ -209,7 +215,7 @@ class ServerState:
         """A request's model: None for the base model, else a registered adapter's name."""
         if model is None or model == self.model_name:
             return None
-        if self.registry.get(model) is None:
+        if is_virtual(model) or self.registry.get(model) is None:
             raise NotFound(
                 f"the model {model!r} does not exist: it is neither the base model "
                 f"{self.model_name!r} nor a registered adapter",

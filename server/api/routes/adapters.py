@@ -14,6 +14,7 @@ from starlette.datastructures import FormData, UploadFile
 
 from adapters import AdapterError, RegisteredAdapter, extract_adapter_files, sources
 from adapters.format import CONFIG_FILE, WEIGHTS_FILE
+from adapters.registry import is_virtual
 from server.api.auth import require_admin_key, require_api_key
 from server.api.errors import BadRequest, Forbidden, NotFound
 from server.api.schemas.admin import (
@@ -133,7 +134,7 @@ async def reload_adapter(name: str, request: Request) -> AdapterInfo:
     requests finish on the old weights, new requests get the new ones."""
     state = _state(request)
     registry = state.registry  # 503 while the model loads, before reading the body
-    if registry.get(name) is None:
+    if is_virtual(name) or registry.get(name) is None:
         raise NotFound(f"adapter {name!r} does not exist; upload it with POST first", "name")
     form = await request.form()
     files = await _files_from_form(form, state.config.max_upload_mb * 2**20)
@@ -187,7 +188,7 @@ async def list_adapters(
 )
 async def get_adapter(name: str, request: Request) -> AdapterInfo:
     state = _state(request)
-    reg = state.registry.get(name)
+    reg = None if is_virtual(name) else state.registry.get(name)
     if reg is None:
         raise NotFound(f"adapter {name!r} does not exist", "name")
     active = await state.async_engine.call(lambda: state.llm.requests_for_adapter(reg.adapter_id))
@@ -207,9 +208,12 @@ async def delete_adapter(name: str, request: Request) -> DeletedAdapter:
 
 async def _remove(state: ServerState, name: str) -> None:
     """Unregister on the step thread (quick, and never racing a step), then delete the files
-    off it."""
+    off it; merges that used the adapter go too."""
+    if is_virtual(name):  # merges are internal: a client cannot name one
+        raise NotFound(f"adapter {name!r} does not exist", "name")
     await state.async_engine.call(lambda: state.llm.remove_adapter(name))
     await asyncio.to_thread(state.registry.store.delete, name)
+    await state.merged.drop_stale()
 
 
 @router.post(

@@ -7,6 +7,18 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field
 
 
+class MergedAdapters(BaseModel):
+    """LoRAX's merged_adapters: adapters merged into one for this request (also a /v1 field)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    ids: list[str]
+    weights: list[float]
+    merge_strategy: str | None = None  # linear (default), ties, dare_linear, dare_ties
+    density: float = 1.0  # fraction of values kept by ties and dare pruning, in (0, 1]
+    majority_sign_method: str | None = None  # total (default) or frequency
+
+
 class LoraxParameters(BaseModel):
     # The LoRAX client sends every field, with explicit nulls for those it does not use.
     model_config = ConfigDict(extra="ignore")
@@ -14,7 +26,7 @@ class LoraxParameters(BaseModel):
     adapter_id: str | None = None
     adapter_source: str | None = None
     adapter_parameters: dict[str, Any] | None = None
-    merged_adapters: dict[str, Any] | None = None
+    merged_adapters: MergedAdapters | None = None
     api_token: str | None = None
     best_of: Annotated[int, Field(ge=1)] | None = None
     decoder_input_details: bool = False

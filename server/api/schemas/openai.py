@@ -6,6 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from server.api.schemas.lorax import MergedAdapters
 from server.engine.sampling_params import MAX_LOGPROBS
 
 MAX_N = 16
@@ -45,6 +46,7 @@ class SamplingFields(_Request):
     response_format: dict[str, Any] | None = None
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
+    merged_adapters: MergedAdapters | None = None  # LoRAX's; `model` then names the base
 
 
 class CompletionRequest(SamplingFields):
