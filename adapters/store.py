@@ -30,9 +30,9 @@ from typing import Protocol
 from urllib.parse import quote, unquote
 
 from adapters.config import AdapterSpec
-from adapters.errors import AdapterError, AdapterExistsError, AdapterNotFoundError
+from adapters.errors import AdapterError, AdapterExistsError, AdapterNotFoundError, short_repr
 from adapters.faults import disk_full_as_error, fault_point
-from adapters.format import ADAPTER_FILES, WEIGHTS_FILE
+from adapters.format import ALL_FILES, WEIGHTS_FILE
 from adapters.records import COLUMNS, VALUES, AdapterRecord, record_from_row, record_row
 
 logger = logging.getLogger(__name__)
@@ -218,7 +218,7 @@ class AdapterStore:
                 if files is not None:
                     _write_files(staging, files)
                 elif source_dir is not None:
-                    for file in ADAPTER_FILES:
+                    for file in ALL_FILES:
                         if (source_dir / file).is_file():
                             shutil.copyfile(source_dir / file, staging / file)
                 else:
@@ -371,9 +371,9 @@ class AdapterStore:
 
 def _write_files(directory: Path, files: Mapping[str, bytes]) -> None:
     for file, data in files.items():
-        if file not in ADAPTER_FILES:
+        if file not in ALL_FILES:
             raise AdapterError(
-                f"unexpected adapter file {file!r}; expected {' and '.join(ADAPTER_FILES)}"
+                f"unexpected adapter file {short_repr(file)}; expected {', '.join(ALL_FILES)}"
             )
         (directory / file).write_bytes(data)
 
