@@ -227,3 +227,16 @@ def test_chats_stop_at_the_adapter_template_eos_when_the_base_does_not(tok: Toke
     same_eos = [SamplingParams()]
     stop_at_template_eos(tok.with_chat_template(CHATML, None, "</s>"), same_eos)
     assert same_eos[0].stop_token_ids == []
+
+
+def test_a_registered_folder_brings_its_template_and_the_store_keeps_the_file(
+    tmp_path: Path, vocabulary: BaseVocabulary
+) -> None:
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for name, data in {**tiny_files(rank=2), "chat_template.jinja": CHATML.encode()}.items():
+        (folder / name).write_bytes(data)
+    reg = registry(tmp_path / "data", vocabulary)
+    added = reg.register_dir("a", folder)
+    assert added.spec.chat_template == ChatTemplate(CHATML)
+    assert (reg.store.path("a") / "chat_template.jinja").read_text() == CHATML
