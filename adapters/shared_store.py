@@ -52,6 +52,7 @@ from adapters.store import (
 logger = logging.getLogger(__name__)
 
 MANIFEST_VERSION = 1
+STAMPS_FILE = "shared_store_stamps.json"
 BLOBS = "blobs"
 MANIFESTS = "manifests"
 _TMP = ".tmp"
@@ -85,11 +86,13 @@ class SharedAdapterStore:
         self._fetch_lock = threading.Lock()
         self._local = isinstance(self.fs, LocalFileSystem)
         # name -> the file digests of the version the local index holds, and the listing
-        # stamp of the manifest last read (a changed stamp means read it again).
+        # stamp of the manifest last read (a changed stamp means read it again). Stamps are
+        # kept in data_dir too, so a restart reads only the manifests rewritten meanwhile.
         self._files: dict[str, dict[str, str]] = {}
-        self._stamps: dict[str, object] = {}
+        self._stamps_path = data_dir / STAMPS_FILE
+        self._stamps: dict[str, str] = self._load_stamps()
         # Replaced elsewhere, not yet accepted here: the new record, its digests, its stamp.
-        self._pending: dict[str, tuple[AdapterRecord, dict[str, str], object]] = {}
+        self._pending: dict[str, tuple[AdapterRecord, dict[str, str], str]] = {}
         if self._local:
             self.fs.makedirs(f"{self.root}/{MANIFESTS}", exist_ok=True)
             self.fs.makedirs(f"{self.root}/{BLOBS}", exist_ok=True)
@@ -219,10 +222,13 @@ class SharedAdapterStore:
             if pending is None or pending[0] != record:
                 return False
             del self._pending[record.name]
+            self._stamps[record.name] = pending[2]
+            if self.cache.get(record.name) == record:
+                return False  # this replica's own reload, seen mid-write by a poll
             self.cache.cache_record(record)
             self.cache.drop_files(record.name)
             self._files[record.name] = pending[1]
-            self._stamps[record.name] = pending[2]
+            self._save_stamps()
         logger.info("adapter %s was replaced in place through another replica", record.name)
         return True
 
@@ -280,6 +286,7 @@ class SharedAdapterStore:
         remote = self._manifest_listing()
         indexed = {r.name: r for r in self.cache.list()}
         added, replaced = [], []
+        stamps_read = False
         for name in sorted(remote):
             path, stamp = remote[name]
             if name in indexed and self._stamps.get(name) == stamp:
@@ -300,6 +307,7 @@ class SharedAdapterStore:
                 replaced.append(record)
                 continue
             self._stamps[name] = stamp
+            stamps_read = True
             if old is None:
                 self.cache.cache_record(record)
                 self._files[name] = files
@@ -315,6 +323,8 @@ class SharedAdapterStore:
             for record in replaced:
                 self.accept_replacement(record)
             replaced = []
+        if added or removed or stamps_read:
+            self._save_stamps()
         if added or removed or replaced:
             logger.info(
                 "shared store: %d adapters appeared, %d deleted, %d replaced",
@@ -326,7 +336,19 @@ class SharedAdapterStore:
 
     # ---- paths and atomic writes -------------------------------------------------------------
 
-    def _manifest_listing(self) -> dict[str, tuple[str, object]]:
+    def _load_stamps(self) -> dict[str, str]:
+        try:
+            stamps = json.loads(self._stamps_path.read_text())
+        except (OSError, ValueError):
+            return {}  # none yet, or unreadable: every manifest is read once
+        return {str(k): str(v) for k, v in stamps.items()} if isinstance(stamps, dict) else {}
+
+    def _save_stamps(self) -> None:
+        tmp = self._stamps_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self._stamps))
+        tmp.replace(self._stamps_path)
+
+    def _manifest_listing(self) -> dict[str, tuple[str, str]]:
         """name -> (manifest path, a stamp that changes whenever the manifest is rewritten)."""
         try:
             entries = self.fs.ls(f"{self.root}/{MANIFESTS}", detail=True)
@@ -339,8 +361,8 @@ class SharedAdapterStore:
             if base.endswith(_SUFFIX) and not base.startswith("."):
                 # S3: the ETag (a hash of the content); a filesystem: inode (a rename makes a
                 # new one), mtime and size.
-                stamp = entry.get("ETag") or (entry.get("ino"), entry.get("mtime"))
-                names[unquote(base[: -len(_SUFFIX)])] = (path, (stamp, entry.get("size")))
+                tag = entry.get("ETag") or f"{entry.get('ino')}:{entry.get('mtime')}"
+                names[unquote(base[: -len(_SUFFIX)])] = (path, f"{tag}:{entry.get('size')}")
         return names
 
     def _read_manifest(self, path: str) -> dict[str, Any] | None:

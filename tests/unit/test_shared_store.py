@@ -264,3 +264,25 @@ def test_a_reload_of_an_adapter_deleted_elsewhere_is_refused(url, tmp_path: Path
     a.unregister("one")
     with pytest.raises(AdapterNotFoundError):
         b.reload_files("one", tiny_files(seed=2))
+
+
+def test_a_restarted_replica_reads_only_the_manifests_rewritten_meanwhile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = (f"file://{tmp_path / 'shared'}", {})
+    a = registry_on(url, tmp_path / "a")
+    a.register_files("kept", tiny_files(seed=1))
+    a.register_files("reloaded", tiny_files(seed=1))
+    replica(url, tmp_path / "b").close()
+    a.reload_files("reloaded", tiny_files(seed=2))
+    read: list[str] = []
+    original = SharedAdapterStore._read_manifest
+
+    def counting(self: SharedAdapterStore, path: str) -> dict | None:
+        read.append(path.rsplit("/", 1)[-1])
+        return original(self, path)
+
+    monkeypatch.setattr(SharedAdapterStore, "_read_manifest", counting)
+    b = registry_on(url, tmp_path / "b")
+    assert read == ["reloaded.json"]
+    assert torch.equal(lora_a(b, b.get("reloaded").adapter_id), reference(2))  # type: ignore[union-attr]
