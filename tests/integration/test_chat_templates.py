@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import jinja2
@@ -19,6 +21,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from adapters.format import CONFIG_FILE, WEIGHTS_FILE
 from tests.integration.conftest import CHAT_TEMPLATE, MODEL_NAME, Oracle
 from tests.integration.live_server import LiveServer
+from tests.integration.test_tool_calls import HERMES_CALL, TOOLS
 
 # Two layouts unlike each other and unlike the base's CHAT_TEMPLATE.
 TEMPLATE_A = (
@@ -34,6 +37,8 @@ MESSAGES = [
     {"role": "user", "content": "Return a new list"},
 ]
 MAX_TOKENS = 6
+# Hermes-family (its calls in <tool_call> tags) without printing the tools, to stay short.
+HERMES_LIKE = "{# calls: <tool_call>{...}</tool_call> #}" + TEMPLATE_A
 
 
 def render(template: str, messages: list[dict[str, str]]) -> str:
@@ -73,12 +78,16 @@ def templated(
     spare_adapters: Path,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> dict[str, str]:
-    """Two uploaded adapters with their own templates: name -> template."""
+    """Uploaded adapters with their own templates: name -> template (the two compared in
+    the mixed batch; tmpl-hermes is uploaded too)."""
     root = tmp_path_factory.mktemp("templated")
     folders = {
         "tmpl-a": make_upload(spare_adapters / "spare-0", root / "a", config_with(TEMPLATE_A)),
         "tmpl-b": make_upload(
             spare_adapters / "spare-1", root / "b", {"chat_template.jinja": TEMPLATE_B}
+        ),
+        "tmpl-hermes": make_upload(
+            spare_adapters / "spare-2", root / "h", {"chat_template.jinja": HERMES_LIKE}
         ),
     }
     for name, folder in folders.items():
@@ -213,3 +222,24 @@ def test_an_in_place_reload_swaps_the_template(
     plain = make_upload(spare_adapters / "spare-0", tmp_path / "plain", {})
     assert upload(server, "tmpl-swap", plain, method="PUT").status_code == 200
     assert prompt_tokens() == expected(CHAT_TEMPLATE)  # back to the base's
+
+
+def test_the_adapter_template_decides_how_tool_calls_are_parsed(
+    sdk: openai.OpenAI, templated: dict[str, str]
+) -> None:
+    def reply(model: str) -> Any:
+        return sdk.chat.completions.create(
+            model=model,
+            messages=MESSAGES[1:],  # type: ignore[arg-type]
+            tools=TOOLS[1:],  # type: ignore[arg-type]
+            max_tokens=90,
+            temperature=0,
+            extra_body={"guided_regex": re.escape(HERMES_CALL)},
+        ).choices[0]
+
+    hermes = reply("tmpl-hermes")
+    assert hermes.finish_reason == "tool_calls" and hermes.message.tool_calls is not None
+    call = hermes.message.tool_calls[0].function
+    assert (call.name, json.loads(call.arguments)) == ("add", {"a": 4, "b": 5})
+    plain = reply("tmpl-a")  # a template of the default (Llama 3 JSON) family: text stays text
+    assert plain.finish_reason != "tool_calls" and plain.message.content == HERMES_CALL
