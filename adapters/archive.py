@@ -18,7 +18,13 @@ from pathlib import PurePosixPath
 from typing import IO
 
 from adapters.errors import AdapterError, short_repr
-from adapters.format import ADAPTER_FILES, PICKLE_REFUSED, PICKLED_WEIGHTS_FILE, WEIGHTS_FILE
+from adapters.format import (
+    ADAPTER_FILES,
+    ALL_FILES,
+    PICKLE_REFUSED,
+    PICKLED_WEIGHTS_FILE,
+    WEIGHTS_FILE,
+)
 
 MAX_MEMBERS = 1000
 _CHUNK = 1 << 20
@@ -232,7 +238,8 @@ def _select(files: Mapping[str, object]) -> dict[str, str]:
             raise AdapterError(
                 f"archive has no {name} at its root or inside a single top-level folder"
             )
-    return wanted
+    optional = {name: prefix + name for name in ALL_FILES if name not in ADAPTER_FILES}
+    return wanted | {name: path for name, path in optional.items() if path in files}
 
 
 def _read_capped(stream: IO[bytes], limit: int) -> bytes:

@@ -7,7 +7,10 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from adapters.chat_template import BaseVocabulary
 
 # The linears LoRA may target, in the order targets are sorted.
 LORA_MODULES: tuple[str, ...] = (
@@ -84,6 +87,9 @@ class BaseModelInfo:
     vocab_size: int
     # short name -> (in_features, out_features), for every module in LORA_MODULES
     linear_shapes: dict[str, tuple[int, int]] = field(hash=False)
+    # The tokenizer's tokens, which an adapter's tokenizer files must match; None: unknown,
+    # and then an adapter shipping tokenizer files is refused.
+    vocabulary: BaseVocabulary | None = field(default=None, hash=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         missing = [m for m in LORA_MODULES if m not in self.linear_shapes]
@@ -91,7 +97,9 @@ class BaseModelInfo:
             raise ValueError(f"BaseModelInfo.linear_shapes lacks {', '.join(missing)}")
 
     @classmethod
-    def from_hf_config(cls, config: Mapping[str, Any]) -> BaseModelInfo:
+    def from_hf_config(
+        cls, config: Mapping[str, Any], vocabulary: BaseVocabulary | None = None
+    ) -> BaseModelInfo:
         """Shapes of a Llama-family model from its Hugging Face config.json contents."""
         hidden = int(config["hidden_size"])
         inter = int(config["intermediate_size"])
@@ -111,6 +119,7 @@ class BaseModelInfo:
                 "up_proj": (hidden, inter),
                 "down_proj": (inter, hidden),
             },
+            vocabulary=vocabulary,
         )
 
     @cached_property

@@ -11,6 +11,7 @@ from functools import cached_property
 from typing import Any
 
 from adapters.base import MODULE_ORDER, BaseModelInfo, parse_linear_name
+from adapters.chat_template import ChatTemplate
 from adapters.errors import AdapterError, short_repr
 from adapters.matching import (
     Regex,
@@ -70,6 +71,7 @@ class AdapterSpec:
     rope_scaling_factor: float = 1.0  # linear RoPE factor the adapter was trained with (LongLoRA)
     base_model_name_or_path: str | None = None
     num_saved_params: int = 0
+    chat_template: ChatTemplate | None = None  # its own, from its tokenizer files
 
     @property
     def max_rank(self) -> int:
@@ -112,7 +114,12 @@ class AdapterSpec:
             rope_scaling_factor=data["rope_scaling_factor"],
             base_model_name_or_path=data["base_model_name_or_path"],
             num_saved_params=data["num_saved_params"],
+            chat_template=_template(data.get("chat_template")),
         )
+
+
+def _template(data: Mapping[str, Any] | None) -> ChatTemplate | None:
+    return None if data is None else ChatTemplate(**data)
 
 
 def parse_adapter_config(

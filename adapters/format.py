@@ -7,6 +7,7 @@ are `base_model.model.<module>.weight`. Pickled `adapter_model.bin` files are ne
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections.abc import Iterator, Mapping, Sequence
@@ -19,13 +20,15 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from adapters.base import BaseModelInfo, linear_name, parse_linear_name
+from adapters.chat_template import TOKENIZER_FILES, read_chat_template
 from adapters.config import AdapterSpec, parse_adapter_config
 from adapters.errors import AdapterError
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLED_WEIGHTS_FILE = "adapter_model.bin"
-ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE)
+ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE)  # required
+ALL_FILES = ADAPTER_FILES + TOKENIZER_FILES  # and the optional ones kept with them
 PICKLE_REFUSED = "pickled .bin adapters are refused; convert to safetensors"
 
 _PREFIX = "base_model.model."
@@ -177,6 +180,10 @@ def _read(
     spec = parse_adapter_config(
         load_config((adapter_dir / CONFIG_FILE).read_bytes()), base, max_lora_rank
     )
+    # Registration (load and check_values) checks the tokenizer files; re-reads trust them.
+    template = read_chat_template(adapter_dir, base.vocabulary, check=load and check_values)
+    if template is not None:
+        spec = dataclasses.replace(spec, chat_template=template)
     try:
         with safe_open(str(adapter_dir / WEIGHTS_FILE), framework="pt") as f:
             header = {}

@@ -55,6 +55,18 @@ class RegisteredAdapter:
 
 
 @dataclass(frozen=True)
+class SyncResult:
+    """What sync() found other replicas did."""
+
+    # Deleted elsewhere, still registered here: the caller removes each from the engine
+    # (refused while requests use it) and then store.evict(name).
+    deleted: list[str]
+    # Reloaded in place elsewhere, now registered here as (new, old): the caller retires old
+    # in the engine, as after a local reload.
+    replaced: list[tuple[RegisteredAdapter, RegisteredAdapter]]
+
+
+@dataclass(frozen=True)
 class HostCacheStats:
     """A snapshot of the host cache's size and traffic."""
 
@@ -121,13 +133,10 @@ class AdapterRegistry:
         logger.info("registered %d stored adapters in %.2f s", count, time.perf_counter() - start)
         return count
 
-    def sync(self) -> list[str]:
-        """Register what other replicas added to a shared store; names they deleted.
-
-        The deleted names stay registered: the caller removes each from the engine (refused
-        while requests use it) and then store.evict(name).
-        """
-        self.store.refresh()
+    def sync(self) -> SyncResult:
+        """Register what other replicas added to a shared store, take the versions they
+        reloaded in place, and report the names they deleted."""
+        changes = self.store.refresh()
         stored = self.store.list()
         with self._lock:
             self._forgotten &= {r.name for r in stored}
@@ -138,7 +147,37 @@ class AdapterRegistry:
             if spec := self._stored_spec(record):
                 self._add(record, spec)
                 logger.info("registered adapter %s from the shared store", record.name)
-        return [r.name for r in self.list() if self.store.get(r.name) is None]
+        replaced = [pair for r in changes.replaced if (pair := self._take_replacement(r))]
+        deleted = [r.name for r in self.list() if self.store.get(r.name) is None]
+        return SyncResult(deleted, replaced)
+
+    def _take_replacement(
+        self, record: AdapterRecord
+    ) -> tuple[RegisteredAdapter, RegisteredAdapter] | None:
+        """Switch name to a version another replica stored in place, as a local reload does:
+        the old version's weights are held for its requests first; (new, old), or None when
+        there is nothing to switch (logged when the new version cannot serve here)."""
+        spec = self._stored_spec(record)
+        if spec is None:
+            return None  # keeps serving the version it has
+        with self._reload_lock:
+            old = self.get(record.name)
+            if old is None:
+                return None  # being deleted here
+            self._retire(old.adapter_id)
+            try:
+                accepted = self.store.accept_replacement(record)
+            except BaseException:
+                self._unretire(old.adapter_id)
+                raise
+            if not accepted:
+                self._unretire(old.adapter_id)
+                return None
+            new = self._swap_in(old, record, spec)
+        if new is None:
+            return None
+        logger.info("took adapter %s's new version %d from the shared store", new.name, new.version)
+        return new, old
 
     def _stored_spec(self, record: AdapterRecord) -> AdapterSpec | None:
         """The spec of a stored adapter, or None (logged) when it cannot serve here."""
@@ -244,8 +283,6 @@ class AdapterRegistry:
         The old adapter_id stays registered, its weights held in memory, so requests already
         given it keep the old weights; the engine calls drop_retired() when the last one ends.
         """
-        if self.store.shared:
-            raise AdapterError("in-place reload is not supported with a shared adapter store")
         with self._reload_lock:
             old = self.get(name)
             if old is None:
@@ -256,21 +293,31 @@ class AdapterRegistry:
                     name, source, self._validate, files=files, source_dir=source_dir
                 )
             except BaseException:
-                with self._lock:
-                    self._retired.pop(old.adapter_id, None)
+                self._unretire(old.adapter_id)
                 raise
-            with self._lock:
-                if self._by_name.get(name) is not old:  # deleted meanwhile: stay deleted
-                    self._retired.pop(old.adapter_id, None)
-                    raise AdapterNotFoundError(f"adapter {name!r} was deleted during the reload")
-                new = RegisteredAdapter(
-                    next(self._ids), name, record.spec, record, version=old.version + 1
-                )
-                self._by_name[name] = new
-                self._by_id[new.adapter_id] = new
-                self._cache.pop(old.adapter_id)
+            new = self._swap_in(old, record, record.spec)
+            if new is None:  # deleted meanwhile: stay deleted
+                raise AdapterNotFoundError(f"adapter {name!r} was deleted during the reload")
         logger.info("reloaded adapter %s in place (version %d)", name, new.version)
         return new, old
+
+    def _swap_in(
+        self, old: RegisteredAdapter, record: AdapterRecord, spec: AdapterSpec
+    ) -> RegisteredAdapter | None:
+        """Point old's name at record under a new adapter_id; None if old is gone meanwhile."""
+        with self._lock:
+            if self._by_name.get(old.name) is not old:
+                self._retired.pop(old.adapter_id, None)
+                return None
+            new = RegisteredAdapter(next(self._ids), old.name, spec, record, old.version + 1)
+            self._by_name[old.name] = new
+            self._by_id[new.adapter_id] = new
+            self._cache.pop(old.adapter_id)
+        return new
+
+    def _unretire(self, adapter_id: int) -> None:
+        with self._lock:
+            self._retired.pop(adapter_id, None)
 
     def _retire(self, adapter_id: int) -> None:
         """Hold an adapter's current weights in memory before its files are replaced."""

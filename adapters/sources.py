@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from adapters.errors import AdapterError
-from adapters.format import ADAPTER_FILES, CONFIG_FILE
+from adapters.format import ADAPTER_FILES, ALL_FILES, CONFIG_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def local_path(uri: str) -> Path:
 
 def inside_roots(path: Path, roots: tuple[str, ...]) -> bool:
     """Whether path, and each adapter file in it, resolves (links followed) inside a root."""
-    targets = [path, *(path / f for f in ADAPTER_FILES if (path / f).exists())]
+    targets = [path, *(path / f for f in ALL_FILES if (path / f).exists())]
     allowed = [local_path(r).resolve() for r in roots if scheme(r) == "file"]
     return all(any(t.resolve().is_relative_to(r) for r in allowed) for t in targets)
 
@@ -81,16 +81,20 @@ def _from_s3(uri: str, dest: Path, max_bytes: int, options: Mapping[str, Any]) -
 
     fs, root = fsspec.core.url_to_fs(uri, **dict(options))
     fs.invalidate_cache()
+    root = root.rstrip("/")
     try:
-        sizes = {f: fs.size(f"{root.rstrip('/')}/{f}") for f in ADAPTER_FILES}
+        present = {p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)}
+        if not present.issuperset(ADAPTER_FILES):
+            raise FileNotFoundError(root)
+        sizes = {f: fs.size(f"{root}/{f}") for f in ALL_FILES if f in present}
     except FileNotFoundError as exc:
         raise AdapterError(f"{uri} does not hold {' and '.join(ADAPTER_FILES)}") from exc
     except Exception as exc:  # botocore raises its own types for auth, network, endpoint
         raise AdapterError(f"cannot read {uri}: {type(exc).__name__}") from exc
     if sum(sizes.values()) > max_bytes:
         raise AdapterError(f"{uri} is larger than {max_bytes >> 20} MB (--max-upload-mb)")
-    for file in ADAPTER_FILES:
-        fs.get_file(f"{root.rstrip('/')}/{file}", str(dest / file))
+    for file in sizes:
+        fs.get_file(f"{root}/{file}", str(dest / file))
     logger.info("fetched adapter files from %s", uri)
 
 
@@ -101,9 +105,7 @@ def _from_hub(uri: str) -> Path:
     if repo.count("/") != 1 or not all(repo.split("/")):
         raise AdapterError(f"{uri!r}: expected hf://org/name or hf://org/name@revision")
     try:
-        path = snapshot_download(
-            repo, revision=revision or None, allow_patterns=list(ADAPTER_FILES)
-        )
+        path = snapshot_download(repo, revision=revision or None, allow_patterns=list(ALL_FILES))
     except Exception as exc:  # offline, not cached, no such repo: the hub's many error types
         raise AdapterError(
             f"cannot get {uri}: it is not in the local Hugging Face cache and the Hub could "

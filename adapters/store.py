@@ -30,9 +30,9 @@ from typing import Protocol
 from urllib.parse import quote, unquote
 
 from adapters.config import AdapterSpec
-from adapters.errors import AdapterError, AdapterExistsError, AdapterNotFoundError
+from adapters.errors import AdapterError, AdapterExistsError, AdapterNotFoundError, short_repr
 from adapters.faults import disk_full_as_error, fault_point
-from adapters.format import ADAPTER_FILES, WEIGHTS_FILE
+from adapters.format import ALL_FILES, WEIGHTS_FILE
 from adapters.records import COLUMNS, VALUES, AdapterRecord, record_from_row, record_row
 
 logger = logging.getLogger(__name__)
@@ -96,17 +96,29 @@ class AdapterBackend(Protocol):
         source_dir: Path | None = None,
         writer: Callable[[Path], None] | None = None,
     ) -> AdapterRecord: ...
+    def replace(
+        self,
+        name: str,
+        source: str,
+        validate: Validator,
+        *,
+        files: Mapping[str, bytes] | None = None,
+        source_dir: Path | None = None,
+    ) -> AdapterRecord: ...
     def delete(self, name: str) -> bool: ...
     def refresh(self) -> StoreChanges: ...
+    def accept_replacement(self, record: AdapterRecord) -> bool: ...
     def close(self) -> None: ...
 
 
 @dataclass(frozen=True)
 class StoreChanges:
-    """What refresh() found other processes did: adapters added, names deleted."""
+    """What refresh() found other processes did: adapters added, names deleted, and adapters
+    replaced in place (new records, not yet indexed here: see accept_replacement)."""
 
     added: tuple[AdapterRecord, ...] = ()
     removed: tuple[str, ...] = ()
+    replaced: tuple[AdapterRecord, ...] = ()
 
 
 class AdapterStore:
@@ -187,11 +199,13 @@ class AdapterStore:
         *,
         files: Mapping[str, bytes] | None = None,
         source_dir: Path | None = None,
+        publish: Publisher | None = None,
     ) -> AdapterRecord:
-        """Replace a stored adapter's files and row atomically, if the new files validate."""
+        """Replace a stored adapter's files and row atomically, if the new files validate
+        (publish as for add)."""
         if self.get(name) is None:
             raise AdapterNotFoundError(f"adapter {name!r} does not exist")
-        record = self._stage(name, source, validate, files, source_dir, None, None, self._swap)
+        record = self._stage(name, source, validate, files, source_dir, None, publish, self._swap)
         logger.info("replaced adapter %s (%s, %d bytes)", name, source, record.size_bytes)
         return record
 
@@ -218,7 +232,7 @@ class AdapterStore:
                 if files is not None:
                     _write_files(staging, files)
                 elif source_dir is not None:
-                    for file in ADAPTER_FILES:
+                    for file in ALL_FILES:
                         if (source_dir / file).is_file():
                             shutil.copyfile(source_dir / file, staging / file)
                 else:
@@ -269,6 +283,20 @@ class AdapterStore:
     def refresh(self) -> StoreChanges:
         """Nothing else writes a local store: never any changes."""
         return StoreChanges()
+
+    def accept_replacement(self, record: AdapterRecord) -> bool:
+        """Never called: refresh() reports no replacements."""
+        raise AssertionError("a local store has no replacements to accept")
+
+    def drop_files(self, name: str) -> None:
+        """Remove name's files, keeping its row (a cache whose files come on demand)."""
+        final = self.path(name)
+        with self._lock:
+            if not final.exists():
+                return
+            doomed = Path(tempfile.mkdtemp(prefix=_TEMP_PREFIX, dir=self.blobs))
+            final.rename(doomed / "old")
+        shutil.rmtree(doomed, ignore_errors=True)
 
     def cache_record(self, record: AdapterRecord) -> None:
         """Index a record whose files come later (a shared store's manifest)."""
@@ -371,9 +399,9 @@ class AdapterStore:
 
 def _write_files(directory: Path, files: Mapping[str, bytes]) -> None:
     for file, data in files.items():
-        if file not in ADAPTER_FILES:
+        if file not in ALL_FILES:
             raise AdapterError(
-                f"unexpected adapter file {file!r}; expected {' and '.join(ADAPTER_FILES)}"
+                f"unexpected adapter file {short_repr(file)}; expected {', '.join(ALL_FILES)}"
             )
         (directory / file).write_bytes(data)
 

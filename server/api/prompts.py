@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 from server.api.errors import BadRequest
 from server.engine.llm_engine import LLMEngine
-from server.model.tokenizer import TokenizerError
+from server.model.tokenizer import Tokenizer, TokenizerError
 
 T = TypeVar("T")
 
@@ -71,10 +71,13 @@ class PromptEncoder:
         messages: list[dict[str, Any]],
         add_generation_prompt: bool,
         tools: list[dict[str, Any]] | None = None,
+        tok: Tokenizer | None = None,
     ) -> list[int]:
+        """A chat's token ids through tok's template (an adapter's; default the base's)."""
         self.check_chars(sum(len(m["content"]) for m in messages), "messages")
+        tok = tok or self.tok
         try:
-            ids = await off_loop(self.tok.encode_chat, messages, add_generation_prompt, tools)
+            ids = await off_loop(tok.encode_chat, messages, add_generation_prompt, tools)
         except TokenizerError as exc:
             raise BadRequest(str(exc), "messages") from exc
         return self.check_ids(ids, "messages")

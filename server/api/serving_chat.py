@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -12,6 +14,7 @@ from fastapi import Request
 
 from server.api.errors import APIError, BadRequest
 from server.api.outputs import Finished, collect, sse, sse_error, usage
+from server.api.prompts import off_loop
 from server.api.schemas.openai import (
     AssistantMessage,
     ChatChoice,
@@ -38,6 +41,11 @@ from server.api.tools import (
 )
 from server.api.tools import ToolCall as ParsedCall
 from server.engine.outputs import RequestOutput
+from server.engine.sampling_params import SamplingParams
+from server.model.tokenizer import Tokenizer
+
+# Adapters' templates kept compiled (a view of the tokenizer each, sharing its vocabulary).
+MAX_CACHED_TEMPLATES = 256
 
 
 def _tool_calls(calls: list[ParsedCall]) -> list[ToolCall]:
@@ -58,10 +66,42 @@ def _delta_tool_calls(calls: list[ParsedCall]) -> list[DeltaToolCall]:
     ]
 
 
+def stop_at_template_eos(tok: Tokenizer, params: list[SamplingParams]) -> None:
+    """An adapter's template may end turns with another token than the base's eos (say
+    ChatML's <|im_end|> on a Llama base): generation stops there too."""
+    eos = tok.eos_token_id_of_template
+    if eos is None or eos in tok.eos_token_ids:
+        return
+    for p in params:
+        if not p.ignore_eos and eos not in p.stop_token_ids:
+            p.stop_token_ids = [*p.stop_token_ids, eos]
+
+
 class ChatService(OpenAIService):
-    @property
-    def family(self) -> Family:
-        return template_family(self.tok.chat_template)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._templates: OrderedDict[int, Tokenizer] = OrderedDict()
+        self._templates_lock = threading.Lock()
+
+    def chat_tokenizer(self, adapter: str | None) -> Tokenizer:
+        """The tokenizer whose chat template renders this adapter's chats: the adapter's own
+        template when it ships one, else the base's. Keyed by adapter_id, so an in-place reload
+        (a new id) brings its new template."""
+        reg = None if adapter is None else self.state.registry.get(adapter)
+        if reg is None or reg.spec.chat_template is None:
+            return self.tok
+        with self._templates_lock:
+            view = self._templates.get(reg.adapter_id)
+            if view is not None:
+                self._templates.move_to_end(reg.adapter_id)
+                return view
+        t = reg.spec.chat_template
+        view = self.tok.with_chat_template(t.source, t.bos_token, t.eos_token)
+        with self._templates_lock:
+            self._templates[reg.adapter_id] = view
+            if len(self._templates) > MAX_CACHED_TEMPLATES:
+                self._templates.popitem(last=False)
+        return view
 
     def _messages(self, req: ChatCompletionRequest) -> list[dict[str, Any]]:
         messages = []
@@ -79,13 +119,15 @@ class ChatService(OpenAIService):
             messages.append(history_message(message))
         return messages
 
-    def _calls(self, tools: ToolRequest, out: RequestOutput) -> tuple[str | None, list[ParsedCall]]:
+    def _calls(
+        self, family: Family, tools: ToolRequest, out: RequestOutput
+    ) -> tuple[str | None, list[ParsedCall]]:
         """The message content and tool calls in a finished output."""
         calls = tools.calls_from_constrained(out.text) if tools.constrained else []
         if calls:
             return None, calls
         if tools.parses_free_text:
-            content, calls = parse_tool_calls(self.family, out.text, tools.tools)
+            content, calls = parse_tool_calls(family, out.text, tools.tools)
             return content, calls if tools.parallel else calls[:1]
         return out.text, []
 
@@ -106,8 +148,10 @@ class ChatService(OpenAIService):
         adapter = await self.adapter(req)
         self.state.check_serving(req.n)  # before any tokenizing
         template_tools = req.tools if tools.tools and tools.choice != "none" else None
+        tok = await off_loop(self.chat_tokenizer, adapter)
+        family = template_family(tok.chat_template)
         prompt = await self.prompts.encode_chat(
-            self._messages(req), req.add_generation_prompt, template_tools
+            self._messages(req), req.add_generation_prompt, template_tools, tok
         )
         grammar = await self.compile(grammar)
         max_tokens = req.max_completion_tokens or req.max_tokens
@@ -115,30 +159,36 @@ class ChatService(OpenAIService):
             max_tokens = max(1, self.state.llm.max_model_len - len(prompt))
         top = (req.top_logprobs or 0) if req.logprobs else None
         # Mistral's [TOOL_CALLS] and Llama's <|python_tag|> are special tokens: keep their text.
-        template = self.tok.chat_template or ""
+        template = tok.chat_template or ""
         keep_special = tools.parses_free_text and any(
             marker in template for marker in ("[TOOL_CALLS]", "<|python_tag|>")
         )
         params = self.params(req, req.n, max_tokens, top, grammar, False if keep_special else None)
+        stop_at_template_eos(tok, params)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         stream = self.state.generate(raw, [prompt] * req.n, params, adapter)
         if req.stream:
-            return self._stream(req, tools, rid, created, stream)
+            return self._stream(req, family, tools, rid, created, stream)
         results = await collect(stream, req.n)
         return ChatCompletionResponse(
             id=rid,
             created=created,
             model=req.model,
-            choices=[self._choice(req, tools, i, r) for i, r in enumerate(results)],
+            choices=[self._choice(req, family, tools, i, r) for i, r in enumerate(results)],
             usage=usage((r.output for r in results), req.n),
         )
 
     def _choice(
-        self, req: ChatCompletionRequest, tools: ToolRequest, index: int, result: Finished
+        self,
+        req: ChatCompletionRequest,
+        family: Family,
+        tools: ToolRequest,
+        index: int,
+        result: Finished,
     ) -> ChatChoice:
         out = result.output
-        content, calls = self._calls(tools, out)
+        content, calls = self._calls(family, tools, out)
         return ChatChoice(
             index=index,
             message=AssistantMessage(content=content, tool_calls=_tool_calls(calls) or None),
@@ -146,7 +196,7 @@ class ChatService(OpenAIService):
             finish_reason="tool_calls" if calls else out.finish_reason,
         )
 
-    async def _stream(self, req, tools, rid, created, stream) -> AsyncIterator[str]:  # type: ignore[no-untyped-def]
+    async def _stream(self, req, family, tools, rid, created, stream) -> AsyncIterator[str]:  # type: ignore[no-untyped-def]
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
         def chunk(choice: ChatChunkChoice) -> str:
@@ -155,7 +205,7 @@ class ChatService(OpenAIService):
             return sse(body.model_dump_json(exclude=None if include_usage else {"usage"}))
 
         # Tool-call text is held back until the output ends, then sent as tool_calls deltas.
-        held = [ToolStream(self.family, tools) for _ in range(req.n)]
+        held = [ToolStream(family, tools) for _ in range(req.n)]
         finals: list[RequestOutput] = []
         try:
             for i in range(req.n):

@@ -9,9 +9,10 @@ from dataclasses import replace
 from fastapi import Request
 
 from server.api.errors import BadRequest, error_body, translate
-from server.api.outputs import collect
+from server.api.outputs import Finished, collect
 from server.api.prompts import PromptEncoder, off_loop
 from server.api.schemas.lorax import (
+    LoraxBestOfSequence,
     LoraxDetails,
     LoraxParameters,
     LoraxRequest,
@@ -69,6 +70,11 @@ def _best_of(p: LoraxParameters, stream: bool) -> int:
     return best
 
 
+def _sample_seed(seed: int | None, j: int) -> int | None:
+    """The seed best_of's j-th sample draws from."""
+    return None if seed is None else (seed + j) % 2**63
+
+
 def finish_reason(out: RequestOutput) -> str:
     if out.finish_reason == "length":
         return "length"
@@ -122,8 +128,7 @@ class LoraxService:
         grammar = await compile_grammar(self.state.llm.grammars, grammar)
         # Each of best_of samples draws from its own seed (seed, seed + 1, ...).
         samples = [
-            replace(params, grammar=grammar, seed=None if p.seed is None else (p.seed + j) % 2**63)
-            for j in range(best)
+            replace(params, grammar=grammar, seed=_sample_seed(p.seed, j)) for j in range(best)
         ]
         return prompt, self.state.generate(raw, [prompt] * best, samples, adapter)
 
@@ -131,26 +136,47 @@ class LoraxService:
         p = req.parameters
         prompt, stream = await self._start(raw, req, p.details, False)
         results = await collect(stream, p.best_of or 1)
-        best = max(results, key=lambda r: r.cumulative_logprob)  # TGI's best_of
-        final = best.output
-        tokens = [self._token(lp.token_id, lp.logprob) for lp in best.logprobs]
-        text = (req.inputs + final.text) if p.return_full_text else final.text
+        chosen = max(range(len(results)), key=lambda j: results[j].cumulative_logprob)
+        final = results[chosen].output
+        text = self._text(req, results[chosen])
         if not p.details:
             return LoraxResponse(generated_text=text)
         prefill: list[LoraxToken] = []
         if p.decoder_input_details:  # a decode per prompt token: long for a long prompt
             prefill = await off_loop(lambda: [self._token(t, None) for t in prompt])
+        others = None
+        if len(results) > 1:  # TGI's best_of_sequences: every candidate not chosen
+            others = [
+                LoraxBestOfSequence(
+                    generated_text=self._text(req, r),
+                    finish_reason=finish_reason(r.output),
+                    generated_tokens=r.output.num_output_tokens,
+                    seed=_sample_seed(p.seed, j),
+                    prefill=prefill,
+                    tokens=self._tokens(r),
+                )
+                for j, r in enumerate(results)
+                if j != chosen
+            ]
         return LoraxResponse(
             generated_text=text,
             details=LoraxDetails(
                 finish_reason=finish_reason(final),
                 prompt_tokens=final.num_prompt_tokens,
                 generated_tokens=final.num_output_tokens,
-                seed=p.seed,
+                seed=_sample_seed(p.seed, chosen),
                 prefill=prefill,
-                tokens=tokens,
+                tokens=self._tokens(results[chosen]),
+                best_of_sequences=others,
             ),
         )
+
+    def _text(self, req: LoraxRequest, result: Finished) -> str:
+        text = result.output.text
+        return (req.inputs + text) if req.parameters.return_full_text else text
+
+    def _tokens(self, result: Finished) -> list[LoraxToken]:
+        return [self._token(lp.token_id, lp.logprob) for lp in result.logprobs]
 
     async def stream(self, raw: Request, req: LoraxRequest) -> AsyncIterator[str]:
         """The SSE events; a request that is refused raises here, before the stream starts."""

@@ -125,12 +125,18 @@ class ServerState:
         return self.jobs
 
     async def _poll_store(self, store: SharedAdapterStore) -> None:
-        """Every --adapter-store-poll-s: register what other replicas added, and remove what
-        they deleted (an adapter busy with requests here goes at a later poll)."""
+        """Every --adapter-store-poll-s: register what other replicas added, switch to the
+        versions they reloaded in place (the old one freed after its last request here), and
+        remove what they deleted (an adapter busy with requests here goes at a later poll)."""
         while True:
             await asyncio.sleep(self.config.adapter_store_poll_s)
             try:
-                for name in await asyncio.to_thread(self.registry.sync):
+                changes = await asyncio.to_thread(self.registry.sync)
+                for _, old in changes.replaced:
+                    await self.async_engine.call(
+                        lambda i=old.adapter_id: self.llm.retire_adapter(i)
+                    )
+                for name in changes.deleted:
                     try:
                         await self.async_engine.call(lambda n=name: self.llm.remove_adapter(n))
                     except AdapterBusyError:

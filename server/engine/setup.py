@@ -17,6 +17,7 @@ from server.model.config import ModelConfig
 from server.model.llama import LlamaForCausalLM
 from server.model.loader import load_model, module_bytes
 from server.model.quant import quantize_nf4
+from server.model.tokenizer import Tokenizer, TokenizerError
 
 if TYPE_CHECKING:
     from adapters.registry import AdapterRegistry
@@ -93,9 +94,13 @@ def open_registry(
 
     assert config.model is not None
     raw = json.loads((Path(config.model) / "config.json").read_text())
+    try:
+        vocabulary = Tokenizer(config.model).vocabulary()
+    except TokenizerError:
+        vocabulary = None  # then adapters that ship tokenizer files are refused
     registry = AdapterRegistry(
         store if store is not None else AdapterStore(Path(data_dir)),
-        BaseModelInfo.from_hf_config(raw),
+        BaseModelInfo.from_hf_config(raw, vocabulary),
         config.max_lora_rank,
         config.host_cache_mb * 2**20,
         pin_memory=config.torch_device.type == "cuda",

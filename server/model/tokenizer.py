@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import secrets
-from datetime import datetime
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import jinja2
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Encoding
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers.decoders import DecodeStream
 from tokenizers.pre_tokenizers import ByteLevel
+
+from adapters.chat_template import BaseVocabulary, compile_chat_template
 
 # Normalizers and pre-tokenizers that never drop characters: each input character still
 # reaches the model (see Tokenizer.max_chars_per_token).
@@ -32,10 +33,6 @@ def _token_text(value: Any) -> str | None:
     if isinstance(value, dict):
         return value.get("content")
     return value
-
-
-def _raise_exception(message: str) -> None:
-    raise jinja2.TemplateError(message)
 
 
 class Tokenizer:
@@ -59,6 +56,30 @@ class Tokenizer:
             i for i, t in self._tok.get_added_tokens_decoder().items() if t.special
         )
         self._template: jinja2.Template | None = None
+
+    def with_chat_template(
+        self, source: str, bos_token: str | None, eos_token: str | None
+    ) -> Tokenizer:
+        """This vocabulary with another chat template (an adapter's), rendered with the given
+        bos/eos texts where set; the vocabulary and the tokens that end generation stay."""
+        self._plain  # noqa: B018 (computed once here, so every view shares it)
+        view = copy.copy(self)
+        view.chat_template = source
+        view.bos_token = bos_token or self.bos_token
+        view.eos_token = eos_token or self.eos_token
+        view._template = None
+        return view
+
+    @property
+    def eos_token_id_of_template(self) -> int | None:
+        """The id of the eos text the chat template renders with."""
+        return self._id_of(self.eos_token)
+
+    def vocabulary(self) -> BaseVocabulary:
+        """The tokens, by text, that an adapter's tokenizer files must agree with."""
+        return BaseVocabulary(
+            self._tok.get_vocab(with_added_tokens=True), self.bos_token, self.eos_token
+        )
 
     def _id_of(self, token: str | None) -> int | None:
         return None if token is None else self._tok.token_to_id(token)
@@ -135,12 +156,7 @@ class Tokenizer:
         if self.chat_template is None:
             raise TokenizerError("this model has no chat template; use /v1/completions")
         if self._template is None:
-            env = ImmutableSandboxedEnvironment(
-                trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
-            )
-            env.globals["raise_exception"] = _raise_exception
-            env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-            self._template = env.from_string(self.chat_template)
+            self._template = compile_chat_template(self.chat_template)
         try:
             return self._template.render(
                 messages=messages,
@@ -149,7 +165,7 @@ class Tokenizer:
                 eos_token=self.eos_token or "",
                 tools=tools,
             )
-        except jinja2.TemplateError as exc:
+        except Exception as exc:  # a template is user content: it may raise anything
             raise TokenizerError(f"chat template failed: {exc}") from exc
 
     def encode_chat(

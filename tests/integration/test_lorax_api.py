@@ -55,6 +55,15 @@ class ClientToken(BaseModel):
     special: bool
 
 
+class ClientBestOfSequence(BaseModel):
+    generated_text: str
+    finish_reason: str
+    generated_tokens: int
+    seed: int | None = None
+    prefill: list[dict[str, Any]]
+    tokens: list[ClientToken]
+
+
 class ClientDetails(BaseModel):
     finish_reason: str
     prompt_tokens: int
@@ -62,6 +71,7 @@ class ClientDetails(BaseModel):
     seed: int | None = None
     prefill: list[dict[str, Any]]
     tokens: list[ClientToken]
+    best_of_sequences: list[ClientBestOfSequence] | None = None
 
 
 class ClientResponse(BaseModel):
@@ -207,3 +217,44 @@ def test_adapter_id_may_name_the_base_model(server: LiveServer, oracle: Oracle) 
     with server.client() as http:
         body = http.post("/", json=payload).json()
     assert body[0]["generated_text"] == oracle.complete(None, PROMPT, max_tokens=4)
+
+
+def test_best_of_details_carry_the_other_candidates_as_best_of_sequences(
+    server: LiveServer, oracle: Oracle
+) -> None:
+    adapter = adapter_name(3)
+    sampling = dict(temperature=1.5, max_new_tokens=8)
+    payload = client_request(
+        PROMPT,
+        adapter_id=adapter,
+        do_sample=True,
+        seed=7,
+        best_of=3,
+        decoder_input_details=True,
+        return_full_text=True,
+        **sampling,
+    )
+    with server.client() as http:
+        reply = ClientResponse(**http.post("/", json=payload).json()[0])
+    details = reply.details
+    assert details is not None and details.best_of_sequences is not None
+    others = details.best_of_sequences
+    assert len(others) == 2
+    candidates = [(reply.generated_text, details.seed, details.tokens)]
+    candidates += [(o.generated_text, o.seed, o.tokens) for o in others]
+    assert sorted(seed for _, seed, _ in candidates) == [7, 8, 9]  # type: ignore[type-var]
+    for text, seed, tokens in candidates:
+        alone = oracle.complete(adapter, PROMPT, temperature=1.5, max_tokens=8, seed=seed)
+        assert text == PROMPT + alone
+        assert len(tokens) == 8
+    for other in others:
+        assert other.generated_tokens == len(other.tokens)
+        assert other.finish_reason in ("length", "eos_token")
+        assert other.prefill == details.prefill and len(details.prefill) > 0
+        assert sum(t.logprob for t in other.tokens) <= sum(t.logprob for t in details.tokens)
+
+
+def test_without_best_of_there_are_no_best_of_sequences(server: LiveServer) -> None:
+    with server.client() as http:
+        body = http.post("/generate", json=client_request(PROMPT, max_new_tokens=2)).json()
+    assert body["details"]["best_of_sequences"] is None

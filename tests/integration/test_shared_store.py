@@ -15,10 +15,24 @@ import httpx
 import pytest
 
 from adapters.format import CONFIG_FILE, WEIGHTS_FILE
-from tests.integration.conftest import ENGINE_FLAGS, MODEL_NAME, serve_flags
+from tests.integration.conftest import (
+    ENGINE_FLAGS,
+    LONG_MODEL_LEN,
+    MODEL_NAME,
+    Oracle,
+    serve_flags,
+)
 from tests.integration.fine_tuning_data import jsonl, ordering_task, wait_for_job
 from tests.integration.fine_tuning_data import upload as upload_file
 from tests.integration.live_server import LiveServer, wait_until
+from tests.integration.test_adapter_reload import (
+    NUM_TOKENS,
+    oracle_text,
+    oracle_tokens,
+    reload,
+    stream_tokens,
+)
+from tests.integration.test_adapters_api import complete as complete_alone
 from tests.s3_server import CREDENTIALS, moto_s3, new_bucket
 
 POLL_S = 0.5
@@ -43,9 +57,11 @@ def store_url(
     return url, ["--s3-endpoint-url", endpoint], dict(CREDENTIALS)
 
 
-def replica(model_dir: Path, data_dir: Path, store: tuple, **env: str) -> LiveServer:
+def replica(
+    model_dir: Path, data_dir: Path, store: tuple, engine: dict | None = None, **env: str
+) -> LiveServer:
     url, flags, store_env = store
-    args = serve_flags(**ENGINE_FLAGS, served_model_name=MODEL_NAME)
+    args = serve_flags(**{**ENGINE_FLAGS, **(engine or {})}, served_model_name=MODEL_NAME)
     args += ["--adapter-store", url, "--adapter-store-poll-s", str(POLL_S), *flags]
     return LiveServer(model_dir, data_dir, args, env={**store_env, **env})
 
@@ -182,6 +198,44 @@ def test_an_adapter_trained_on_one_server_serves_from_the_other(
         on_a, on_b = complete(a, name), complete(b, name)
         assert on_b["status"] == 200, on_b
         assert on_b["body"]["choices"][0]["text"] == on_a["body"]["choices"][0]["text"]
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_a_reload_through_one_server_reaches_the_other_while_its_running_requests_keep_the_old(
+    model_dir: Path, spare_adapters: Path, oracle: Oracle, tmp_path: Path, store_url: tuple
+) -> None:
+    old_tokens = oracle_tokens(oracle, "reload-old", spare_adapters / "spare-0")
+    new_text = oracle_text(oracle, "reload-new", spare_adapters / "spare-1")
+    a = replica(model_dir, tmp_path / "a", store_url).start()
+    b = replica(model_dir, tmp_path / "b", store_url, {"max_model_len": LONG_MODEL_LEN}).start()
+
+    def version_on_b() -> int:
+        with b.client() as http:
+            return int(http.get("/v1/adapters/shared-hot").json()["version"])
+
+    def text(server: LiveServer) -> str:
+        reply = complete_alone(server, "shared-hot", max_tokens=NUM_TOKENS, ignore_eos=True)
+        assert reply.status_code == 200, reply.text
+        return str(reply.json()["choices"][0]["text"])
+
+    try:
+        assert upload(a, "shared-hot", spare_adapters / "spare-0").status_code == 201
+        assert wait_until(lambda: "shared-hot" in listed(b), timeout=10 * POLL_S + 5)
+        endless = {"max_new_tokens": LONG_MODEL_LEN - 16, "ignore_eos_token": True}
+        body = {"inputs": PROMPT, "parameters": {**endless, "adapter_id": "shared-hot"}}
+        with b.client() as http, http.stream("POST", "/generate_stream", json=body) as stream:
+            lines = stream.iter_lines()
+            first = stream_tokens(lines, 1)
+            reloaded = reload(a, "shared-hot", spare_adapters / "spare-1")
+            assert reloaded.status_code == 200, reloaded.text
+            assert reloaded.json()["version"] == 2
+            assert text(a) == new_text
+            assert wait_until(lambda: version_on_b() == 2, timeout=10 * POLL_S + 5)
+            assert text(b) == new_text  # new requests there get the new weights
+            # The request B was running when it took the reload goes on with the old weights.
+            assert first + stream_tokens(lines, NUM_TOKENS - 1) == old_tokens
     finally:
         a.stop()
         b.stop()

@@ -10,7 +10,6 @@ import torch
 
 from adapters import AdapterError, AdapterNotFoundError, AdapterRegistry, AdapterStore
 from adapters.format import CONFIG_FILE
-from adapters.shared_store import SharedAdapterStore
 from tests.unit.adapter_fixtures import MAX_RANK, tiny_base, tiny_files
 
 BASE = tiny_base()
@@ -81,13 +80,3 @@ def test_reload_leaves_one_directory_in_the_store(registry: AdapterRegistry) -> 
     registry.reload_files("org/a", tiny_files(seed=3))
     assert [p.name for p in registry.store.blobs.iterdir()] == ["org%2Fa"]
     assert registry.get("org/a").version == 3  # type: ignore[union-attr]
-
-
-def test_reload_is_refused_on_a_shared_store_and_changes_nothing(tmp_path: Path) -> None:
-    store = SharedAdapterStore(f"file://{tmp_path / 'shared'}", tmp_path / "a", durable=False)
-    registry = AdapterRegistry(store, BASE, MAX_RANK, 1 << 20)
-    old = registry.register_files("a", tiny_files(seed=1))
-    with pytest.raises(AdapterError, match="not supported with a shared adapter store"):
-        registry.reload_files("a", tiny_files(seed=2))
-    assert registry.get("a") == old
-    assert store.get("a") == old.record

@@ -89,3 +89,26 @@ def test_an_hf_uri_neither_cached_nor_reachable_is_refused_cleanly(
     with refused as info, fetched("hf://myorg/missing", tmp_path, 2**20):
         pass
     assert str(tmp_path) not in str(info.value)
+
+
+def test_s3_sources_bring_the_tokenizer_files_with_the_adapter(tmp_path: Path) -> None:
+    import fsspec
+
+    from adapters.shared_store import storage_options
+    from tests.s3_server import moto_s3, new_bucket
+
+    files = {**tiny_files(), "tokenizer_config.json": b'{"chat_template": "x"}'}
+    with moto_s3() as endpoint:
+        options = storage_options("s3://x", endpoint)
+        bucket = new_bucket(endpoint)
+        fs = fsspec.filesystem("s3", **options)
+        for name, data in files.items():
+            fs.pipe_file(f"{bucket}/one/{name}", data)
+        fs.pipe_file(f"{bucket}/bare/{CONFIG_FILE}", files[CONFIG_FILE])
+        with fetched(f"s3://{bucket}/one", tmp_path, 2**20, options) as adapter_dir:
+            assert {p.name: p.read_bytes() for p in adapter_dir.iterdir()} == files
+        with (
+            pytest.raises(AdapterError, match=f"does not hold {CONFIG_FILE} and {WEIGHTS_FILE}"),
+            fetched(f"s3://{bucket}/bare", tmp_path, 2**20, options),
+        ):
+            pass

@@ -287,3 +287,9 @@ def test_zip_member_with_an_empty_name_is_skipped() -> None:
             zf.writestr(name, data)
         zf.writestr(zipfile.ZipInfo(""), b"x")  # zipfile.ZipInfo.is_dir() fails on this name
     assert extract_adapter_files(buf.getvalue(), "a.zip", LIMIT) == FILES
+
+
+def test_tokenizer_files_beside_the_adapter_files_are_kept_and_others_ignored() -> None:
+    template = {"tokenizer_config.json": b"{}", "chat_template.jinja": b"{{ messages }}"}
+    members = in_folder("out", {**FILES, **template, "README.md": b"notes"})
+    assert extract_adapter_files(tar_bytes(members), "a.tgz", LIMIT) == {**FILES, **template}

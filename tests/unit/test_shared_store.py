@@ -8,20 +8,22 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from adapters import (
     AdapterError,
     AdapterExistsError,
+    AdapterNotFoundError,
     AdapterRegistry,
     AdapterSpec,
     read_adapter_spec,
 )
 from adapters.faults import set_fault_points
-from adapters.format import WEIGHTS_FILE
+from adapters.format import CONFIG_FILE, WEIGHTS_FILE
 from adapters.shared_store import SharedAdapterStore, storage_options
 from server.config import ConfigError, ServerConfig
 from tests.s3_server import moto_s3, new_bucket
-from tests.unit.adapter_fixtures import MAX_RANK, tiny_base, tiny_files
+from tests.unit.adapter_fixtures import MAX_RANK, tiny_base, tiny_files, tiny_weights
 
 BASE = tiny_base()
 
@@ -139,24 +141,24 @@ def test_registry_sync_registers_other_replicas_adds_and_reports_their_deletes(
     url = f"file://{tmp_path / 'shared'}"
     a, b = shared_registry(url, tmp_path / "a"), shared_registry(url, tmp_path / "b")
     a.register_files("one", tiny_files(rank=4))
-    assert b.sync() == []
+    assert b.sync().deleted == []
     assert b.get("one") is not None and b.get("one").spec.rank == 4
     assert b.weights(b.get("one").adapter_id).nbytes > 0  # files fetched on first use
     a.unregister("one")
-    assert b.sync() == ["one"]  # still registered: the engine removes it, then evict
+    assert b.sync().deleted == ["one"]  # still registered: the engine removes it, then evict
     b.forget("one")
     b.store.evict("one")
-    assert b.sync() == [] and b.get("one") is None
+    assert b.sync().deleted == [] and b.get("one") is None
 
 
 def test_registry_sync_does_not_bring_back_an_adapter_being_deleted(tmp_path: Path) -> None:
     a = shared_registry(f"file://{tmp_path / 'shared'}", tmp_path / "a")
     a.register_files("one", tiny_files())
     a.forget("one")  # the engine dropped it; store.delete has not run yet
-    assert a.sync() == [] and a.get("one") is None
+    assert a.sync().deleted == [] and a.get("one") is None
     a.store.delete("one")
     a.register_files("one", tiny_files(rank=4))  # the name can be used again
-    assert a.sync() == [] and a.get("one").spec.rank == 4
+    assert a.sync().deleted == [] and a.get("one").spec.rank == 4
 
 
 def test_an_adapter_store_that_is_not_file_or_s3_is_a_config_error() -> None:
@@ -164,3 +166,123 @@ def test_an_adapter_store_that_is_not_file_or_s3_is_a_config_error() -> None:
         ServerConfig(adapter_store="http://example.com/adapters")
     with pytest.raises(ConfigError, match="--adapter-store-poll-s must be > 0"):
         ServerConfig(adapter_store_poll_s=0)
+
+
+# ---- in-place reload on a shared store ----------------------------------------------------
+
+
+def registry_on(url: tuple[str, dict], data_dir: Path) -> AdapterRegistry:
+    registry = AdapterRegistry(replica(url, data_dir), BASE, MAX_RANK, 1 << 20)
+    registry.load_index()
+    return registry
+
+
+def lora_a(registry: AdapterRegistry, adapter_id: int) -> torch.Tensor:
+    return registry.weights(adapter_id).lora[0, "q_proj"][0]
+
+
+def reference(seed: int) -> torch.Tensor:
+    return tiny_weights(seed=seed).lora[0, "q_proj"][0]
+
+
+def test_a_reload_through_one_replica_is_taken_by_another_at_its_next_sync(
+    url, tmp_path: Path
+) -> None:
+    a, b = registry_on(url, tmp_path / "a"), registry_on(url, tmp_path / "b")
+    a.register_files("one", tiny_files(seed=1))
+    b.sync()
+    old = b.get("one")
+    assert old is not None and torch.equal(lora_a(b, old.adapter_id), reference(1))
+    new_files = {**tiny_files(seed=2), "chat_template.jinja": b"{{ messages }}"}
+    a_new, _ = a.reload_files("one", new_files)
+    assert torch.equal(lora_a(a, a_new.adapter_id), reference(2))
+    assert b.get("one") == old  # not until it polls
+    changes = b.sync()
+    assert changes.deleted == []
+    [(new, retired)] = changes.replaced
+    assert retired == old and b.get("one") == new and new.version == 2
+    assert new.record == a_new.record and new.spec.chat_template is not None
+    assert torch.equal(lora_a(b, new.adapter_id), reference(2))
+    assert torch.equal(lora_a(b, old.adapter_id), reference(1))  # held for its requests
+    b.drop_retired(old.adapter_id)
+    assert b.sync().replaced == []  # reported once
+
+
+def test_an_old_version_never_used_here_is_fetched_by_its_own_digests_when_retired(
+    url, tmp_path: Path
+) -> None:
+    a, b = registry_on(url, tmp_path / "a"), registry_on(url, tmp_path / "b")
+    a.register_files("one", tiny_files(seed=1))
+    b.sync()
+    old = b.get("one")
+    assert old is not None and not b.store.cache.path("one").exists()
+    a.reload_files("one", tiny_files(seed=2))
+    [(new, _)] = b.sync().replaced
+    assert torch.equal(lora_a(b, old.adapter_id), reference(1))
+    assert torch.equal(lora_a(b, new.adapter_id), reference(2))
+
+
+def test_a_replica_started_after_a_reload_serves_the_new_version(url, tmp_path: Path) -> None:
+    a, b = registry_on(url, tmp_path / "a"), registry_on(url, tmp_path / "b")
+    a.register_files("one", tiny_files(seed=1))
+    b.sync()
+    lora_a(b, b.get("one").adapter_id)  # type: ignore[union-attr]  (files now cached in b)
+    b.store.close()
+    a.reload_files("one", tiny_files(seed=2))
+    restarted = registry_on(url, tmp_path / "b")
+    assert torch.equal(lora_a(restarted, restarted.get("one").adapter_id), reference(2))  # type: ignore[union-attr]
+
+
+def test_a_reload_failing_before_its_manifest_changes_nothing_anywhere(url, tmp_path: Path) -> None:
+    a, b = registry_on(url, tmp_path / "a"), registry_on(url, tmp_path / "b")
+    old = a.register_files("one", tiny_files(seed=1))
+    b.sync()
+    set_fault_points("store.shared.manifest=enospc")
+    try:
+        with pytest.raises(OSError):
+            a.reload_files("one", tiny_files(seed=2))
+    finally:
+        set_fault_points(None)
+    assert a.get("one") == old and torch.equal(lora_a(a, old.adapter_id), reference(1))
+    assert b.sync().replaced == []
+    assert torch.equal(lora_a(b, b.get("one").adapter_id), reference(1))  # type: ignore[union-attr]
+
+
+def test_an_invalid_reload_publishes_nothing(url, tmp_path: Path) -> None:
+    a, b = registry_on(url, tmp_path / "a"), registry_on(url, tmp_path / "b")
+    old = a.register_files("one", tiny_files(seed=1))
+    b.sync()
+    with pytest.raises(AdapterError):
+        a.reload_files("one", {CONFIG_FILE: b"{}", WEIGHTS_FILE: b"x"})
+    assert a.get("one") == old and b.sync().replaced == []
+
+
+def test_a_reload_of_an_adapter_deleted_elsewhere_is_refused(url, tmp_path: Path) -> None:
+    a, b = registry_on(url, tmp_path / "a"), registry_on(url, tmp_path / "b")
+    a.register_files("one", tiny_files(seed=1))
+    b.sync()
+    a.unregister("one")
+    with pytest.raises(AdapterNotFoundError):
+        b.reload_files("one", tiny_files(seed=2))
+
+
+def test_a_restarted_replica_reads_only_the_manifests_rewritten_meanwhile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = (f"file://{tmp_path / 'shared'}", {})
+    a = registry_on(url, tmp_path / "a")
+    a.register_files("kept", tiny_files(seed=1))
+    a.register_files("reloaded", tiny_files(seed=1))
+    replica(url, tmp_path / "b").close()
+    a.reload_files("reloaded", tiny_files(seed=2))
+    read: list[str] = []
+    original = SharedAdapterStore._read_manifest
+
+    def counting(self: SharedAdapterStore, path: str) -> dict | None:
+        read.append(path.rsplit("/", 1)[-1])
+        return original(self, path)
+
+    monkeypatch.setattr(SharedAdapterStore, "_read_manifest", counting)
+    b = registry_on(url, tmp_path / "b")
+    assert read == ["reloaded.json"]
+    assert torch.equal(lora_a(b, b.get("reloaded").adapter_id), reference(2))  # type: ignore[union-attr]

@@ -61,6 +61,7 @@ def adapter_info(state: ServerState, reg: RegisteredAdapter, active: int | None)
         source=rec.source,
         parent=state.model_name,
         version=reg.version,
+        has_chat_template=spec.chat_template is not None,
         residency=residency,
     )
 

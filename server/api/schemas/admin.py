@@ -29,6 +29,7 @@ class AdapterInfo(BaseModel):
     source: str
     parent: str
     version: int = 1  # 1, then +1 per in-place reload (since the server started)
+    has_chat_template: bool = False  # ships its own chat template (else chats use the base's)
     residency: Residency | None = None
     requests_served: int | None = None  # since the server started; in paged listings
 

@@ -64,6 +64,17 @@ class LoraxToken(BaseModel):
     skipped: bool = False
 
 
+class LoraxBestOfSequence(BaseModel):
+    """One of best_of's other candidates (TGI's BestOfSequence)."""
+
+    generated_text: str
+    finish_reason: str
+    generated_tokens: int
+    seed: int | None = None
+    prefill: list[LoraxToken] = Field(default_factory=list)
+    tokens: list[LoraxToken] = Field(default_factory=list)
+
+
 class LoraxDetails(BaseModel):
     finish_reason: str  # length | eos_token | stop_sequence
     prompt_tokens: int
@@ -72,6 +83,8 @@ class LoraxDetails(BaseModel):
     seed: int | None = None
     prefill: list[LoraxToken] = Field(default_factory=list)
     tokens: list[LoraxToken] = Field(default_factory=list)
+    # With best_of > 1: the candidates not chosen, in the order they were sampled.
+    best_of_sequences: list[LoraxBestOfSequence] | None = None
 
 
 class LoraxResponse(BaseModel):
