@@ -11,8 +11,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from server.api.clients import ServedModel
 from server.api.errors import BadRequest
-from server.engine.llm_engine import LLMEngine
 from server.model.tokenizer import Tokenizer, TokenizerError
 
 T = TypeVar("T")
@@ -30,10 +30,10 @@ async def off_loop(fn: Callable[..., T], *args: Any) -> T:
 class PromptEncoder:
     """Token ids for one model's prompts, each checked against its context length."""
 
-    def __init__(self, llm: LLMEngine) -> None:
-        self.tok = llm.tokenizer
-        self.max_model_len = llm.max_model_len
-        self.vocab_size = llm.model_config.vocab_size
+    def __init__(self, model: ServedModel) -> None:
+        self.tok = model.tokenizer
+        self.max_model_len = model.max_model_len
+        self.vocab_size = model.vocab_size
 
     def check_chars(self, num_chars: int, param: str) -> None:
         """Refuse a text too long to fit in any tokenization, without tokenizing it."""

@@ -87,7 +87,7 @@ class ChatService(OpenAIService):
         """The tokenizer whose chat template renders this adapter's chats: the adapter's own
         template when it ships one, else the base's. Keyed by adapter_id, so an in-place reload
         (a new id) brings its new template."""
-        reg = None if adapter is None else self.state.registry.get(adapter)
+        reg = None if adapter is None else self.models.adapter(adapter)
         if reg is None or reg.spec.chat_template is None:
             return self.tok
         with self._templates_lock:
@@ -146,7 +146,7 @@ class ChatService(OpenAIService):
                 )
             grammar = tools.grammar()
         adapter = await self.adapter(req)
-        self.state.check_serving(req.n)  # before any tokenizing
+        self.engine.check_serving(req.n)  # before any tokenizing
         template_tools = req.tools if tools.tools and tools.choice != "none" else None
         tok = await off_loop(self.chat_tokenizer, adapter)
         family = template_family(tok.chat_template)
@@ -156,7 +156,7 @@ class ChatService(OpenAIService):
         grammar = await self.compile(grammar)
         max_tokens = req.max_completion_tokens or req.max_tokens
         if max_tokens is None:
-            max_tokens = max(1, self.state.llm.max_model_len - len(prompt))
+            max_tokens = max(1, self.model.max_model_len - len(prompt))
         top = (req.top_logprobs or 0) if req.logprobs else None
         # Mistral's [TOOL_CALLS] and Llama's <|python_tag|> are special tokens: keep their text.
         template = tok.chat_template or ""
@@ -167,7 +167,7 @@ class ChatService(OpenAIService):
         stop_at_template_eos(tok, params)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
-        stream = self.state.generate(raw, [prompt] * req.n, params, adapter)
+        stream = self.engine.generate(raw, [prompt] * req.n, params, adapter)
         if req.stream:
             return self._stream(req, family, tools, rid, created, stream)
         results = await collect(stream, req.n)

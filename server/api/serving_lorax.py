@@ -8,6 +8,7 @@ from dataclasses import replace
 
 from fastapi import Request
 
+from server.api.clients import EngineClient, ModelResolver, ServedModel
 from server.api.errors import BadRequest, error_body, translate
 from server.api.outputs import Finished, collect
 from server.api.prompts import PromptEncoder, off_loop
@@ -23,7 +24,6 @@ from server.api.schemas.lorax import (
 )
 from server.api.schemas.openai import MAX_N
 from server.api.serving_openai import sse
-from server.api.state import ServerState
 from server.api.structured import compile_grammar, lorax_grammar
 from server.engine.grammar import Grammar
 from server.engine.outputs import RequestOutput
@@ -84,10 +84,12 @@ def finish_reason(out: RequestOutput) -> str:
 
 
 class LoraxService:
-    def __init__(self, state: ServerState) -> None:
-        self.state = state
-        self.tok = state.llm.tokenizer
-        self.prompts = PromptEncoder(state.llm)
+    def __init__(self, engine: EngineClient, models: ModelResolver, model: ServedModel) -> None:
+        self.engine = engine
+        self.models = models
+        self.model = model
+        self.tok = model.tokenizer
+        self.prompts = PromptEncoder(model)
 
     def _token(self, token_id: int, logprob: float | None) -> LoraxToken:
         return LoraxToken(
@@ -100,13 +102,13 @@ class LoraxService:
     async def _adapter(self, p: LoraxParameters) -> str | None:
         """The adapter serving the request: adapter_id's, or a merge of merged_adapters."""
         if p.merged_adapters is None:
-            return self.state.resolve_model(p.adapter_id)
+            return self.models.resolve_model(p.adapter_id)
         if p.adapter_id is not None:
             raise BadRequest(
                 "parameters.adapter_id and parameters.merged_adapters cannot both be set",
                 "parameters.merged_adapters",
             )
-        return await self.state.merged.resolve(p.merged_adapters, "parameters.merged_adapters")
+        return await self.models.resolve_merged(p.merged_adapters, "parameters.merged_adapters")
 
     async def _start(self, raw: Request, req: LoraxRequest, details: bool, stream: bool):  # type: ignore[no-untyped-def]
         p = req.parameters
@@ -118,19 +120,19 @@ class LoraxService:
                 "parameters.best_of > 1 needs sampling (do_sample)", "parameters.best_of"
             )
         adapter = await self._adapter(p)
-        self.state.check_serving(best)  # before any tokenizing
+        self.engine.check_serving(best)  # before any tokenizing
         if p.truncate is not None:  # TGI keeps the last `truncate` tokens
             prompt = await self.prompts.encode_truncated(req.inputs, p.truncate, "inputs")
         else:
             prompt = await self.prompts.encode(req.inputs, "inputs")
         if not prompt:
             raise BadRequest("inputs is empty", "inputs")
-        grammar = await compile_grammar(self.state.llm.grammars, grammar)
+        grammar = await compile_grammar(self.model.grammars, grammar)
         # Each of best_of samples draws from its own seed (seed, seed + 1, ...).
         samples = [
             replace(params, grammar=grammar, seed=_sample_seed(p.seed, j)) for j in range(best)
         ]
-        return prompt, self.state.generate(raw, [prompt] * best, samples, adapter)
+        return prompt, self.engine.generate(raw, [prompt] * best, samples, adapter)
 
     async def generate(self, raw: Request, req: LoraxRequest) -> LoraxResponse:
         p = req.parameters

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import Request
 
+from server.api.clients import EngineClient, ModelResolver, ServedModel
 from server.api.errors import APIError, BadRequest
 from server.api.outputs import (
     Finished,
@@ -26,7 +27,6 @@ from server.api.schemas.openai import (
     CompletionResponse,
     SamplingFields,
 )
-from server.api.state import ServerState
 from server.api.structured import compile_grammar, logit_bias, openai_grammar
 from server.engine.grammar import Grammar
 from server.engine.llm_engine import Prompt
@@ -39,10 +39,12 @@ __all__ = ["CompletionService", "OpenAIService", "sse"]
 class OpenAIService:
     """The parts of a completion or chat request that do not depend on which it is."""
 
-    def __init__(self, state: ServerState) -> None:
-        self.state = state
-        self.tok = state.llm.tokenizer
-        self.prompts = PromptEncoder(state.llm)
+    def __init__(self, engine: EngineClient, models: ModelResolver, model: ServedModel) -> None:
+        self.engine = engine
+        self.models = models
+        self.model = model
+        self.tok = model.tokenizer
+        self.prompts = PromptEncoder(model)
         self.logprobs = LogprobFormatter(self.tok)
 
     def check_request(self, req: SamplingFields) -> None:
@@ -55,19 +57,19 @@ class OpenAIService:
     async def adapter(self, req: SamplingFields) -> str | None:
         """The adapter serving the request: the one `model` names, or a merge of
         merged_adapters (then `model` names the base)."""
-        adapter = self.state.resolve_model(req.model)
+        adapter = self.models.resolve_model(req.model)
         if req.merged_adapters is None:
             return adapter
         if adapter is not None:
             raise BadRequest(
-                f"with merged_adapters, model must name the base model {self.state.model_name!r}"
+                f"with merged_adapters, model must name the base model {self.models.model_name!r}"
                 f", not the adapter {req.model!r}",
                 "model",
             )
-        return await self.state.merged.resolve(req.merged_adapters, "merged_adapters")
+        return await self.models.resolve_merged(req.merged_adapters, "merged_adapters")
 
     async def compile(self, grammar: Grammar | None) -> Grammar | None:
-        return await compile_grammar(self.state.llm.grammars, grammar)
+        return await compile_grammar(self.model.grammars, grammar)
 
     def params(
         self,
@@ -118,7 +120,7 @@ class CompletionService(OpenAIService):
             prompts = [list(p)]  # type: ignore[arg-type]
         else:
             prompts = list(p)  # type: ignore[arg-type]
-        self.state.check_serving(len(prompts) * samples)  # before any tokenizing
+        self.engine.check_serving(len(prompts) * samples)  # before any tokenizing
         ids = [
             await self.prompts.encode(x, "prompt")
             if isinstance(x, str)
@@ -158,7 +160,7 @@ class CompletionService(OpenAIService):
         flat_ids = [ids for ids in prompt_ids for _ in range(samples)]
         rid = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
-        stream = self.state.generate(raw, flat_ids, params * len(prompts), adapter)
+        stream = self.engine.generate(raw, flat_ids, params * len(prompts), adapter)
         if req.stream:
             return self._stream(req, rid, created, flat, stream)
         results = await collect(stream, len(flat))

@@ -17,8 +17,13 @@ from adapters import AdapterRegistry, RegisteredAdapter, sources
 from adapters.registry import is_virtual
 from adapters.shared_store import SharedAdapterStore, storage_options
 from adapters.store import AdapterBackend, AdapterStore
+from server.api.clients import ServedModel
 from server.api.errors import BadRequest, ClientDisconnected, NotFound, Overloaded, Unavailable
 from server.api.merged import MergedAdapterCache
+from server.api.schemas.lorax import MergedAdapters
+from server.api.serving_chat import ChatService
+from server.api.serving_lorax import LoraxService
+from server.api.serving_openai import CompletionService
 from server.config import ServerConfig
 from server.engine.async_engine import AsyncLLMEngine
 from server.engine.errors import AdapterBusyError, UnknownAdapterError
@@ -44,6 +49,25 @@ def open_adapter_store(config: ServerConfig) -> AdapterBackend:
     return SharedAdapterStore(config.adapter_store, data_dir, options=options)
 
 
+@dataclass(frozen=True)
+class Services:
+    """The inference services, built once the engine is: each gets the state as its
+    EngineClient and ModelResolver, and the served model's facts, nothing else."""
+
+    completions: CompletionService
+    chat: ChatService
+    lorax: LoraxService
+
+    @classmethod
+    def build(cls, state: ServerState, llm: LLMEngine) -> Services:
+        model = ServedModel.of(llm)
+        return cls(
+            CompletionService(state, state, model),
+            ChatService(state, state, model),
+            LoraxService(state, state, model),
+        )
+
+
 @dataclass
 class ServerState:
     """Built before the server listens; the engine itself loads in the background."""
@@ -59,6 +83,7 @@ class ServerState:
     started: float = field(default_factory=time.time)
     poller: asyncio.Task[None] | None = None
     merged: MergedAdapterCache = field(init=False)
+    _services: Services | None = None
 
     def __post_init__(self) -> None:
         self.merged = MergedAdapterCache(self)
@@ -71,6 +96,7 @@ class ServerState:
             engine.step_hooks.append(self.metrics.observe_step)
             engine.start()
             self.engine = engine
+            self._services = Services.build(self, llm)
             await asyncio.to_thread(self._preload)
             if isinstance(self.registry.store, SharedAdapterStore):
                 self.poller = asyncio.create_task(self._poll_store(self.registry.store))
@@ -209,6 +235,13 @@ class ServerState:
         return self.engine
 
     @property
+    def services(self) -> Services:
+        """The inference services; 503 while the model loads."""
+        if self._services is None:
+            raise Unavailable("the model is still loading", headers={"Retry-After": "5"})
+        return self._services
+
+    @property
     def llm(self) -> LLMEngine:
         return self.async_engine.engine
 
@@ -228,6 +261,12 @@ class ServerState:
                 "model",
             )
         return model
+
+    async def resolve_merged(self, spec: MergedAdapters, field: str) -> str:
+        return await self.merged.resolve(spec, field)
+
+    def adapter(self, name: str) -> RegisteredAdapter | None:
+        return self.registry.get(name)
 
     def check_serving(self, num_requests: int = 1) -> None:
         """503 until ready, 429 when the waiting queue is full."""

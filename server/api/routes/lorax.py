@@ -14,7 +14,7 @@ SSE = {200: {"content": {"text/event-stream": {}}}}
 
 
 def _service(request: Request) -> LoraxService:
-    return LoraxService(request.app.state.server)
+    return request.app.state.server.services.lorax
 
 
 @router.post("/generate", response_model=LoraxResponse)

@@ -14,8 +14,6 @@ from server.api.schemas.openai import (
     ModelCard,
     ModelList,
 )
-from server.api.serving_chat import ChatService
-from server.api.serving_openai import CompletionService
 from server.api.state import ServerState
 
 router = APIRouter(dependencies=[Depends(require_api_key)], tags=["openai"])
@@ -28,7 +26,7 @@ def _state(request: Request) -> ServerState:
 
 @router.post("/v1/completions", response_model=CompletionResponse, responses=SSE)
 async def completions(body: CompletionRequest, request: Request):  # type: ignore[no-untyped-def]
-    result = await CompletionService(_state(request)).completions(request, body)
+    result = await _state(request).services.completions.completions(request, body)
     if isinstance(result, CompletionResponse):
         return result
     return StreamingResponse(result, media_type="text/event-stream")
@@ -36,7 +34,7 @@ async def completions(body: CompletionRequest, request: Request):  # type: ignor
 
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=SSE)
 async def chat_completions(body: ChatCompletionRequest, request: Request):  # type: ignore[no-untyped-def]
-    result = await ChatService(_state(request)).chat(request, body)
+    result = await _state(request).services.chat.chat(request, body)
     if isinstance(result, ChatCompletionResponse):
         return result
     return StreamingResponse(result, media_type="text/event-stream")
