@@ -19,9 +19,14 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e .
 	touch $@
 
+# lorax-client pins certifi and huggingface-hub < 1 (transformers needs newer): it installs
+# without its dependencies (requests, aiohttp and pydantic come with the dev extra's packages).
+LORAX_CLIENT ?= lorax-client==0.6.3
+
 $(VENV)/.dev-installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q "$(TORCH)"
 	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q --no-deps "$(LORAX_CLIENT)"
 	touch $@ $(VENV)/.installed
 
 serve: $(VENV)/.installed

@@ -55,6 +55,8 @@ def _with_engine(state: ServerState) -> ServerState:
         max_model_len=128,
         adapter_cache=None,
         registry=_NoAdapters(),
+        kv=SimpleNamespace(num_cached_idle=0),
+        prefix_cache=None,
     )
     state.engine = SimpleNamespace(engine=llm, running=True)  # type: ignore[assignment]
     return state
