@@ -36,8 +36,10 @@ class EngineClient(Protocol):
         prompts: Sequence[Prompt],
         params: Sequence[SamplingParams],
         adapter: str | None,
+        adapter_id: int | None = None,
     ) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """Run the prompts as one API call: (index, output) as outputs arrive."""
+        """Run the prompts as one API call: (index, output) as outputs arrive; adapter_id
+        pins the adapter version the prompts were rendered for."""
         ...
 
 

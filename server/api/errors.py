@@ -19,7 +19,7 @@ from starlette.requests import ClientDisconnect
 from adapters import AdapterError, AdapterExistsError, AdapterNotFoundError
 from adapters.faults import DiskFullError
 from server.engine.async_engine import EngineDeadError, EngineStepError, RequestFailedError
-from server.engine.errors import AdapterBusyError, UnknownAdapterError
+from server.engine.errors import AdapterBusyError, AdapterVersionGoneError, UnknownAdapterError
 from server.engine.sampling_params import InvalidRequestError
 from server.redact import without_paths
 
@@ -170,6 +170,8 @@ def translate(exc: Exception) -> APIError:
         return exc
     if isinstance(exc, UnknownAdapterError):
         return NotFound(exc.message, exc.param)
+    if isinstance(exc, AdapterVersionGoneError):
+        return Conflict(exc.message, exc.param, headers={"Retry-After": "0"})
     if isinstance(exc, InvalidRequestError):
         return BadRequest(exc.message, exc.param)
     if isinstance(exc, AdapterBusyError):

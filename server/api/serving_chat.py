@@ -83,25 +83,28 @@ class ChatService(OpenAIService):
         self._templates: OrderedDict[int, Tokenizer] = OrderedDict()
         self._templates_lock = threading.Lock()
 
-    def chat_tokenizer(self, adapter: str | None) -> Tokenizer:
-        """The tokenizer whose chat template renders this adapter's chats: the adapter's own
-        template when it ships one, else the base's. Keyed by adapter_id, so an in-place reload
-        (a new id) brings its new template."""
+    def chat_tokenizer(self, adapter: str | None) -> tuple[Tokenizer, int | None]:
+        """The tokenizer whose chat template renders this adapter's chats (the adapter's own
+        template when it ships one, else the base's) and the adapter version it belongs to.
+        Keyed by adapter_id, so an in-place reload (a new id) brings its new template; the
+        request is then pinned to that version, so template and weights always match."""
         reg = None if adapter is None else self.models.adapter(adapter)
-        if reg is None or reg.spec.chat_template is None:
-            return self.tok
+        if reg is None:
+            return self.tok, None
+        if reg.spec.chat_template is None:
+            return self.tok, reg.adapter_id
         with self._templates_lock:
             view = self._templates.get(reg.adapter_id)
             if view is not None:
                 self._templates.move_to_end(reg.adapter_id)
-                return view
+                return view, reg.adapter_id
         t = reg.spec.chat_template
         view = self.tok.with_chat_template(t.source, t.bos_token, t.eos_token)
         with self._templates_lock:
             self._templates[reg.adapter_id] = view
             if len(self._templates) > MAX_CACHED_TEMPLATES:
                 self._templates.popitem(last=False)
-        return view
+        return view, reg.adapter_id
 
     def _messages(self, req: ChatCompletionRequest) -> list[dict[str, Any]]:
         messages = []
@@ -148,7 +151,7 @@ class ChatService(OpenAIService):
         adapter = await self.adapter(req)
         self.engine.check_serving(req.n)  # before any tokenizing
         template_tools = req.tools if tools.tools and tools.choice != "none" else None
-        tok = await off_loop(self.chat_tokenizer, adapter)
+        tok, version = await off_loop(self.chat_tokenizer, adapter)
         family = template_family(tok.chat_template)
         prompt = await self.prompts.encode_chat(
             self._messages(req), req.add_generation_prompt, template_tools, tok
@@ -167,7 +170,7 @@ class ChatService(OpenAIService):
         stop_at_template_eos(tok, params)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
-        stream = self.engine.generate(raw, [prompt] * req.n, params, adapter)
+        stream = self.engine.generate(raw, [prompt] * req.n, params, adapter, version)
         if req.stream:
             return self._stream(req, family, tools, rid, created, stream)
         results = await collect(stream, req.n)

@@ -291,6 +291,7 @@ class ServerState:
         prompts: Sequence[Prompt],
         params: Sequence[SamplingParams],
         adapter: str | None,
+        adapter_id: int | None = None,
     ) -> AsyncIterator[tuple[int, RequestOutput]]:
         """Run several engine requests as one API call: (index, output) as outputs arrive.
 
@@ -300,7 +301,7 @@ class ServerState:
         self.check_serving(len(prompts))
         engine = self.async_engine
         seqs = [
-            engine.prepare(p, sp, adapter_name=adapter)
+            engine.prepare(p, sp, adapter_name=adapter, adapter_id=adapter_id)
             for p, sp in zip(prompts, params, strict=True)
         ]
         return _merge(request, [engine.stream(s) for s in seqs])

@@ -93,11 +93,12 @@ class AsyncLLMEngine:
         params: SamplingParams,
         request_id: str | None = None,
         adapter_name: str | None = None,
+        adapter_id: int | None = None,
     ) -> Sequence:
         """Validate a request (raises InvalidRequestError) without queuing it."""
         if not self.running:
             raise EngineDeadError(f"the engine is not running: {self.dead_reason or 'stopped'}")
-        return self.engine.make_sequence(prompt, params, request_id, adapter_name)
+        return self.engine.make_sequence(prompt, params, request_id, adapter_name, adapter_id)
 
     async def stream(self, seq: Sequence) -> AsyncIterator[RequestOutput]:
         """Queue a prepared sequence and yield its outputs until it finishes."""

@@ -9,6 +9,18 @@ class UnknownAdapterError(InvalidRequestError):
     """A request names an adapter that is not registered."""
 
 
+class AdapterVersionGoneError(InvalidRequestError):
+    """A request prepared for one version of an adapter (its chat template) arrives after an
+    in-place reload has replaced that version and freed it."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(
+            f"adapter {name!r} was reloaded while this request was being prepared, and the "
+            "version it was prepared for is gone; send the request again",
+            "model",
+        )
+
+
 class AdapterBusyError(RuntimeError):
     """An adapter cannot be removed while requests use it."""
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from server.config import ConfigError, EngineConfig
-from server.engine.errors import AdapterBusyError, UnknownAdapterError
+from server.engine.errors import AdapterBusyError, AdapterVersionGoneError, UnknownAdapterError
 from server.engine.grammar import GrammarCompiler
 from server.engine.logits_processors import LogitsState, accept_token
 from server.engine.model_runner import ModelRunner
@@ -159,8 +159,13 @@ class LLMEngine:
         params: SamplingParams,
         request_id: str | None = None,
         adapter_name: str | None = None,
+        adapter_id: int | None = None,
     ) -> Sequence:
-        """Validate a request and build its sequence, without queuing it (any thread)."""
+        """Validate a request and build its sequence, without queuing it (any thread).
+
+        `adapter_id` pins the adapter's version the caller prepared the prompt for (its chat
+        template): the request runs on that version even if a reload replaced it since, or
+        fails if that version is gone, rather than run another version's weights."""
         if isinstance(prompt, str):
             ids = self.tokenizer.encode(prompt)
         else:
@@ -195,6 +200,13 @@ class LLMEngine:
             reg = self.registry.get(adapter_name) if self.registry is not None else None
             if reg is None:
                 raise UnknownAdapterError(f"adapter {adapter_name!r} does not exist", "model")
+            if adapter_id is not None and adapter_id != reg.adapter_id:
+                reg = self.registry.by_id(adapter_id) if self.registry is not None else None
+                if reg is None or reg.name != adapter_name:
+                    raise AdapterVersionGoneError(adapter_name)
+                seq.adapter_pinned = True
+            elif adapter_id is not None:
+                seq.adapter_pinned = True
             seq.adapter_id = reg.adapter_id
             seq.rope_scale = reg.spec.rope_scaling_factor
             self._check_fits(seq, len(ids) + params.max_tokens)
@@ -226,7 +238,10 @@ class LLMEngine:
         if seq.adapter_name is not None and (
             self.registry is None or self.registry.by_id(seq.adapter_id) is None
         ):
-            # Made before an in-place reload whose old version is gone already: the new one.
+            # Made before an in-place reload whose old version is gone already: the new one,
+            # unless the caller prepared the prompt for that version.
+            if seq.adapter_pinned:
+                raise AdapterVersionGoneError(seq.adapter_name)
             reg = self.registry.get(seq.adapter_name) if self.registry is not None else None
             if reg is None:
                 raise UnknownAdapterError(f"adapter {seq.adapter_name!r} was deleted", "model")

@@ -36,6 +36,7 @@ class Sequence:
     params: SamplingParams
     adapter_name: str | None = None
     adapter_id: int = NO_ADAPTER
+    adapter_pinned: bool = False  # adapter_id is the version the prompt was prepared for
     rope_scale: float = 1.0
     arrival_time: float = field(default_factory=time.monotonic)
     token_ids: list[int] = field(default_factory=list)  # prompt + output
