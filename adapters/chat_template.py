@@ -10,10 +10,13 @@ with the base's id; anything else is refused at registration.
 from __future__ import annotations
 
 import json
+import sys
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import jinja2
@@ -39,18 +42,77 @@ _SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token"
 _MAX_NAMED = 3  # tokens quoted in an error message
 
 
+# A chat renders in well under a millisecond per kilobyte; a template that loops for longer
+# than this is stopped, so it cannot hold the tokenizer threads every request shares.
+RENDER_SECONDS = 2.0
+# Largest string or list a template may build with * (a chat is bounded by the context length).
+MAX_REPEAT_ITEMS = 1 << 20
+TEMPLATE_FILENAME = "<template>"  # what jinja names the code it compiles from a string
+
+
+class TemplateTimeout(jinja2.TemplateError):
+    """A template ran past RENDER_SECONDS."""
+
+
 def _raise_exception(message: str) -> None:
     raise jinja2.TemplateError(message)
 
 
+class _BoundedEnvironment(ImmutableSandboxedEnvironment):
+    """The sandbox, plus a bound on what * and ** can build (jinja bounds only range())."""
+
+    intercepted_binops = frozenset(["*", "**"])
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if operator == "**":
+            if isinstance(right, int) and abs(right) > 64:
+                raise jinja2.TemplateError(f"exponent {right} is too large for a chat template")
+            return super().call_binop(context, operator, left, right)
+        for seq, times in ((left, right), (right, left)):
+            repeats = isinstance(seq, (str, list, tuple)) and isinstance(times, int)
+            if repeats and len(seq) * times > MAX_REPEAT_ITEMS:
+                raise jinja2.TemplateError(
+                    f"a chat template may not build a sequence of more than "
+                    f"{MAX_REPEAT_ITEMS} items"
+                )
+        return super().call_binop(context, operator, left, right)
+
+
 def compile_chat_template(source: str) -> jinja2.Template:
     """A chat template compiled in the sandbox every template runs in (the base's too)."""
-    env = ImmutableSandboxedEnvironment(
+    env = _BoundedEnvironment(
         trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
     )
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     return env.from_string(source)
+
+
+def render_bounded(
+    template: jinja2.Template, seconds: float = RENDER_SECONDS, **context: Any
+) -> str:
+    """template.render(**context), stopped with TemplateTimeout after `seconds`.
+
+    A trace function on this thread watches only the template's own frames (the code jinja
+    compiled from it) and checks the clock at each line they run; loops in a template are
+    template code, so none escapes. Other frames are not traced and run at full speed.
+    """
+    deadline = time.monotonic() + seconds
+
+    def on_line(frame: FrameType, event: str, arg: Any) -> Any:
+        if event == "line" and time.monotonic() > deadline:
+            raise TemplateTimeout(f"the chat template ran for more than {seconds:g} s")
+        return on_line
+
+    def on_call(frame: FrameType, event: str, arg: Any) -> Any:
+        return on_line if frame.f_code.co_filename == TEMPLATE_FILENAME else None
+
+    previous = sys.gettrace()
+    sys.settrace(on_call)
+    try:
+        return template.render(**context)
+    finally:
+        sys.settrace(previous)
 
 
 @dataclass(frozen=True)

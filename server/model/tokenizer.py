@@ -16,7 +16,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers.decoders import DecodeStream
 from tokenizers.pre_tokenizers import ByteLevel
 
-from adapters.chat_template import BaseVocabulary, compile_chat_template
+from adapters.chat_template import BaseVocabulary, compile_chat_template, render_bounded
 
 # Normalizers and pre-tokenizers that never drop characters: each input character still
 # reaches the model (see Tokenizer.max_chars_per_token).
@@ -158,7 +158,8 @@ class Tokenizer:
         if self._template is None:
             self._template = compile_chat_template(self.chat_template)
         try:
-            return self._template.render(
+            return render_bounded(
+                self._template,
                 messages=messages,
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token or "",

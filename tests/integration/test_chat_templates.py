@@ -8,7 +8,9 @@ import asyncio
 import json
 import re
 import shutil
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,7 @@ import openai
 import pytest
 from tokenizers import Tokenizer as HFTokenizer
 
+from adapters.chat_template import RENDER_SECONDS
 from adapters.format import CONFIG_FILE, WEIGHTS_FILE
 from tests.integration.conftest import CHAT_TEMPLATE, MODEL_NAME, Oracle
 from tests.integration.live_server import LiveServer
@@ -243,3 +246,38 @@ def test_the_adapter_template_decides_how_tool_calls_are_parsed(
     assert (call.name, json.loads(call.arguments)) == ("add", {"a": 4, "b": 5})
     plain = reply("tmpl-a")  # a template of the default (Llama 3 JSON) family: text stays text
     assert plain.finish_reason != "tool_calls" and plain.message.content == HERMES_CALL
+
+
+def test_a_template_that_loops_forever_is_stopped_within_its_time_bound(
+    server: LiveServer, sdk: openai.OpenAI, spare_adapters: Path, tmp_path: Path
+) -> None:
+    """Uploaded with the admin key, a runaway template still cannot hold the tokenizer
+    threads every request shares: it is stopped after RENDER_SECONDS, a 400 for its request;
+    /health answers at once and another chat within that bound."""
+    looping = (
+        "{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}"
+        "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    )
+    folder = make_upload(spare_adapters / "spare-2", tmp_path / "looping", config_with(looping))
+    assert upload(server, "tmpl-looping", folder).status_code == 201
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        stuck = [
+            pool.submit(
+                sdk.chat.completions.create,
+                model="tmpl-looping",
+                messages=MESSAGES[1:],
+                max_tokens=2,
+            )
+            for _ in range(2)
+        ]
+        time.sleep(0.3)  # both tokenizer threads are now inside the loop
+        start = time.monotonic()
+        with server.client() as http:
+            assert http.get("/health").status_code == 200
+        other = sdk.chat.completions.create(model=MODEL_NAME, messages=MESSAGES[1:], max_tokens=2)  # type: ignore[arg-type]
+        assert other.choices[0].finish_reason == "length"
+        assert time.monotonic() - start < RENDER_SECONDS + 5
+        for future in stuck:
+            with pytest.raises(openai.BadRequestError) as info:
+                future.result()
+            assert "ran for more than" in info.value.message

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from pathlib import Path
 
+import jinja2
 import pytest
 
 from adapters import AdapterError, AdapterRegistry, AdapterSpec, AdapterStore
@@ -240,3 +242,35 @@ def test_a_registered_folder_brings_its_template_and_the_store_keeps_the_file(
     added = reg.register_dir("a", folder)
     assert added.spec.chat_template == ChatTemplate(CHATML)
     assert (reg.store.path("a") / "chat_template.jinja").read_text() == CHATML
+
+
+def test_a_runaway_template_is_stopped_after_its_time_bound() -> None:
+    import time
+
+    from adapters.chat_template import TemplateTimeout, compile_chat_template, render_bounded
+
+    looping = compile_chat_template(
+        "{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}x"
+    )
+    start = time.monotonic()
+    with pytest.raises(TemplateTimeout, match="ran for more than 0.2 s"):
+        render_bounded(looping, seconds=0.2)
+    assert time.monotonic() - start < 1.0
+    # Loops over strings are template code too.
+    nested = compile_chat_template("{% for a in s %}{% for b in s %}{% endfor %}{% endfor %}")
+    with pytest.raises(TemplateTimeout):
+        render_bounded(nested, seconds=0.2, s="x" * 100_000)
+    # Nothing is left traced afterwards, and a normal template renders the same as before.
+    assert sys.gettrace() is None
+    chat = compile_chat_template("{% for m in messages %}{{ m['content'] }};{% endfor %}")
+    assert render_bounded(chat, messages=[{"content": "a"}, {"content": "b"}]) == "a;b;"
+
+
+def test_a_template_cannot_build_huge_strings_with_repetition() -> None:
+    from adapters.chat_template import compile_chat_template, render_bounded
+
+    with pytest.raises(jinja2.TemplateError, match="more than 1048576 items"):
+        render_bounded(compile_chat_template("{{ 'ab' * 100000000 }}"))
+    with pytest.raises(jinja2.TemplateError, match="exponent"):
+        render_bounded(compile_chat_template("{{ 10 ** 100000 }}"))
+    assert render_bounded(compile_chat_template("{{ '-' * 3 }}{{ 2 ** 3 }}")) == "---8"
