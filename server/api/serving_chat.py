@@ -12,6 +12,7 @@ from typing import Any
 
 from fastapi import Request
 
+from adapters.chat_template import RENDER_SECONDS
 from server.api.errors import APIError, BadRequest
 from server.api.outputs import Finished, collect, sse, sse_error, usage
 from server.api.prompts import off_loop
@@ -42,7 +43,7 @@ from server.api.tools import (
 from server.api.tools import ToolCall as ParsedCall
 from server.engine.outputs import RequestOutput
 from server.engine.sampling_params import SamplingParams
-from server.model.tokenizer import Tokenizer
+from server.model.tokenizer import TemplateTooSlowError, Tokenizer
 
 # Adapters' templates kept compiled (a view of the tokenizer each, sharing its vocabulary).
 MAX_CACHED_TEMPLATES = 256
@@ -82,6 +83,10 @@ class ChatService(OpenAIService):
         super().__init__(*args, **kwargs)
         self._templates: OrderedDict[int, Tokenizer] = OrderedDict()
         self._templates_lock = threading.Lock()
+        # Adapter versions whose template ran past its time bound: refused from then on, so
+        # one broken template costs the shared tokenizer threads one bounded episode, not one
+        # per request.
+        self._slow_templates: set[int] = set()
 
     def chat_tokenizer(self, adapter: str | None) -> tuple[Tokenizer, int | None]:
         """The tokenizer whose chat template renders this adapter's chats (the adapter's own
@@ -152,10 +157,23 @@ class ChatService(OpenAIService):
         self.engine.check_serving(req.n)  # before any tokenizing
         template_tools = req.tools if tools.tools and tools.choice != "none" else None
         tok, version = await off_loop(self.chat_tokenizer, adapter)
+        own_template = tok is not self.tok and version is not None
+        if own_template and version in self._slow_templates:
+            raise BadRequest(
+                f"adapter {adapter!r}'s chat template ran for more than {RENDER_SECONDS:g} s on "
+                "an earlier request; its chats are refused until the adapter is reloaded",
+                "model",
+            )
         family = template_family(tok.chat_template)
-        prompt = await self.prompts.encode_chat(
-            self._messages(req), req.add_generation_prompt, template_tools, tok
-        )
+        try:
+            prompt = await self.prompts.encode_chat(
+                self._messages(req), req.add_generation_prompt, template_tools, tok
+            )
+        except BadRequest as exc:
+            if own_template and isinstance(exc.__cause__, TemplateTooSlowError):
+                assert version is not None
+                self._slow_templates.add(version)
+            raise
         grammar = await self.compile(grammar)
         max_tokens = req.max_completion_tokens or req.max_tokens
         if max_tokens is None:

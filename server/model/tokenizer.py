@@ -16,7 +16,12 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers.decoders import DecodeStream
 from tokenizers.pre_tokenizers import ByteLevel
 
-from adapters.chat_template import BaseVocabulary, compile_chat_template, render_bounded
+from adapters.chat_template import (
+    BaseVocabulary,
+    TemplateTimeout,
+    compile_chat_template,
+    render_bounded,
+)
 
 # Normalizers and pre-tokenizers that never drop characters: each input character still
 # reaches the model (see Tokenizer.max_chars_per_token).
@@ -26,6 +31,10 @@ _KEEPING_PRE_TOKENIZERS = frozenset({"ByteLevel", "Metaspace", "Split", "Digits"
 
 class TokenizerError(ValueError):
     """The tokenizer files are missing or cannot be used."""
+
+
+class TemplateTooSlowError(TokenizerError):
+    """A chat template ran past its time bound (adapters.chat_template.RENDER_SECONDS)."""
 
 
 def _token_text(value: Any) -> str | None:
@@ -166,6 +175,8 @@ class Tokenizer:
                 eos_token=self.eos_token or "",
                 tools=tools,
             )
+        except TemplateTimeout as exc:
+            raise TemplateTooSlowError(f"chat template failed: {exc}") from exc
         except Exception as exc:  # a template is user content: it may raise anything
             raise TokenizerError(f"chat template failed: {exc}") from exc
 

@@ -252,8 +252,9 @@ def test_a_template_that_loops_forever_is_stopped_within_its_time_bound(
     server: LiveServer, sdk: openai.OpenAI, spare_adapters: Path, tmp_path: Path
 ) -> None:
     """Uploaded with the admin key, a runaway template still cannot hold the tokenizer
-    threads every request shares: it is stopped after RENDER_SECONDS, a 400 for its request;
-    /health answers at once and another chat within that bound."""
+    threads every request shares: it is stopped after RENDER_SECONDS, a 400 for its request
+    (/health answers at once and another chat within that bound), and that version's chats
+    are refused at once afterwards, until a reload."""
     looping = (
         "{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}"
         "{% for m in messages %}{{ m['content'] }}{% endfor %}"
@@ -281,3 +282,13 @@ def test_a_template_that_loops_forever_is_stopped_within_its_time_bound(
             with pytest.raises(openai.BadRequestError) as info:
                 future.result()
             assert "ran for more than" in info.value.message
+    # From then on that version's chats are refused at once, not after another 2 s each.
+    start = time.monotonic()
+    with pytest.raises(openai.BadRequestError, match="refused until the adapter is reloaded"):
+        sdk.chat.completions.create(model="tmpl-looping", messages=MESSAGES[1:], max_tokens=2)  # type: ignore[arg-type]
+    assert time.monotonic() - start < 1.0
+    # A reload with a working template serves again.
+    fixed = make_upload(spare_adapters / "spare-2", tmp_path / "fixed", config_with(TEMPLATE_A))
+    assert upload(server, "tmpl-looping", fixed, method="PUT").status_code == 200
+    out = sdk.chat.completions.create(model="tmpl-looping", messages=MESSAGES[1:], max_tokens=2)  # type: ignore[arg-type]
+    assert out.choices[0].finish_reason == "length"
