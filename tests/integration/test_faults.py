@@ -158,10 +158,13 @@ def test_crashes_mid_checkpoint_resume_the_job_to_success(live):
     with live.client(admin=True) as admin:
         file_id = upload(admin, "train.jsonl", TRAIN_ROWS)
     job_id = _create_job(live, file_id, max_steps=12, checkpoint_steps=5)
+    # Listings are checked once the job is done, not between restarts: a resumed job may be
+    # writing a checkpoint (half-written on purpose before the second crash) at any moment.
+    # A crash's leftover temporary has its own name and would still be there at the end had
+    # start-up not removed it; the step-5 checkpoint being indexed after the first crash shows
+    # in the "resumed ... at step 5" events.
     _restart_after_kill(live, "checkpoint.write=crash")
-    assert_listings_match_disk(live)  # the unrecorded step-5 checkpoint is indexed
     _restart_after_kill(live)
-    assert_listings_match_disk(live)
     with live.client(admin=True) as client:
         final = wait_for_job(client, job_id, timeout=240)
         events = [e["message"] for e in all_events(client, job_id)]
