@@ -380,20 +380,18 @@ class SharedAdapterStore:
         return f"{self.root}/{BLOBS}/{digest}"
 
     def _put(self, local: str, remote: str) -> None:
-        # An object store's PUT is atomic; on a filesystem write aside, then rename.
-        if not self._local:
-            self.fs.put_file(local, remote)
-            return
-        tmp = self._tmp_path()
-        self.fs.put_file(local, tmp)
-        self.fs.mv(tmp, remote)
+        self._write_atomic(remote, lambda path: self.fs.put_file(local, path))
 
     def _put_bytes(self, data: bytes, remote: str) -> None:
+        self._write_atomic(remote, lambda path: self.fs.pipe_file(path, data))
+
+    def _write_atomic(self, remote: str, write: Callable[[str], None]) -> None:
+        # An object store's PUT is atomic; on a filesystem write aside, then rename.
         if not self._local:
-            self.fs.pipe_file(remote, data)
+            write(remote)
             return
         tmp = self._tmp_path()
-        self.fs.pipe_file(tmp, data)
+        write(tmp)
         self.fs.mv(tmp, remote)
 
     def _tmp_path(self) -> str:

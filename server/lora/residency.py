@@ -23,7 +23,7 @@ from server.lora.layout import Layout
 from server.lora.pooled import PooledWeights, layout_adapter, write_to_pool
 from server.lora.slots import SlotTables
 from server.memory.page_pool import ADAPTER, PagePool, Reclaimer
-from server.memory.reclaim import EvictionClock
+from server.memory.reclaim import EvictionClock, PoolReclaimer
 from server.model.config import ModelConfig
 
 if TYPE_CHECKING:
@@ -75,8 +75,9 @@ class DeviceAdapterCache:
     ) -> None:
         self.pool = pool
         self.clock = clock or EvictionClock()
-        # What allocations may evict: this cache alone, or the engine's PoolReclaimer.
-        self.reclaimer: Reclaimer = self
+        # What allocations may evict: idle adapters alone, until the engine installs the
+        # PoolReclaimer over this cache and the prefix cache together.
+        self.reclaimer: Reclaimer = PoolReclaimer(self.clock, [self])
         self.registry = registry
         self.cfg = cfg
         self.max_loras = max_loras
@@ -115,14 +116,6 @@ class DeviceAdapterCache:
 
     def reclaimable_pages(self) -> int:
         return sum(len(r.pages) for r in self._idle())
-
-    def reclaim(self, num_pages: int) -> int:
-        """Evict idle adapters, lowest priority first, until num_pages are free."""
-        freed = 0
-        while freed < num_pages and (r := self._next_victim()) is not None:
-            freed += len(r.pages)
-            self._evict(r)
-        return freed
 
     # ---- EvictionSource -----------------------------------------------------------------
 

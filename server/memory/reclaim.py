@@ -75,7 +75,6 @@ class PoolReclaimer:
     def __init__(self, clock: EvictionClock, sources: list[EvictionSource]) -> None:
         self.clock = clock
         self.sources = sources
-        self.pages_reclaimed = 0
 
     def reclaimable_pages(self) -> int:
         return sum(s.reclaimable_pages() for s in self.sources)
@@ -92,5 +91,4 @@ class PoolReclaimer:
                 break
             self.clock.value = max(self.clock.value, best[0][0])
             freed += best[1].evict_one()
-        self.pages_reclaimed += freed
         return freed
