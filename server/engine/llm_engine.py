@@ -27,16 +27,13 @@ from server.engine.setup import (
     build_model,
     generation_eos_ids,
     kernel_backend,
-    lora_backend,
     make_pool,
+    pool_tenants,
 )
 from server.engine.stats import StepStats
 from server.lora.batch import build_lora_batch, group_by_adapter
 from server.lora.layers import enable_lora
-from server.lora.residency import DeviceAdapterCache
 from server.memory.kv_cache import KVCacheManager
-from server.memory.prefix_cache import PrefixCache
-from server.memory.reclaim import EvictionClock, EvictionSource, PoolReclaimer
 from server.model.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -88,30 +85,13 @@ class LLMEngine:
                 f"--max-model-len {self.max_model_len}; raise --pool-mb or lower --max-model-len"
             )
         self.registry = registry
-        # One eviction policy over everything idle in the pool: adapters nothing runs on and
-        # cached prefix blocks nothing holds (server.memory.reclaim).
-        self.eviction_clock = EvictionClock()
-        sources: list[EvictionSource] = []
-        self.adapter_cache: DeviceAdapterCache | None = None
         if registry is not None:
             enable_lora(self.model)
-            self.adapter_cache = DeviceAdapterCache(
-                self.pool,
-                registry,
-                cfg,
-                config.max_loras,
-                config.max_lora_rank,
-                lora_backend(self.device, config.lora_backend),
-                clock=self.eviction_clock,
-            )
-            sources.append(self.adapter_cache)
-        self.prefix_cache: PrefixCache | None = None
-        if config.enable_prefix_caching:
-            self.prefix_cache = PrefixCache(self.pool, self.eviction_clock)
-            sources.append(self.prefix_cache)
-        self.reclaimer = PoolReclaimer(self.eviction_clock, sources)
-        if self.adapter_cache is not None:
-            self.adapter_cache.reclaimer = self.reclaimer
+        tenants = pool_tenants(config, self.pool, cfg, registry, self.device)
+        self.eviction_clock = tenants.clock
+        self.adapter_cache = tenants.adapters
+        self.prefix_cache = tenants.prefixes
+        self.reclaimer = tenants.reclaimer
         self.kv = KVCacheManager(self.pool, reclaimer=self.reclaimer, prefix=self.prefix_cache)
         self.scheduler = Scheduler(
             self.kv, config.max_num_seqs, config.max_num_batched_tokens, self.adapter_cache
@@ -200,12 +180,11 @@ class LLMEngine:
             reg = self.registry.get(adapter_name) if self.registry is not None else None
             if reg is None:
                 raise UnknownAdapterError(f"adapter {adapter_name!r} does not exist", "model")
-            if adapter_id is not None and adapter_id != reg.adapter_id:
-                reg = self.registry.by_id(adapter_id) if self.registry is not None else None
-                if reg is None or reg.name != adapter_name:
-                    raise AdapterVersionGoneError(adapter_name)
-                seq.adapter_pinned = True
-            elif adapter_id is not None:
+            if adapter_id is not None:
+                if adapter_id != reg.adapter_id:
+                    reg = self.registry.by_id(adapter_id)
+                    if reg is None or reg.name != adapter_name:
+                        raise AdapterVersionGoneError(adapter_name)
                 seq.adapter_pinned = True
             seq.adapter_id = reg.adapter_id
             seq.rope_scale = reg.spec.rope_scaling_factor
@@ -271,7 +250,7 @@ class LLMEngine:
             return None
         self.scheduler.finish(req.seq, "abort")
         self.sampler.release(req.seq)
-        self._record_finish(req.seq, time.monotonic())
+        self._stats.record_finish(req.seq, time.monotonic())
         self._free_retired_adapters()
         return self._output(req, [], [], finished=True)
 
@@ -374,39 +353,18 @@ class LLMEngine:
             else:
                 seq.append_token(token)
                 accept_token(seq, token)
-                self._record_token(seq, now)
+                self._stats.record_token(seq, now)
                 reason = self._finish_reason(req, token)
                 new_ids = [token]
             if reason is not None:
                 self.scheduler.finish(seq, reason)
                 self.sampler.release(seq)
-                self._record_finish(seq, now)
+                self._stats.record_finish(seq, now)
                 del self._requests[seq.request_id]
             outputs.append(
                 self._output(req, new_ids, [logprob] if logprob else [], reason is not None)
             )
         return outputs
-
-    def _record_token(self, seq: Sequence, now: float) -> None:
-        stats = self._stats
-        stats.num_generation_tokens += 1
-        if seq.first_token_time is None:
-            seq.first_token_time = now
-            stats.num_prompt_tokens += seq.num_prompt_tokens
-            stats.time_to_first_token.append(now - seq.arrival_time)
-        else:
-            assert seq.last_token_time is not None
-            stats.inter_token_latency.append(now - seq.last_token_time)
-        seq.last_token_time = now
-
-    def _record_finish(self, seq: Sequence, now: float) -> None:
-        stats = self._stats
-        stats.finished[seq.finish_reason or "abort"] += 1
-        stats.e2e_latency.append(now - seq.arrival_time)
-        if seq.first_scheduled_time is not None:
-            stats.queue_time.append(seq.first_scheduled_time - seq.arrival_time)
-        stats.prompt_lengths.append(seq.num_prompt_tokens)
-        stats.generation_lengths.append(seq.num_output_tokens)
 
     def take_stats(self) -> StepStats:
         """What happened since the last call (engine thread only)."""

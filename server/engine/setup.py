@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -12,7 +13,10 @@ import torch
 
 from server.config import DEFAULT_CPU_POOL_MB, ConfigError, EngineConfig
 from server.engine.memory_budget import activation_bytes, split_memory
+from server.lora.residency import DeviceAdapterCache
 from server.memory.page_pool import PageGeometry, PagePool
+from server.memory.prefix_cache import PrefixCache
+from server.memory.reclaim import EvictionClock, EvictionSource, PoolReclaimer
 from server.model.config import ModelConfig
 from server.model.llama import LlamaForCausalLM
 from server.model.loader import load_model, module_bytes
@@ -160,3 +164,46 @@ def make_pool(config: EngineConfig, cfg: ModelConfig) -> PagePool:
         num_pages * page_bytes / 2**20,
     )
     return pool
+
+
+@dataclass(frozen=True)
+class PoolTenants:
+    """What lives in the page pool besides running requests' KV, under one eviction policy:
+    resident adapters, cached prefix blocks, and the reclaimer over both."""
+
+    clock: EvictionClock
+    adapters: DeviceAdapterCache | None
+    prefixes: PrefixCache | None
+    reclaimer: PoolReclaimer
+
+
+def pool_tenants(
+    config: EngineConfig,
+    pool: PagePool,
+    cfg: ModelConfig,
+    registry: AdapterRegistry | None,
+    device: torch.device,
+) -> PoolTenants:
+    """The adapter residency (when adapters are served) and the prefix cache (unless turned
+    off), both evicted by one PoolReclaimer (server.memory.reclaim)."""
+    clock = EvictionClock()
+    sources: list[EvictionSource] = []
+    adapters = None
+    if registry is not None:
+        adapters = DeviceAdapterCache(
+            pool,
+            registry,
+            cfg,
+            config.max_loras,
+            config.max_lora_rank,
+            lora_backend(device, config.lora_backend),
+            clock=clock,
+        )
+        sources.append(adapters)
+    prefixes = PrefixCache(pool, clock) if config.enable_prefix_caching else None
+    if prefixes is not None:
+        sources.append(prefixes)
+    reclaimer = PoolReclaimer(clock, sources)
+    if adapters is not None:
+        adapters.reclaimer = reclaimer
+    return PoolTenants(clock, adapters, prefixes, reclaimer)
