@@ -11,7 +11,9 @@ from adapters.format import (
     read_adapter_spec,
     write_adapter,
 )
-from adapters.registry import AdapterRegistry, HostCacheStats, RegisteredAdapter
+from adapters.host_cache import HostCacheStats
+from adapters.registered import RegisteredAdapter
+from adapters.registry import AdapterRegistry
 from adapters.store import AdapterRecord, AdapterStore, check_adapter_name
 
 __all__ = [

@@ -3,8 +3,20 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import dataclass
 
 from adapters.format import AdapterWeights
+
+
+@dataclass(frozen=True)
+class HostCacheStats:
+    """A snapshot of the host cache's size and traffic."""
+
+    host_bytes: int
+    num_host_resident: int
+    host_loads: int  # reads from disk
+    host_evictions: int
+    disk_load_seconds: float
 
 
 class HostCache:

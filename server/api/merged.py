@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from adapters import AdapterExistsError, AdapterNotFoundError, RegisteredAdapter
 from adapters.merge import MergeError, MergeParams, merge_adapters, merged_spec
-from adapters.registry import VIRTUAL_PREFIX, is_virtual
+from adapters.registered import VIRTUAL_PREFIX, is_virtual
 from server.api.errors import BadRequest
 from server.api.schemas.lorax import MergedAdapters
 from server.engine.errors import AdapterBusyError, UnknownAdapterError

@@ -14,7 +14,7 @@ from pathlib import Path
 from fastapi import Request
 
 from adapters import AdapterRegistry, RegisteredAdapter, sources
-from adapters.registry import is_virtual
+from adapters.registered import is_virtual
 from adapters.shared_store import SharedAdapterStore, storage_options
 from adapters.store import AdapterBackend, AdapterStore
 from server.api.clients import ServedModel

@@ -14,7 +14,7 @@ from starlette.datastructures import FormData, UploadFile
 
 from adapters import AdapterError, RegisteredAdapter, extract_adapter_files, sources
 from adapters.format import CONFIG_FILE, WEIGHTS_FILE
-from adapters.registry import is_virtual
+from adapters.registered import is_virtual
 from server.api.auth import require_admin_key, require_api_key
 from server.api.errors import BadRequest, Forbidden, NotFound
 from server.api.schemas.admin import (
