@@ -14,9 +14,10 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from server.engine.errors import InvalidRequestError
 from server.engine.llm_engine import LLMEngine, Prompt
 from server.engine.outputs import RequestOutput
-from server.engine.sampling_params import InvalidRequestError, SamplingParams
+from server.engine.sampling_params import SamplingParams
 from server.engine.sequence import Sequence
 
 logger = logging.getLogger(__name__)

@@ -19,13 +19,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from server.engine.model_runner import ModelRunner
 from server.engine.step_inputs import StepBuffers, StepInputs
 from server.lora.batch import LoRABatch
 from server.memory.page_pool import KV
 from server.model.context import AttentionMetadata, ForwardContext, SeqLayout
 
 if TYPE_CHECKING:
-    from server.engine.model_runner import ModelRunner
     from server.lora.residency import DeviceAdapterCache
 
 logger = logging.getLogger(__name__)
@@ -105,9 +105,7 @@ class DecodeGraphs:
         if n is None or bucket_for(n, self.buckets) is None:
             return False
         lora = step.context.lora
-        return lora is None or not any(
-            r.adapter.weights.norms or r.adapter.weights.embed_chunks for r in lora.runs
-        )
+        return lora is None or not any(r.weights.norms or r.weights.embed_chunks for r in lora.runs)
 
     def replay(self, step: StepInputs) -> torch.Tensor:
         """Logits [n, vocab] of a prepared decode step, by replaying its bucket's graph."""

@@ -14,13 +14,18 @@ from typing import TYPE_CHECKING
 import torch
 
 from server.config import ConfigError, EngineConfig
-from server.engine.errors import AdapterBusyError, AdapterVersionGoneError, UnknownAdapterError
+from server.engine.errors import (
+    AdapterBusyError,
+    AdapterVersionGoneError,
+    InvalidRequestError,
+    UnknownAdapterError,
+)
 from server.engine.grammar import GrammarCompiler
 from server.engine.logits_processors import LogitsState, accept_token
 from server.engine.model_runner import ModelRunner
 from server.engine.outputs import OutputText, RequestOutput
 from server.engine.sampler import NON_FINITE, Sampler
-from server.engine.sampling_params import InvalidRequestError, SamplingParams
+from server.engine.sampling_params import SamplingParams
 from server.engine.scheduler import Scheduler, SchedulerOutput
 from server.engine.sequence import Sequence, SequenceStatus
 from server.engine.setup import (
@@ -31,7 +36,7 @@ from server.engine.setup import (
     pool_tenants,
 )
 from server.engine.stats import StepStats
-from server.lora.batch import build_lora_batch, group_by_adapter
+from server.lora.batch import group_by_adapter
 from server.lora.layers import enable_lora
 from server.memory.kv_cache import KVCacheManager
 from server.model.tokenizer import Tokenizer
@@ -128,7 +133,11 @@ class LLMEngine:
         ):
             logger.info("decode CUDA graphs need the Triton kernel and LoRA backends; eager")
         else:
-            self.runner.capture_graphs(self.adapter_cache)
+            from server.engine.cuda_graphs import DecodeGraphs
+
+            graphs = DecodeGraphs(self.runner, self.adapter_cache)
+            graphs.capture()
+            self.runner.graphs = graphs
         logger.info("warm-up done in %.1fs", time.perf_counter() - start)
 
     # ---- requests -------------------------------------------------------------------------
@@ -324,7 +333,7 @@ class LLMEngine:
         if self.adapter_cache is not None:
             group_by_adapter(sched.scheduled, lambda s: s.seq.adapter_id)
             chunks = ((s.seq.adapter_id, s.num_new_tokens) for s in sched.scheduled)
-            lora = build_lora_batch(chunks, self.adapter_cache)
+            lora = self.adapter_cache.lora_batch(chunks)
         start = time.perf_counter()
         logits = self.runner.execute(sched.scheduled, lora)
         self.scheduler.advance(sched)

@@ -7,7 +7,7 @@ built per step; that path serves the CPU. The kernel path reads only fixed buffe
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
@@ -24,9 +24,14 @@ from server.model.context import (
 )
 from server.model.llama import LlamaForCausalLM
 
-if TYPE_CHECKING:
-    from server.engine.cuda_graphs import DecodeGraphs
-    from server.lora.residency import DeviceAdapterCache
+
+class StepReplayer(Protocol):
+    """Captured steps the runner may replay instead of running the forward (CUDA graphs:
+    server.engine.cuda_graphs.DecodeGraphs, installed by the engine after warm-up)."""
+
+    def can_replay(self, step: StepInputs) -> bool: ...
+
+    def replay(self, step: StepInputs) -> torch.Tensor: ...
 
 
 class ModelRunner:
@@ -52,7 +57,7 @@ class ModelRunner:
         self.kernel_backend = kernel_backend
         max_blocks = -(-max_model_len // self.block_size)
         self.buffers = StepBuffers(max_num_batched_tokens, max_num_seqs, max_blocks, device)
-        self.graphs: DecodeGraphs | None = None  # set by capture_graphs (CUDA, kernel path)
+        self.graphs: StepReplayer | None = None  # decode CUDA graphs (CUDA, kernel path)
         for layer, attn in enumerate(model.attention_layers()):
             attn.k_cache, attn.v_cache = pool.kv_views(layer)
         if kernel_backend == "triton":
@@ -70,14 +75,6 @@ class ModelRunner:
         if self.graphs is not None and self.graphs.can_replay(step):
             return self.graphs.replay(step)
         return self.run(step)
-
-    def capture_graphs(self, residency: DeviceAdapterCache | None) -> None:
-        """Capture decode CUDA graphs at every batch bucket (CUDA and the kernel path only)."""
-        from server.engine.cuda_graphs import DecodeGraphs
-
-        graphs = DecodeGraphs(self, residency)
-        graphs.capture()
-        self.graphs = graphs
 
     def run(self, step: StepInputs) -> torch.Tensor:
         """The forward over prepared inputs -> logits [S, vocab] float32."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from server.engine.errors import InvalidRequestError
+
 if TYPE_CHECKING:
     from server.engine.grammar import Grammar
 
@@ -15,15 +17,6 @@ MAX_STOP_CHARS = 256  # per stop string
 MAX_STOP_TOKEN_IDS = 64
 MAX_LOGIT_BIAS = 1024  # entries; each is one indexed add per step
 MAX_BIAS = 100.0  # OpenAI's bound: -100 bans a token, +100 all but forces it
-
-
-class InvalidRequestError(ValueError):
-    """A request the engine refuses before queuing it; `param` names the offending field."""
-
-    def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.param = param
 
 
 @dataclass

@@ -2,23 +2,21 @@
 
 The batched LoRA ops work on runs: consecutive tokens of the flat batch sharing one adapter.
 `group_by_adapter` orders a step's sequences so that every adapter's tokens form exactly one
-run; `build_lora_batch` relies on that order and checks it.
+run; the residency's `lora_batch` relies on that order and checks it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
 import torch
 
 from server.lora.layout import LORA_MODULES
 from server.lora.ops import SegmentTensors, lora_apply
+from server.lora.pooled import PooledWeights
 from server.lora.slots import SlotTables
-
-if TYPE_CHECKING:
-    from server.lora.residency import DeviceAdapterCache, ResidentAdapter
 
 NO_ADAPTER = -1
 T = TypeVar("T")
@@ -35,7 +33,9 @@ class Run:
 
     start: int
     length: int
-    adapter: ResidentAdapter
+    adapter_id: int
+    slot: int
+    weights: PooledWeights  # where the adapter's tensors sit in the pool
 
     @property
     def end(self) -> int:
@@ -58,7 +58,7 @@ class RunBuffers:
         num_runs = len(runs)
         assert num_runs <= self.table.shape[1], "more runs than resident adapters"
         host = self._host[:, :num_runs]
-        host[0] = torch.tensor([r.adapter.slot for r in runs])
+        host[0] = torch.tensor([r.slot for r in runs])
         host[1] = torch.tensor([r.start for r in runs])
         host[2] = torch.tensor([r.length for r in runs])
         self.table[:, :num_runs].copy_(host, non_blocking=True)
@@ -129,7 +129,7 @@ class LoRABatch:
         """out += each token's adapter delta for packed linear `module` of `layer`."""
         # x: [T, in]  out: [T, sum(slice_widths)]
         if self.backend == "triton":
-            if self.static or any((layer, module) in r.adapter.weights.slices for r in self.runs):
+            if self.static or any((layer, module) in r.weights.slices for r in self.runs):
                 from server.lora.triton_ops import lora_triton
 
                 meta = self._segment_tensors(layer, module)
@@ -138,7 +138,7 @@ class LoRABatch:
         runs = [
             (r.start, r.length, w)
             for r in self.runs
-            if (w := r.adapter.weights.modules.get((layer, module))) is not None
+            if (w := r.weights.modules.get((layer, module))) is not None
         ]
         lora_apply(x, out, runs, slice_offsets, slice_widths)
 
@@ -170,40 +170,9 @@ class LoRABatch:
         return [
             (r.start, r.length, w)
             for r in self.runs
-            if (w := r.adapter.weights.norms.get(name)) is not None
+            if (w := r.weights.norms.get(name)) is not None
         ]
 
     def embed_runs(self) -> list[Run]:
         """Runs whose adapter brings its own embedding table."""
-        return [r for r in self.runs if r.adapter.weights.embed_chunks]
-
-
-def build_lora_batch(
-    chunks: Iterable[tuple[int, int]], residency: DeviceAdapterCache
-) -> LoRABatch | None:
-    """Runs of a step's tokens from (adapter_id, num_tokens) per sequence, in batch order
-    (grouped by adapter); None when no token uses an adapter."""
-    runs: list[Run] = []
-    start = 0
-    for adapter_id, num_tokens in chunks:
-        if adapter_id != NO_ADAPTER:
-            if runs and runs[-1].adapter.adapter_id == adapter_id and runs[-1].end == start:
-                runs[-1].length += num_tokens
-            else:
-                assert all(r.adapter.adapter_id != adapter_id for r in runs), (
-                    "a step's sequences must be grouped by adapter (group_by_adapter)"
-                )
-                resident = residency.get(adapter_id)
-                assert resident is not None, f"adapter {adapter_id} is not resident"
-                runs.append(Run(start, num_tokens, resident))
-        start += num_tokens
-    if not runs:
-        return None
-    return LoRABatch(
-        runs,
-        residency.pool.buffer.view(-1),
-        residency.tables,
-        residency.backend,
-        residency.run_buffers.fill(runs),
-        residency.max_rank,
-    )
+        return [r for r in self.runs if r.weights.embed_chunks]

@@ -7,6 +7,8 @@ training) they cost one context lookup.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 
@@ -20,7 +22,8 @@ from server.model.llama import LlamaForCausalLM
 
 def _lora_batch() -> LoRABatch | None:
     ctx = get_context()
-    return ctx.lora if ctx is not None else None
+    # The model runner puts the step's LoRABatch there; the model layer keeps it opaque.
+    return cast("LoRABatch | None", ctx.lora) if ctx is not None else None
 
 
 class LoRALinear(nn.Module):
@@ -81,7 +84,7 @@ class AdapterEmbedding(nn.Module):
         hidden = out.shape[-1]
         cols = torch.arange(hidden, device=ids.device)
         for run in lora.embed_runs():
-            w = run.adapter.weights
+            w = run.weights
             chunks = w.embed_chunk_offsets  # [chunks] on the device since the adapter loaded
             assert chunks is not None
             tok = ids[run.start : run.end]

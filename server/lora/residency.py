@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from server.lora.batch import NO_ADAPTER, RunBuffers
+from server.lora.batch import NO_ADAPTER, LoRABatch, Run, RunBuffers
 from server.lora.layout import Layout
 from server.lora.pooled import PooledWeights, layout_adapter, write_to_pool
 from server.lora.slots import SlotTables
@@ -28,7 +28,6 @@ from server.model.config import ModelConfig
 
 if TYPE_CHECKING:
     from adapters.registry import AdapterRegistry
-    from server.engine.sequence import Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -135,44 +134,44 @@ class DeviceAdapterCache:
 
     # ---- AdapterGate --------------------------------------------------------------------
 
-    def is_resident(self, seq: Sequence) -> bool:
-        """True when the sequence needs no adapter load (none, or already in the pool)."""
-        return seq.adapter_id == NO_ADAPTER or seq.adapter_id in self._resident
+    def is_resident(self, adapter_id: int) -> bool:
+        """True when a request for this adapter needs no load (none, or already in the pool)."""
+        return adapter_id == NO_ADAPTER or adapter_id in self._resident
 
-    def can_admit(self, seq: Sequence, kv_blocks: int) -> bool:
-        if seq.adapter_id == NO_ADAPTER:
+    def can_admit(self, adapter_id: int, kv_blocks: int) -> bool:
+        if adapter_id == NO_ADAPTER:
             return True
-        r = self._resident.get(seq.adapter_id)
+        r = self._resident.get(adapter_id)
         if r is not None:
             # Admission pins an idle adapter: its pages stop being reclaimable for KV blocks.
             return r.refcount > 0 or kv_blocks <= self.pool.available(self.reclaimer) - len(r.pages)
         if not self._free_slots and not self._idle():
             return False
-        return self.pages_needed(seq.adapter_id) + kv_blocks <= self.pool.available(self.reclaimer)
+        return self.pages_needed(adapter_id) + kv_blocks <= self.pool.available(self.reclaimer)
 
-    def admit(self, seq: Sequence) -> None:
-        if seq.adapter_id == NO_ADAPTER:
+    def admit(self, adapter_id: int) -> None:
+        if adapter_id == NO_ADAPTER:
             return
-        r = self._ensure_resident(seq.adapter_id)
+        r = self._ensure_resident(adapter_id)
         r.refcount += 1
         self._resident.move_to_end(r.adapter_id)
 
-    def release(self, seq: Sequence) -> None:
-        r = self._resident.get(seq.adapter_id)
+    def release(self, adapter_id: int) -> None:
+        r = self._resident.get(adapter_id)
         if r is not None:
             assert r.refcount > 0, f"adapter {r.name} released more often than admitted"
             r.refcount -= 1
             if r.refcount == 0:
                 r.key = self.clock.stamp(self.clock.adapter_cost())
 
-    def prefetch(self, waiting: Iterable[Sequence]) -> None:
-        """Ready the adapters of the next waiting requests: host cache in the background,
-        device pool now if a slot and free pages (no eviction) allow."""
+    def prefetch(self, waiting: Iterable[int]) -> None:
+        """Ready the adapters of the next waiting requests (their adapter ids, in queue order):
+        host cache in the background, device pool now if a slot and free pages (no eviction)
+        allow."""
         seen = 0
-        for seq in waiting:
+        for aid in waiting:
             if seen >= self.prefetch_depth:
                 break
-            aid = seq.adapter_id
             if aid == NO_ADAPTER or aid in self._resident:
                 continue
             seen += 1
@@ -274,6 +273,34 @@ class DeviceAdapterCache:
     def is_in_use(self, adapter_id: int) -> bool:
         r = self._resident.get(adapter_id)
         return r is not None and r.refcount > 0
+
+    def lora_batch(self, token_counts: Iterable[tuple[int, int]]) -> LoRABatch | None:
+        """The step's runs from (adapter_id, num_tokens) per sequence, in batch order (grouped
+        by adapter: group_by_adapter); None when no token uses an adapter."""
+        runs: list[Run] = []
+        start = 0
+        for adapter_id, num_tokens in token_counts:
+            if adapter_id != NO_ADAPTER:
+                if runs and runs[-1].adapter_id == adapter_id and runs[-1].end == start:
+                    runs[-1].length += num_tokens
+                else:
+                    assert all(r.adapter_id != adapter_id for r in runs), (
+                        "a step's sequences must be grouped by adapter (group_by_adapter)"
+                    )
+                    r = self._resident.get(adapter_id)
+                    assert r is not None, f"adapter {adapter_id} is not resident"
+                    runs.append(Run(start, num_tokens, adapter_id, r.slot, r.weights))
+            start += num_tokens
+        if not runs:
+            return None
+        return LoRABatch(
+            runs,
+            self.pool.buffer.view(-1),
+            self.tables,
+            self.backend,
+            self.run_buffers.fill(runs),
+            self.max_rank,
+        )
 
     def take_load_times(self) -> list[float]:
         """Durations of the loads since the last call (for the load-latency histogram)."""

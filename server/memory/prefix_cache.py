@@ -22,9 +22,9 @@ import struct
 from array import array
 from dataclasses import dataclass
 
-from server.engine.sequence import Sequence
 from server.memory.page_pool import KV, PagePool
 from server.memory.reclaim import EvictionClock
+from server.memory.sequence import KVSequence
 
 _ROOT = b"\0" * 16
 
@@ -83,7 +83,7 @@ class PrefixCache:
     def is_cached(self, page: int) -> bool:
         return page in self._by_page
 
-    def hashes(self, seq: Sequence, num_blocks: int) -> list[bytes]:
+    def hashes(self, seq: KVSequence, num_blocks: int) -> list[bytes]:
         """The hashes of seq's first num_blocks full blocks (computed once per sequence)."""
         done = seq.block_hashes
         bs = self.block_size
@@ -98,7 +98,7 @@ class PrefixCache:
 
     # ---- sequences ----------------------------------------------------------------------
 
-    def acquire(self, seq: Sequence) -> list[int]:
+    def acquire(self, seq: KVSequence) -> list[int]:
         """The pages of seq's longest cached prefix, now held by seq. Never the block of its
         last token: that token is computed again, so the step has logits to sample from."""
         limit = (seq.num_tokens - 1) // self.block_size
@@ -119,7 +119,7 @@ class PrefixCache:
             pages.append(blk.page)
         return pages
 
-    def insert(self, seq: Sequence, first: int, last: int) -> None:
+    def insert(self, seq: KVSequence, first: int, last: int) -> None:
         """seq's blocks [first, last) are now full and computed: make them findable. A block
         another sequence computed first under the same hash stays the cached one."""
         bs = self.block_size
@@ -170,7 +170,7 @@ class PrefixCache:
         self.stats.dropped_blocks += len(freed)
         return len(freed)
 
-    def record_hit(self, seq: Sequence, hit_tokens: int) -> None:
+    def record_hit(self, seq: KVSequence, hit_tokens: int) -> None:
         self.stats.queried_tokens += seq.num_tokens
         self.stats.hit_tokens += hit_tokens
 

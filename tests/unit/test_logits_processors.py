@@ -9,9 +9,10 @@ import jsonschema
 import pytest
 import torch
 
+from server.engine.errors import InvalidRequestError
 from server.engine.grammar import Grammar, Utf8Guard, check_schema
 from server.engine.logits_processors import LogitsState, accept_token, apply_logits_processors
-from server.engine.sampling_params import InvalidRequestError, SamplingParams
+from server.engine.sampling_params import SamplingParams
 from server.engine.sequence import Sequence
 
 SCHEMA = {

@@ -174,5 +174,5 @@ def test_an_idle_adapters_pages_are_no_room_for_the_kv_of_the_request_that_pins_
     free = engine.pool.available(engine.reclaimer) - cache.reclaimable_pages()
 
     assert cache.reclaimable_pages() > 0
-    assert cache.can_admit(seq, free)
-    assert not cache.can_admit(seq, free + 1)
+    assert cache.can_admit(seq.adapter_id, free)
+    assert not cache.can_admit(seq.adapter_id, free + 1)
