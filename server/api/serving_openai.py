@@ -66,6 +66,7 @@ class OpenAIService:
                 f", not the adapter {req.model!r}",
                 "model",
             )
+        self.engine.check_serving()  # a full queue refuses before any merge work
         return await self.models.resolve_merged(req.merged_adapters, "merged_adapters")
 
     async def compile(self, grammar: Grammar | None) -> Grammar | None:
