@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import logging
-import random
 import time
-import uuid
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,9 +19,10 @@ from server.engine.errors import (
     UnknownAdapterError,
 )
 from server.engine.grammar import GrammarCompiler
-from server.engine.logits_processors import LogitsState, accept_token
+from server.engine.logits_processors import accept_token
 from server.engine.model_runner import ModelRunner
 from server.engine.outputs import OutputText, RequestOutput
+from server.engine.requests import Prompt, RequestFactory
 from server.engine.sampler import NON_FINITE, Sampler
 from server.engine.sampling_params import SamplingParams
 from server.engine.scheduler import Scheduler, SchedulerOutput
@@ -45,8 +44,6 @@ if TYPE_CHECKING:
     from adapters.registry import AdapterRegistry
 
 logger = logging.getLogger(__name__)
-
-Prompt = str | list[int]
 
 
 @dataclass
@@ -113,9 +110,20 @@ class LLMEngine:
         self.sampler = Sampler(config.max_num_seqs, self.device)
         if self.device.type == "cuda":
             self._warm_up()
+        self.requests = RequestFactory(
+            self.tokenizer,
+            self.grammars,
+            cfg.vocab_size,
+            self.max_model_len,
+            registry,
+            self.kv.max_blocks_per_seq,
+            self.adapter_cache.pages_needed if self.adapter_cache is not None else None,
+            self.pool.num_pages,
+            self.device,
+            config.seed,
+        )
         self._requests: dict[str, _Request] = {}
         self._retired_adapters: set[int] = set()  # old versions of reloaded adapters
-        self._seed_rng = random.Random(config.seed)
         self._stats = StepStats()
 
     def _warm_up(self) -> None:
@@ -155,70 +163,7 @@ class LLMEngine:
         `adapter_id` pins the adapter's version the caller prepared the prompt for (its chat
         template): the request runs on that version even if a reload replaced it since, or
         fails if that version is gone, rather than run another version's weights."""
-        if isinstance(prompt, str):
-            ids = self.tokenizer.encode(prompt)
-        else:
-            ids = list(prompt)
-            vocab = self.model_config.vocab_size
-            bad = [i for i in ids if not isinstance(i, int) or not 0 <= i < vocab]
-            if bad:
-                raise InvalidRequestError(
-                    f"prompt token ids must be integers in [0, {vocab}); got {bad[0]!r}", "prompt"
-                )
-        if not ids:
-            raise InvalidRequestError("prompt is empty", "prompt")
-        if len(ids) >= self.max_model_len:
-            raise InvalidRequestError(
-                f"prompt is {len(ids)} tokens; this model's maximum context length is "
-                f"{self.max_model_len} tokens",
-                "prompt",
-            )
-        if len(ids) + params.max_tokens > self.max_model_len:
-            raise InvalidRequestError(
-                f"this model's maximum context length is {self.max_model_len} tokens; the "
-                f"prompt has {len(ids)} and max_tokens asks for {params.max_tokens} more",
-                "max_tokens",
-            )
-        seq = Sequence(
-            request_id=request_id or uuid.uuid4().hex,
-            prompt_token_ids=ids,
-            params=params,
-            adapter_name=adapter_name,
-        )
-        if adapter_name is not None:
-            reg = self.registry.get(adapter_name) if self.registry is not None else None
-            if reg is None:
-                raise UnknownAdapterError(f"adapter {adapter_name!r} does not exist", "model")
-            if adapter_id is not None:
-                if adapter_id != reg.adapter_id:
-                    reg = self.registry.by_id(adapter_id)
-                    if reg is None or reg.name != adapter_name:
-                        raise AdapterVersionGoneError(adapter_name)
-                seq.adapter_pinned = True
-            seq.adapter_id = reg.adapter_id
-            seq.rope_scale = reg.spec.rope_scaling_factor
-            self._check_fits(seq, len(ids) + params.max_tokens)
-        seq.logits = LogitsState.build(
-            params, self.grammars, self.tokenizer.eos_token_ids, self.device
-        )
-        if not params.greedy:
-            seq.seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(63)
-        return seq
-
-    def _check_fits(self, seq: Sequence, max_tokens_total: int) -> None:
-        """Refuse a request whose KV at its longest plus its adapter's pages exceed the whole
-        pool: it could never run, and waiting for it would hold back its adapter's queue."""
-        if self.adapter_cache is None:
-            return
-        kv_pages = self.kv.max_blocks_per_seq(max_tokens_total)
-        adapter_pages = self.adapter_cache.pages_needed(seq.adapter_id)
-        if kv_pages + adapter_pages > self.pool.num_pages:
-            raise InvalidRequestError(
-                f"prompt plus max_tokens needs {kv_pages} KV pages and adapter "
-                f"{seq.adapter_name!r} {adapter_pages} more, but the page pool has "
-                f"{self.pool.num_pages} in all; lower max_tokens or shorten the prompt",
-                "max_tokens",
-            )
+        return self.requests.make(prompt, params, request_id, adapter_name, adapter_id)
 
     def add_sequence(self, seq: Sequence) -> None:
         if seq.request_id in self._requests:
