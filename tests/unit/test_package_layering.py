@@ -69,5 +69,7 @@ def test_importing_a_layer_loads_only_the_layers_below_it(layer: str) -> None:
     assert done.returncode == 0, f"importing {layer} fails:\n{done.stderr[-2000:]}"
     loaded = json.loads(done.stdout.splitlines()[-1])["loaded"]
     allowed = reachable(layer) | {layer}
-    outside = sorted(m for m in loaded if (owner := layer_of(m)) is not None and owner not in allowed)
+    outside = sorted(
+        m for m in loaded if (owner := layer_of(m)) is not None and owner not in allowed
+    )
     assert not outside, f"importing {layer} loads {outside}"
