@@ -74,8 +74,8 @@ class DecodeGraphs:
 
     def __init__(self, runner: ModelRunner, residency: DeviceAdapterCache | None) -> None:
         assert runner.device.type == "cuda", "CUDA graphs need a CUDA device"
-        assert runner.kernel_backend == "triton", "graphs need the kernel path's fixed layout"
-        assert residency is None or residency.backend == "triton", "graphs need LoRA kernels"
+        assert runner.kernels.reads_block_tables, "graphs need the kernel path's fixed layout"
+        assert residency is None or residency.lora_ops.graph_safe, "graphs need LoRA kernels"
         self.runner = runner
         self.residency = residency
         self.buckets = batch_buckets(runner.buffers.max_seqs)
@@ -141,7 +141,7 @@ class DecodeGraphs:
         if self.residency is not None:
             r = self.residency
             lora = LoRABatch.for_graph(
-                r.pool.buffer.view(-1), r.tables, r.backend, r.run_buffers, r.max_rank, bucket
+                r.pool.buffer.view(-1), r.tables, r.lora_ops, r.run_buffers, r.max_rank, bucket
             )
         context = ForwardContext(attn=meta, lora=lora, rope_scale=buf.rope_scale[:bucket])
         return StepInputs(

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from server.config import ConfigError, EngineConfig
+from server.engine.backends import Backends
 from server.engine.errors import (
     AdapterBusyError,
     AdapterVersionGoneError,
@@ -30,7 +31,6 @@ from server.engine.sequence import Sequence, SequenceStatus
 from server.engine.setup import (
     build_model,
     generation_eos_ids,
-    kernel_backend,
     make_pool,
     pool_tenants,
 )
@@ -64,7 +64,8 @@ class LLMEngine:
         self.config = config
         model_dir = Path(config.model)
         self.device = config.torch_device
-        self.model = build_model(config, model_dir)
+        self.backends = Backends.choose(config)
+        self.model = build_model(config, model_dir, self.backends.kernels)
         self.model_config = cfg = self.model.config
         self.model_name = model_dir.name
         self.tokenizer = Tokenizer(
@@ -89,7 +90,7 @@ class LLMEngine:
         self.registry = registry
         if registry is not None:
             enable_lora(self.model)
-        tenants = pool_tenants(config, self.pool, cfg, registry, self.device)
+        tenants = pool_tenants(config, self.pool, cfg, registry, self.backends.lora)
         self.eviction_clock = tenants.clock
         self.adapter_cache = tenants.adapters
         self.prefix_cache = tenants.prefixes
@@ -102,7 +103,7 @@ class LLMEngine:
             self.model,
             self.pool,
             self.device,
-            kernel_backend(config),
+            self.backends.kernels,
             config.max_num_batched_tokens,
             config.max_num_seqs,
             self.max_model_len,
@@ -136,9 +137,7 @@ class LLMEngine:
         self._stats = StepStats()
         if self.config.enforce_eager:
             logger.info("--enforce-eager: decode steps run without CUDA graphs")
-        elif self.runner.kernel_backend != "triton" or (
-            self.adapter_cache is not None and self.adapter_cache.backend != "triton"
-        ):
+        elif not self.backends.decode_graphs(self.adapter_cache is not None):
             logger.info("decode CUDA graphs need the Triton kernel and LoRA backends; eager")
         else:
             from server.engine.cuda_graphs import DecodeGraphs

@@ -11,6 +11,7 @@ from typing import Protocol
 
 import torch
 
+from server.engine.backends import KernelBackend
 from server.engine.scheduler import ScheduledSeq
 from server.engine.step_inputs import StepBuffers, StepInputs
 from server.lora.batch import LoRABatch
@@ -42,7 +43,7 @@ class ModelRunner:
         model: LlamaForCausalLM,
         pool: PagePool,
         device: torch.device,
-        kernel_backend: str = "torch",
+        kernels: KernelBackend,
         max_num_batched_tokens: int = 2048,
         max_num_seqs: int = 64,
         max_model_len: int = 2048,
@@ -52,19 +53,12 @@ class ModelRunner:
         self.device = device
         self.block_size = pool.geometry.block_size
         self.sliding_window = model.config.sliding_window
-        # "triton": attention reads the pool through block tables (server.kernels); "torch":
-        # padded SDPA groups over gathered blocks.
-        self.kernel_backend = kernel_backend
+        self.kernels = kernels  # which attention layout a step needs
         max_blocks = -(-max_model_len // self.block_size)
         self.buffers = StepBuffers(max_num_batched_tokens, max_num_seqs, max_blocks, device)
         self.graphs: StepReplayer | None = None  # decode CUDA graphs (CUDA, kernel path)
         for layer, attn in enumerate(model.attention_layers()):
             attn.k_cache, attn.v_cache = pool.kv_views(layer)
-        if kernel_backend == "triton":
-            from server.kernels.paged_attention import paged_attention_layer
-
-            for attn in model.attention_layers():
-                attn.paged_kernel = paged_attention_layer
 
     @torch.inference_mode()
     def execute(self, batch: list[ScheduledSeq], lora: LoRABatch | None = None) -> torch.Tensor:
@@ -113,7 +107,7 @@ class ModelRunner:
 
         groups = []
         seqs = None
-        if self.kernel_backend == "triton":
+        if self.kernels.reads_block_tables:
             seqs = self._seq_layout(counts, starts, cu - counts, tables)
         else:
             for decode in (True, False):

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import torch
 
 from server.lora.layout import LORA_MODULES
-from server.lora.ops import SegmentTensors, lora_apply
+from server.lora.ops import SegmentTensors
 from server.lora.pooled import PooledWeights
 from server.lora.slots import SlotTables
 
@@ -40,6 +40,29 @@ class Run:
     @property
     def end(self) -> int:
         return self.start + self.length
+
+
+class LoRAOps(Protocol):
+    """Batched LoRA over a step's runs of tokens, one per adapter."""
+
+    name: str
+    # Whether it reads the step's runs from the device tables alone (a decode CUDA graph
+    # replays it without the host knowing the runs).
+    graph_safe: bool
+
+    def add(
+        self,
+        batch: LoRABatch,
+        x: torch.Tensor,
+        out: torch.Tensor,
+        layer: int,
+        module: int,
+        slice_offsets: tuple[int, ...],
+        slice_widths: tuple[int, ...],
+    ) -> None:
+        """out += each token's adapter delta for packed linear `module` of `layer`.
+        x: [T, in]  out: [T, sum(slice_widths)]"""
+        ...
 
 
 class RunBuffers:
@@ -84,14 +107,14 @@ class LoRABatch:
         runs: list[Run],
         pool: torch.Tensor,
         tables: SlotTables,
-        backend: str,
+        ops: LoRAOps,
         run_tensors: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
         max_rank: int,
     ) -> None:
         self.runs = runs
         self.pool = pool  # [P] flat view of the page pool
         self.tables = tables
-        self.backend = backend
+        self.ops = ops
         self.run_slots, self.run_starts, self.run_lens = run_tensors  # [G] each, on the device
         self.max_rank = max_rank  # the engine's --max-lora-rank: fixed, never read from runs
         self.max_run_len = max((r.length for r in runs), default=0)
@@ -105,14 +128,14 @@ class LoRABatch:
         cls,
         pool: torch.Tensor,
         tables: SlotTables,
-        backend: str,
+        ops: LoRAOps,
         buffers: RunBuffers,
         max_rank: int,
         max_run_len: int,
     ) -> LoRABatch:
         """The batch a decode graph captures: all of the run buffers, whatever they hold."""
         slots, starts, lens = buffers.table
-        batch = cls([], pool, tables, backend, (slots, starts, lens), max_rank)
+        batch = cls([], pool, tables, ops, (slots, starts, lens), max_rank)
         batch.max_run_len = max_run_len
         batch.static = True
         return batch
@@ -128,22 +151,11 @@ class LoRABatch:
     ) -> None:
         """out += each token's adapter delta for packed linear `module` of `layer`."""
         # x: [T, in]  out: [T, sum(slice_widths)]
-        if self.backend == "triton":
-            if self.static or any((layer, module) in r.weights.slices for r in self.runs):
-                from server.lora.triton_ops import lora_triton
+        self.ops.add(self, x, out, layer, module, slice_offsets, slice_widths)
 
-                meta = self._segment_tensors(layer, module)
-                lora_triton(x, self.pool, meta, out, slice_offsets, slice_widths)
-            return
-        runs = [
-            (r.start, r.length, w)
-            for r in self.runs
-            if (w := r.weights.modules.get((layer, module))) is not None
-        ]
-        lora_apply(x, out, runs, slice_offsets, slice_widths)
-
-    def _segment_tensors(self, layer: int, module: int) -> SegmentTensors:
-        # All runs take part; a run whose adapter skips this layer has rank 0 there.
+    def segment_tensors(self, layer: int, module: int) -> SegmentTensors:
+        """The kernels' per-run tables for one linear (all runs take part; a run whose adapter
+        skips this layer has rank 0 there)."""
         cached = self._module_tensors.get(module)
         if cached is None:  # once per step and module, by device-side gathers
             num_slices = len(LORA_MODULES[module][1])

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from server.lora.batch import NO_ADAPTER, LoRABatch, Run, RunBuffers
+from server.lora.batch import NO_ADAPTER, LoRABatch, LoRAOps, Run, RunBuffers
 from server.lora.layout import Layout
 from server.lora.pooled import PooledWeights, layout_adapter, write_to_pool
 from server.lora.slots import SlotTables
@@ -68,7 +68,7 @@ class DeviceAdapterCache:
         cfg: ModelConfig,
         max_loras: int,
         max_rank: int,
-        backend: str = "torch",
+        lora_ops: LoRAOps,
         prefetch_depth: int = 8,
         clock: EvictionClock | None = None,
     ) -> None:
@@ -80,7 +80,7 @@ class DeviceAdapterCache:
         self.registry = registry
         self.cfg = cfg
         self.max_loras = max_loras
-        self.backend = backend
+        self.lora_ops = lora_ops
         self.prefetch_depth = prefetch_depth
         self.max_rank = max_rank
         self.tables = SlotTables(cfg.num_layers, max_loras, pool.buffer.device)
@@ -297,7 +297,7 @@ class DeviceAdapterCache:
             runs,
             self.pool.buffer.view(-1),
             self.tables,
-            self.backend,
+            self.lora_ops,
             self.run_buffers.fill(runs),
             self.max_rank,
         )

@@ -1,0 +1,65 @@
+"""How a step's batched LoRA is computed, chosen once at start-up: the torch path (the CPU's,
+and the reference) or the Triton SGMV kernels (server/lora/triton_ops.py).
+
+Both implement LoRAOps (server/lora/batch.py) with one semantics (server/lora/ops.py):
+out += each token's adapter delta for one packed linear of one layer.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from server.lora.batch import LoRABatch, LoRAOps
+from server.lora.ops import lora_apply
+
+
+class TorchLoRA:
+    """Per run, one matmul shrinks all slices through the stacked A (a view into the pool),
+    and one addmm_ per slice expands in place."""
+
+    name = "torch"
+    graph_safe = False
+
+    def add(
+        self,
+        batch: LoRABatch,
+        x: torch.Tensor,
+        out: torch.Tensor,
+        layer: int,
+        module: int,
+        slice_offsets: tuple[int, ...],
+        slice_widths: tuple[int, ...],
+    ) -> None:
+        runs = [
+            (r.start, r.length, w)
+            for r in batch.runs
+            if (w := r.weights.modules.get((layer, module))) is not None
+        ]
+        lora_apply(x, out, runs, slice_offsets, slice_widths)
+
+
+class TritonLoRA:
+    """SGMV shrink and expand kernels over (token tile, run, slice), reading each run's
+    weights at its own pool offsets; a decode graph replays them over the run tables."""
+
+    name = "triton"
+    graph_safe = True
+
+    def add(
+        self,
+        batch: LoRABatch,
+        x: torch.Tensor,
+        out: torch.Tensor,
+        layer: int,
+        module: int,
+        slice_offsets: tuple[int, ...],
+        slice_widths: tuple[int, ...],
+    ) -> None:
+        if batch.static or any((layer, module) in r.weights.slices for r in batch.runs):
+            from server.lora.triton_ops import lora_triton
+
+            meta = batch.segment_tensors(layer, module)
+            lora_triton(x, batch.pool, meta, out, slice_offsets, slice_widths)
+
+
+LORA_OPS: dict[str, LoRAOps] = {"torch": TorchLoRA(), "triton": TritonLoRA()}
