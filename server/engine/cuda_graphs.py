@@ -100,12 +100,14 @@ class DecodeGraphs:
 
     def can_replay(self, step: StepInputs) -> bool:
         """Decode-only, within the largest bucket, and no adapter replacing a norm or the
-        embedding (those run per-run Python the graph cannot hold)."""
+        embedding (those run per-segment Python the graph cannot hold)."""
         n = step.num_decode_only
         if n is None or bucket_for(n, self.buckets) is None:
             return False
         lora = step.context.lora
-        return lora is None or not any(r.weights.norms or r.weights.embed_chunks for r in lora.runs)
+        return lora is None or not any(
+            r.weights.norms or r.weights.embed_chunks for r in lora.segments
+        )
 
     def replay(self, step: StepInputs) -> torch.Tensor:
         """Logits [n, vocab] of a prepared decode step, by replaying its bucket's graph."""
@@ -118,8 +120,8 @@ class DecodeGraphs:
         if step.context.rope_scale is None:
             buffers.rope_scale[:bucket].fill_(1.0)
         if self.residency is not None:
-            num_runs = len(step.context.lora.runs) if step.context.lora is not None else 0
-            self.residency.run_buffers.clear_from(num_runs)
+            num_segments = len(step.context.lora.segments) if step.context.lora is not None else 0
+            self.residency.segment_buffers.clear_from(num_segments)
         self._graphs[bucket].replay()
         return self._logits[bucket][:n]
 
@@ -141,7 +143,7 @@ class DecodeGraphs:
         if self.residency is not None:
             r = self.residency
             lora = LoRABatch.for_graph(
-                r.pool.buffer.view(-1), r.tables, r.lora_ops, r.run_buffers, r.max_rank, bucket
+                r.pool.buffer.view(-1), r.tables, r.lora_ops, r.segment_buffers, r.max_rank, bucket
             )
         context = ForwardContext(attn=meta, lora=lora, rope_scale=buf.rope_scale[:bucket])
         return StepInputs(
@@ -164,7 +166,7 @@ class DecodeGraphs:
         buf.sample_idx[:bucket].copy_(torch.arange(bucket, device=buf.device))
         buf.rope_scale[:bucket].fill_(1.0)
         if self.residency is not None:
-            self.residency.run_buffers.clear_from(0)
+            self.residency.segment_buffers.clear_from(0)
 
     @torch.inference_mode()
     def _capture(self, bucket: int) -> None:

@@ -27,7 +27,7 @@ from server.engine.requests import Prompt, RequestFactory
 from server.engine.sampler import NON_FINITE, Sampler
 from server.engine.sampling_params import SamplingParams
 from server.engine.scheduler import Scheduler, SchedulerOutput
-from server.engine.sequence import Sequence, SequenceStatus
+from server.engine.sequence import Sequence
 from server.engine.setup import (
     build_model,
     generation_eos_ids,
@@ -276,8 +276,8 @@ class LLMEngine:
         lora = None
         if self.adapter_cache is not None:
             group_by_adapter(sched.scheduled, lambda s: s.seq.adapter_id)
-            chunks = ((s.seq.adapter_id, s.num_new_tokens) for s in sched.scheduled)
-            lora = self.adapter_cache.lora_batch(chunks)
+            token_counts = ((s.seq.adapter_id, s.num_new_tokens) for s in sched.scheduled)
+            lora = self.adapter_cache.lora_batch(token_counts)
         start = time.perf_counter()
         logits = self.runner.execute(sched.scheduled, lora)
         self.scheduler.advance(sched)
@@ -387,7 +387,3 @@ class LLMEngine:
         for rid, out in final.items():
             out.logprobs = logprobs[rid]
         return [final[i] for i in ids]
-
-    def sequence_status(self, request_id: str) -> SequenceStatus | None:
-        req = self._requests.get(request_id)
-        return req.seq.status if req else None

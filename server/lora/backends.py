@@ -14,7 +14,7 @@ from server.lora.ops import lora_apply
 
 
 class TorchLoRA:
-    """Per run, one matmul shrinks all slices through the stacked A (a view into the pool),
+    """Per segment, one matmul shrinks all slices through the stacked A (a view into the pool),
     and one addmm_ per slice expands in place."""
 
     name = "torch"
@@ -30,17 +30,17 @@ class TorchLoRA:
         slice_offsets: tuple[int, ...],
         slice_widths: tuple[int, ...],
     ) -> None:
-        runs = [
+        segments = [
             (r.start, r.length, w)
-            for r in batch.runs
+            for r in batch.segments
             if (w := r.weights.modules.get((layer, module))) is not None
         ]
-        lora_apply(x, out, runs, slice_offsets, slice_widths)
+        lora_apply(x, out, segments, slice_offsets, slice_widths)
 
 
 class TritonLoRA:
-    """SGMV shrink and expand kernels over (token tile, run, slice), reading each run's
-    weights at its own pool offsets; a decode graph replays them over the run tables."""
+    """SGMV shrink and expand kernels over (token tile, segment, slice), reading each segment's
+    weights at its own pool offsets; a decode graph replays them over the segment tables."""
 
     name = "triton"
     graph_safe = True
@@ -55,7 +55,7 @@ class TritonLoRA:
         slice_offsets: tuple[int, ...],
         slice_widths: tuple[int, ...],
     ) -> None:
-        if batch.static or any((layer, module) in r.weights.slices for r in batch.runs):
+        if batch.static or any((layer, module) in r.weights.slices for r in batch.segments):
             from server.lora.triton_ops import lora_triton
 
             meta = batch.segment_tensors(layer, module)

@@ -1,6 +1,6 @@
 """Module swaps that make the plain model adapter-aware for serving.
 
-Each wrapper runs the base module, then applies whatever the step's LoRABatch says about the
+Each wrapper segments the base module, then applies whatever the step's LoRABatch says about the
 tokens' adapters. Without a LoRABatch in the forward context (no adapter in the step, or
 training) they cost one context lookup.
 """
@@ -55,12 +55,12 @@ class AdapterRMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lora = _lora_batch()
-        runs = lora.norm_runs(self.name) if lora is not None else []
-        if not runs:
+        segments = lora.norm_segments(self.name) if lora is not None else []
+        if not segments:
             return self.base(x)
         normed = self.base.normalize(x)  # x: [T, hidden]
         out = self.base.weight * normed
-        for start, length, weight in runs:
+        for start, length, weight in segments:
             out[start : start + length] = weight * normed[start : start + length]
         return out
 
@@ -83,13 +83,13 @@ class AdapterEmbedding(nn.Module):
             return out
         hidden = out.shape[-1]
         cols = torch.arange(hidden, device=ids.device)
-        for run in lora.embed_runs():
-            w = run.weights
+        for seg in lora.embed_segments():
+            w = seg.weights
             chunks = w.embed_chunk_offsets  # [chunks] on the device since the adapter loaded
             assert chunks is not None
-            tok = ids[run.start : run.end]
+            tok = ids[seg.start : seg.end]
             rows = chunks[tok // w.embed_rows_per_chunk] + (tok % w.embed_rows_per_chunk) * hidden
-            out[run.start : run.end] = lora.pool[rows[:, None] + cols[None, :]]
+            out[seg.start : seg.end] = lora.pool[rows[:, None] + cols[None, :]]
         return out
 
 

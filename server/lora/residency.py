@@ -3,9 +3,9 @@
 An adapter becomes resident when a request for it is admitted (or ahead of time, by prefetch
 for waiting requests); it stays while any running request uses it, and afterwards sits idle
 until its pages are wanted, by KV blocks or by another adapter. Idle adapters and idle cached
-KV blocks are evicted by one policy (server.memory.reclaim): lowest GreedyDual priority first,
-an adapter's cost being its measured load time per page. Residency is
-bookkeeping plus one copy of the host weights into the pool; kernels then read them in place.
+KV blocks are evicted by one policy, GreedyDual-Size (server.memory.reclaim): lowest priority
+first, an adapter's cost being its measured load time per page. Residency is bookkeeping plus
+one copy of the host weights into the pool; kernels then read them in place.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from server.lora.batch import NO_ADAPTER, LoRABatch, LoRAOps, Run, RunBuffers
+from server.lora.batch import NO_ADAPTER, AdapterSegment, LoRABatch, LoRAOps, SegmentBuffers
 from server.lora.layout import Layout
 from server.lora.pooled import PooledWeights, layout_adapter, write_to_pool
 from server.lora.slots import SlotTables
@@ -47,14 +47,16 @@ class ResidentAdapter:
 
 @dataclass
 class ResidencyStats:
+    """Running totals of adapters moved into and out of the pool."""
+
     loads: int = 0
     evictions: int = 0
-    load_seconds: float = 0.0
-    prefetches: int = 0
 
 
 class DeviceAdapterCache:
-    """Adapters resident in the page pool: admission, LRU eviction, prefetch.
+    """Adapters resident in the page pool: the scheduler's admission gate, prefetch, and the
+    idle adapters the pool's one GreedyDual-Size policy may evict (not plain LRU: an adapter
+    dearer to bring back per page stays longer; with equal costs the policy is LRU).
 
     It is one EvictionSource of the pool's reclaimer (with the prefix cache; the engine builds
     the PoolReclaimer and sets `reclaimer`) and the scheduler's AdapterGate; the pool itself
@@ -84,7 +86,7 @@ class DeviceAdapterCache:
         self.prefetch_depth = prefetch_depth
         self.max_rank = max_rank
         self.tables = SlotTables(cfg.num_layers, max_loras, pool.buffer.device)
-        self.run_buffers = RunBuffers(max_loras, pool.buffer.device)
+        self.segment_buffers = SegmentBuffers(max_loras, pool.buffer.device)
         self.stats = ResidencyStats()
         self._resident: OrderedDict[int, ResidentAdapter] = OrderedDict()
         self._free_slots = list(range(max_loras - 1, -1, -1))
@@ -179,7 +181,6 @@ class DeviceAdapterCache:
                 self._warm_in_background(aid)
             elif self._free_slots and self.pages_needed(aid) <= self.pool.num_free:
                 self._ensure_resident(aid)
-                self.stats.prefetches += 1
 
     def _warm_in_background(self, adapter_id: int) -> None:
         if adapter_id in self._warming:
@@ -244,7 +245,6 @@ class DeviceAdapterCache:
         self._resident[adapter_id] = r
         elapsed = time.perf_counter() - start
         self.stats.loads += 1
-        self.stats.load_seconds += elapsed
         self._load_times.append(elapsed)
         self.clock.adapter_seconds_per_page.add(elapsed / max(1, len(pages)))
         logger.debug("adapter %s resident in slot %d (%d pages)", reg.name, slot, len(pages))
@@ -270,35 +270,33 @@ class DeviceAdapterCache:
         self._evict(r)
         return True
 
-    def is_in_use(self, adapter_id: int) -> bool:
-        r = self._resident.get(adapter_id)
-        return r is not None and r.refcount > 0
-
     def lora_batch(self, token_counts: Iterable[tuple[int, int]]) -> LoRABatch | None:
-        """The step's runs from (adapter_id, num_tokens) per sequence, in batch order (grouped
+        """The step's segments from (adapter_id, num_tokens) per sequence, in batch order (grouped
         by adapter: group_by_adapter); None when no token uses an adapter."""
-        runs: list[Run] = []
+        segments: list[AdapterSegment] = []
         start = 0
         for adapter_id, num_tokens in token_counts:
             if adapter_id != NO_ADAPTER:
-                if runs and runs[-1].adapter_id == adapter_id and runs[-1].end == start:
-                    runs[-1].length += num_tokens
+                if segments and segments[-1].adapter_id == adapter_id and segments[-1].end == start:
+                    segments[-1].length += num_tokens
                 else:
-                    assert all(r.adapter_id != adapter_id for r in runs), (
+                    assert all(r.adapter_id != adapter_id for r in segments), (
                         "a step's sequences must be grouped by adapter (group_by_adapter)"
                     )
                     r = self._resident.get(adapter_id)
                     assert r is not None, f"adapter {adapter_id} is not resident"
-                    runs.append(Run(start, num_tokens, adapter_id, r.slot, r.weights))
+                    segments.append(
+                        AdapterSegment(start, num_tokens, adapter_id, r.slot, r.weights)
+                    )
             start += num_tokens
-        if not runs:
+        if not segments:
             return None
         return LoRABatch(
-            runs,
+            segments,
             self.pool.buffer.view(-1),
             self.tables,
             self.lora_ops,
-            self.run_buffers.fill(runs),
+            self.segment_buffers.fill(segments),
             self.max_rank,
         )
 

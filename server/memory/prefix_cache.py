@@ -80,9 +80,6 @@ class PrefixCache:
         """Cached blocks no sequence holds (pages that are KV but reclaimable)."""
         return self._num_evictable
 
-    def is_cached(self, page: int) -> bool:
-        return page in self._by_page
-
     def hashes(self, seq: KVSequence, num_blocks: int) -> list[bytes]:
         """The hashes of seq's first num_blocks full blocks (computed once per sequence)."""
         done = seq.block_hashes

@@ -27,7 +27,7 @@ from server.model.config import ModelConfig
 from server.redact import without_paths
 from server.training.data import DataError, count_examples
 from server.training.hparams import HParams, HParamsError, canonical_overrides, hparams_for
-from server.training.jobs import ACTIVE, Job, JobStore, new_id
+from server.training.jobs import Job, JobStore, new_id
 from server.training.lora import adapter_spec
 from server.training.memory import (
     MemoryBudget,
@@ -395,7 +395,3 @@ class JobManager:
         else:
             error = fields.get("error") or {}
             self.store.add_event(job.id, f"The job failed: {error.get('message')}", level="error")
-
-    @property
-    def active_jobs(self) -> int:
-        return len(self.store.jobs_with_status(*ACTIVE))
