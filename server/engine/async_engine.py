@@ -28,6 +28,7 @@ from server.engine.stats import StepStats
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+STALL_WAIT_S = 0.05
 
 
 class EngineDeadError(RuntimeError):
@@ -64,6 +65,8 @@ class AsyncLLMEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopping = False
+        if engine.adapter_cache is not None:  # a finished adapter read may unblock a step
+            engine.adapter_cache.loader.on_read = self._wake.set
         self.dead_reason: BaseException | None = None
         # Called on the step thread after every step with what it did and the state it left
         # (metrics); a hook must not block.
@@ -199,6 +202,11 @@ class AsyncLLMEngine:
                 self._run_hooks()
                 if outputs:
                     self._deliver(outputs)
+                if self.engine.stalled:
+                    # Requests wait only on adapter reads: sleep until one ends (or an add,
+                    # an abort, a call), not spin.
+                    self._wake.wait(timeout=STALL_WAIT_S)
+                    self._wake.clear()
         except BaseException as exc:  # pragma: no cover - a bug in the loop itself
             logger.exception("engine loop died")
             self.dead_reason = exc

@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from adapters.registry import AdapterRegistry
 
 logger = logging.getLogger(__name__)
+STALL_WAIT_S = 0.001  # offline generate: a pause while only adapter reads can progress
 
 
 @dataclass
@@ -125,6 +126,8 @@ class LLMEngine:
         )
         self._requests: dict[str, _Request] = {}
         self._retired_adapters: set[int] = set()  # old versions of reloaded adapters
+        # The last step found work waiting but none it could run (adapters being read).
+        self.stalled = False
         self._stats = StepStats()
 
     def _warm_up(self) -> None:
@@ -198,12 +201,10 @@ class LLMEngine:
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Stop a request and free what it holds; its final output, or None if unknown."""
-        req = self._requests.pop(request_id, None)
+        req = self._requests.get(request_id)
         if req is None:
             return None
-        self.scheduler.finish(req.seq, "abort")
-        self.sampler.release(req.seq)
-        self._stats.record_finish(req.seq, time.monotonic())
+        self._end(req.seq, "abort", time.monotonic())
         self._free_retired_adapters()
         return self._output(req, [], [], finished=True)
 
@@ -267,8 +268,10 @@ class LLMEngine:
         preemptions = self.scheduler.num_preemptions
         sched = self.scheduler.schedule()
         self._stats.num_preemptions += self.scheduler.num_preemptions - preemptions
+        failed = self._end_unreadable()
+        self.stalled = not sched.scheduled and not sched.preempted
         if not sched.scheduled:
-            return []
+            return failed
         now = time.monotonic()
         for s in sched.scheduled:
             if s.seq.first_scheduled_time is None:
@@ -289,7 +292,28 @@ class LLMEngine:
             self.eviction_clock.prefill_seconds_per_token.add(seconds / tokens)
         if self._retired_adapters:
             self._free_retired_adapters()
+        return failed + outputs
+
+    def _end_unreadable(self) -> list[RequestOutput]:
+        """Requests whose adapter's weights could not be read end alone, with an error."""
+        errors = self.adapter_cache.take_load_errors() if self.adapter_cache is not None else {}
+        if not errors:
+            return []
+        outputs = []
+        for seq in [s for s in self.scheduler.waiting if s.adapter_id in errors]:
+            seq.error = f"adapter {seq.adapter_name!r} could not be read from the adapter store"
+            logger.warning("request %s failed: %s", seq.request_id, errors[seq.adapter_id])
+            req = self._requests[seq.request_id]
+            self._end(seq, "error", time.monotonic())
+            outputs.append(self._output(req, [], [], finished=True))
         return outputs
+
+    def _end(self, seq: Sequence, reason: str, now: float) -> None:
+        """A request is over: free what it holds and count it."""
+        del self._requests[seq.request_id]
+        self.scheduler.finish(seq, reason)
+        self.sampler.release(seq)
+        self._stats.record_finish(seq, now)
 
     def _process(self, sched: SchedulerOutput, logits: torch.Tensor) -> list[RequestOutput]:
         sampling = [s.seq for s in sched.scheduled if s.samples]
@@ -310,10 +334,7 @@ class LLMEngine:
                 reason = self._finish_reason(req, token)
                 new_ids = [token]
             if reason is not None:
-                self.scheduler.finish(seq, reason)
-                self.sampler.release(seq)
-                self._stats.record_finish(seq, now)
-                del self._requests[seq.request_id]
+                self._end(seq, reason, now)
             outputs.append(
                 self._output(req, new_ids, [logprob] if logprob else [], reason is not None)
             )
@@ -380,6 +401,8 @@ class LLMEngine:
         final: dict[str, RequestOutput] = {}
         logprobs: dict[str, list] = {i: [] for i in ids}
         while self.has_unfinished_requests():
+            if self.stalled:
+                time.sleep(STALL_WAIT_S)  # adapters are being read: let the loader run
             for out in self.step():
                 logprobs[out.request_id].extend(out.logprobs)
                 if out.finished:

@@ -28,6 +28,10 @@ class AdapterGate(Protocol):
     """What the scheduler asks of the adapter tier before a sequence may run, by the
     sequence's adapter id (NO_ADAPTER for the base model)."""
 
+    def is_ready(self, adapter_id: int) -> bool:
+        """Whether the adapter's weights are in memory (else they are being read)."""
+        ...
+
     def can_admit(self, adapter_id: int, kv_blocks: int) -> bool: ...
 
     def is_resident(self, adapter_id: int) -> bool: ...
@@ -102,7 +106,7 @@ class Scheduler:
                 i += 1
         if not out.preempted:
             budget = self._admit_waiting(budget, out)
-        if self.adapters is not None and self.waiting:
+        if self.adapters is not None:
             self.adapters.prefetch(s.adapter_id for s in self.waiting)
         return out
 
@@ -117,9 +121,10 @@ class Scheduler:
         return True
 
     def _admit_waiting(self, budget: int, out: SchedulerOutput) -> int:
-        """First come, first served, except that a request waiting for room for its adapter
-        lets requests whose adapters are already resident (or that use none) go ahead; no
-        later request may bring in a new adapter past it."""
+        """First come, first served, except that a request whose adapter is still being read
+        into host memory lets every request behind it go ahead, and a request waiting for room
+        for its adapter lets requests whose adapters are already resident (or that use none)
+        go ahead; no later request may bring in a new adapter past the latter."""
         adapter_blocked = False
         i = 0
         while (
@@ -129,6 +134,9 @@ class Scheduler:
             and len(self.running) < self.max_num_seqs
         ):
             seq = self.waiting[i]
+            if self.adapters is not None and not self.adapters.is_ready(seq.adapter_id):
+                i += 1  # its weights are being read: never on the step thread
+                continue
             # Cached blocks found now are held from here: the checks below see them as the
             # sequence's own, no longer as reclaimable room.
             hit = self.kv.match_prefix(seq)

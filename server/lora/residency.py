@@ -1,11 +1,13 @@
 """Device residency of adapters: which adapters have weights in the page pool, in which slot.
 
-An adapter becomes resident when a request for it is admitted (or ahead of time, by prefetch
-for waiting requests); it stays while any running request uses it, and afterwards sits idle
-until its pages are wanted, by KV blocks or by another adapter. Idle adapters and idle cached
-KV blocks are evicted by one policy, GreedyDual-Size (server.memory.reclaim): lowest priority
-first, an adapter's cost being its measured load time per page. Residency is bookkeeping plus
-one copy of the host weights into the pool; kernels then read them in place.
+A request is admitted only once its adapter's weights are in host memory (`is_ready`; the
+AdapterLoader reads them on its own thread meanwhile, so the step thread never waits on a
+disk). Admission makes the adapter resident (one copy of the host weights into the pool;
+kernels then read them in place) and pins it; it stays pinned while any running request uses
+it, and afterwards sits idle until its pages are wanted, by KV blocks or by another adapter.
+Idle adapters and idle cached KV blocks are evicted by one policy, GreedyDual-Size
+(server.memory.reclaim): lowest priority first, an adapter's cost being its measured load time
+per page. Only the step thread calls in here.
 """
 
 from __future__ import annotations
@@ -14,12 +16,12 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from server.lora.batch import NO_ADAPTER, AdapterSegment, LoRABatch, LoRAOps, SegmentBuffers
 from server.lora.layout import Layout
+from server.lora.loader import AdapterLoader, AdapterLoadError
 from server.lora.pooled import PooledWeights, layout_adapter, write_to_pool
 from server.lora.slots import SlotTables
 from server.memory.page_pool import ADAPTER, PagePool, Reclaimer
@@ -91,9 +93,9 @@ class DeviceAdapterCache:
         self._resident: OrderedDict[int, ResidentAdapter] = OrderedDict()
         self._free_slots = list(range(max_loras - 1, -1, -1))
         self._layouts: dict[int, Layout] = {}
-        self._warming: set[int] = set()
         self._load_times: list[float] = []
-        self._warmer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loraplex-prefetch")
+        self.loader = AdapterLoader(registry, prefetch_depth)
+        self._load_errors: dict[int, str] = {}  # adapter id -> why its weights are unreadable
 
     # ---- queries ------------------------------------------------------------------------
 
@@ -140,7 +142,25 @@ class DeviceAdapterCache:
         """True when a request for this adapter needs no load (none, or already in the pool)."""
         return adapter_id == NO_ADAPTER or adapter_id in self._resident
 
+    def is_ready(self, adapter_id: int) -> bool:
+        """Whether a request for this adapter may be admitted as far as its weights go: in the
+        pool, or in host memory. If not, the loader reads them meanwhile; a read that fails
+        is reported once by take_load_errors()."""
+        if self.is_resident(adapter_id):
+            return True
+        try:
+            return self.loader.ready(adapter_id)
+        except AdapterLoadError as exc:
+            self._load_errors[adapter_id] = str(exc)
+            return False
+
+    def take_load_errors(self) -> dict[int, str]:
+        """Adapters whose weights could not be read since the last call, and why."""
+        errors, self._load_errors = self._load_errors, {}
+        return errors
+
     def can_admit(self, adapter_id: int, kv_blocks: int) -> bool:
+        """Whether a slot and pages are free or reclaimable for the adapter (once is_ready)."""
         if adapter_id == NO_ADAPTER:
             return True
         r = self._resident.get(adapter_id)
@@ -168,34 +188,20 @@ class DeviceAdapterCache:
 
     def prefetch(self, waiting: Iterable[int]) -> None:
         """Ready the adapters of the next waiting requests (their adapter ids, in queue order):
-        host cache in the background, device pool now if a slot and free pages (no eviction)
-        allow."""
-        seen = 0
+        into host memory on the loader's thread, and into the pool now if a slot and free
+        pages (no eviction) allow. Held weights no request near the head wants are let go."""
+        wanted: list[int] = []
         for aid in waiting:
-            if seen >= self.prefetch_depth:
+            if len(wanted) >= self.prefetch_depth:
                 break
-            if aid == NO_ADAPTER or aid in self._resident:
+            if aid == NO_ADAPTER or aid in self._resident or aid in wanted:
                 continue
-            seen += 1
-            if not self.registry.is_host_resident(aid):
-                self._warm_in_background(aid)
-            elif self._free_slots and self.pages_needed(aid) <= self.pool.num_free:
+            wanted.append(aid)
+            if not self.is_ready(aid):
+                continue
+            if self._free_slots and self.pages_needed(aid) <= self.pool.num_free:
                 self._ensure_resident(aid)
-
-    def _warm_in_background(self, adapter_id: int) -> None:
-        if adapter_id in self._warming:
-            return
-        self._warming.add(adapter_id)
-
-        def warm() -> None:
-            try:
-                self.registry.warm(adapter_id)
-            except Exception:  # the admission path reports the error to the request
-                logger.exception("prefetching adapter %d failed", adapter_id)
-            finally:
-                self._warming.discard(adapter_id)
-
-        self._warmer.submit(warm)
+        self.loader.keep_only(set(wanted))
 
     # ---- loading and eviction -----------------------------------------------------------
 
@@ -222,7 +228,6 @@ class DeviceAdapterCache:
         start = time.perf_counter()
         reg = self.registry.by_id(adapter_id)
         assert reg is not None, f"adapter {adapter_id} is not registered"
-        weights = self.registry.weights(adapter_id)
         layout = self._layout(adapter_id)
         slot = self._take_slot()
         try:
@@ -230,6 +235,7 @@ class DeviceAdapterCache:
         except Exception:
             self._free_slots.append(slot)
             raise
+        weights = self.loader.take(adapter_id)  # in host memory: is_ready() said so
         pooled = write_to_pool(
             self.pool.buffer.view(-1),
             self.pool.page_numel,
@@ -262,6 +268,8 @@ class DeviceAdapterCache:
     def evict_if_idle(self, adapter_id: int) -> bool:
         """Drop an adapter's device copy (it was unregistered); False while requests use it."""
         self._layouts.pop(adapter_id, None)
+        self.loader.discard(adapter_id)
+        self._load_errors.pop(adapter_id, None)
         r = self._resident.get(adapter_id)
         if r is None:
             return True
@@ -306,4 +314,4 @@ class DeviceAdapterCache:
         return times
 
     def shutdown(self) -> None:
-        self._warmer.shutdown(wait=False, cancel_futures=True)
+        self.loader.shutdown()
