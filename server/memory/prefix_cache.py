@@ -37,6 +37,9 @@ class CachedBlock:
     tokens: tuple[int, ...]
     refcount: int = 1
     key: tuple[float, int] | None = None  # eviction priority while evictable
+    # Its adapter version was deleted or reloaded while sequences held it: no longer findable,
+    # and its page is freed when the last of them lets go (not made evictable).
+    dropped: bool = False
 
 
 @dataclass
@@ -144,7 +147,11 @@ class PrefixCache:
                 continue
             assert blk.refcount > 0, f"cached block on page {page} released too often"
             blk.refcount -= 1
-            if blk.refcount == 0:
+            if blk.refcount == 0 and blk.dropped:
+                del self._by_page[page]
+                private.append(page)
+                self.stats.dropped_blocks += 1
+            elif blk.refcount == 0:
                 blk.key = self.clock.stamp(cost)
                 heapq.heappush(self._evictable, (*blk.key, page))
                 self._num_evictable += 1
@@ -153,15 +160,19 @@ class PrefixCache:
 
     def drop_adapter(self, adapter_id: int) -> int:
         """Forget every block computed under an adapter version (deleted or reloaded): idle
-        ones are freed now, held ones when their sequences let go. Returns blocks freed now."""
+        ones are freed now, held ones when the last sequence holding them lets go (a block
+        several sequences share stays theirs until then). Returns blocks freed now."""
         freed = []
         for page in self._by_adapter.pop(adapter_id, set()):
-            blk = self._by_page.pop(page)
+            blk = self._by_page[page]
             del self._by_hash[blk.hash]
             if blk.refcount == 0:
+                del self._by_page[page]
                 blk.key = None
                 self._num_evictable -= 1
                 freed.append(page)
+            else:
+                blk.dropped = True
         if freed:
             self.pool.free(freed, KV)
         self.stats.dropped_blocks += len(freed)
