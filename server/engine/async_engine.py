@@ -65,6 +65,9 @@ class AsyncLLMEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopping = False
+        # The scheduler's waiting count, copied by the step thread after each change (read
+        # under _lock with the inbox, so a request is counted in one of them, never none).
+        self._num_queued = 0
         if engine.adapter_cache is not None:  # a finished adapter read may unblock a step
             engine.adapter_cache.loader.on_read = self._wake.set
         self.dead_reason: BaseException | None = None
@@ -142,8 +145,9 @@ class AsyncLLMEngine:
 
     @property
     def num_waiting(self) -> int:
-        """Requests queued in the engine or on their way to it."""
-        return len(self._inbox.adds) + len(self.engine.scheduler.waiting)
+        """Requests queued in the engine or on their way to it (any thread)."""
+        with self._lock:
+            return len(self._inbox.adds) + self._num_queued
 
     # ---- administration: typed calls run on the step thread between steps ----------------
 
@@ -199,6 +203,7 @@ class AsyncLLMEngine:
                     logger.exception("engine step failed; ending the requests in flight")
                     self._fail_all(EngineStepError(f"engine step failed: {exc}"))
                     continue
+                self._count_queued()
                 self._run_hooks()
                 if outputs:
                     self._deliver(outputs)
@@ -213,6 +218,10 @@ class AsyncLLMEngine:
             self._fail_all(EngineDeadError(f"engine loop died: {exc}"))
             raise
 
+    def _count_queued(self) -> None:
+        with self._lock:
+            self._num_queued = len(self.engine.scheduler.waiting)
+
     def _run_hooks(self) -> None:
         if not self.step_hooks:
             return
@@ -226,11 +235,13 @@ class AsyncLLMEngine:
     def _drain_inbox(self) -> bool:
         with self._lock:
             inbox, self._inbox = self._inbox, _Inbox()
+            self._num_queued += len(inbox.adds)  # counted as queued while they are added
         for seq in inbox.adds:
             try:
                 self.engine.add_sequence(seq)
             except Exception as exc:
                 self._fail(seq.request_id, exc)
+        self._count_queued()
         aborted = [out for rid in inbox.aborts if (out := self.engine.abort_request(rid))]
         if aborted:
             self._deliver(aborted)

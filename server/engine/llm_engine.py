@@ -119,7 +119,7 @@ class LLMEngine:
             self.max_model_len,
             registry,
             self.kv.max_blocks_per_seq,
-            self.adapter_cache.pages_needed if self.adapter_cache is not None else None,
+            self.adapter_cache.pages_for if self.adapter_cache is not None else None,
             self.pool.num_pages,
             self.device,
             config.seed,

@@ -23,6 +23,7 @@ from server.engine.sequence import Sequence
 from server.model.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
+    from adapters.config import AdapterSpec
     from adapters.registry import AdapterRegistry
 
 Prompt = str | list[int]
@@ -39,7 +40,7 @@ class RequestFactory:
         max_model_len: int,
         registry: AdapterRegistry | None,
         kv_pages: Callable[[int], int],
-        adapter_pages: Callable[[int], int] | None,
+        adapter_pages: Callable[[AdapterSpec], int] | None,
         num_pages: int,
         device: torch.device,
         seed: int,
@@ -110,7 +111,7 @@ class RequestFactory:
                 seq.adapter_pinned = True
             seq.adapter_id = reg.adapter_id
             seq.rope_scale = reg.spec.rope_scaling_factor
-            self._check_fits(seq, len(ids) + params.max_tokens)
+            self._check_fits(seq, reg.spec, len(ids) + params.max_tokens)
         seq.logits = LogitsState.build(
             params, self.grammars, self.tokenizer.eos_token_ids, self.device
         )
@@ -118,13 +119,13 @@ class RequestFactory:
             seq.seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(63)
         return seq
 
-    def _check_fits(self, seq: Sequence, max_tokens_total: int) -> None:
+    def _check_fits(self, seq: Sequence, spec: AdapterSpec, max_tokens_total: int) -> None:
         """Refuse a request whose KV at its longest plus its adapter's pages exceed the whole
         pool: it could never run, and waiting for it would hold back its adapter's queue."""
         if self.adapter_pages is None:
             return
         kv_pages = self.kv_pages(max_tokens_total)
-        adapter_pages = self.adapter_pages(seq.adapter_id)
+        adapter_pages = self.adapter_pages(spec)
         if kv_pages + adapter_pages > self.num_pages:
             raise InvalidRequestError(
                 f"prompt plus max_tokens needs {kv_pages} KV pages and adapter "

@@ -29,6 +29,7 @@ from server.memory.reclaim import EvictionClock, PoolReclaimer
 from server.model.config import ModelConfig
 
 if TYPE_CHECKING:
+    from adapters.config import AdapterSpec
     from adapters.registry import AdapterRegistry
 
 logger = logging.getLogger(__name__)
@@ -111,6 +112,11 @@ class DeviceAdapterCache:
 
     def pages_needed(self, adapter_id: int) -> int:
         return self._layout(adapter_id).num_pages
+
+    def pages_for(self, spec: AdapterSpec) -> int:
+        """Pages an adapter with this spec takes: computed, nothing kept, so any thread may
+        ask (the layouts kept above belong to the step thread)."""
+        return layout_adapter(spec, self.cfg, self.pool.page_numel).num_pages
 
     def _idle(self) -> list[ResidentAdapter]:
         return [r for r in self._resident.values() if r.refcount == 0]
