@@ -11,7 +11,7 @@ from typing import Any
 from fastapi import Request
 
 from adapters.chat_template import RENDER_SECONDS
-from server.api.errors import APIError, BadRequest
+from server.api.errors import BadRequest
 from server.api.outputs import Finished, collect, sse, sse_error, usage
 from server.api.prompts import off_loop
 from server.api.schemas.openai import (
@@ -224,6 +224,6 @@ class ChatService(OpenAIService):
                     id=rid, created=created, model=req.model, choices=[], usage=usage(finals, req.n)
                 )
                 yield sse(body.model_dump_json())
-        except (APIError, Exception) as exc:
+        except Exception as exc:  # an API error or any other: one SSE error event
             yield sse_error(exc)
         yield sse("[DONE]")

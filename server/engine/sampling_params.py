@@ -98,6 +98,12 @@ class SamplingParams:
                 "logit_bias",
             )
             for token, bias in self.logit_bias.items():
+                # The upper bound, the vocabulary, is the engine's to check (LogitsState.build).
+                _check(
+                    isinstance(token, int) and token >= 0,
+                    f"logit_bias keys must be token ids, got {token!r}",
+                    "logit_bias",
+                )
                 _check(
                     -MAX_BIAS <= bias <= MAX_BIAS,
                     f"logit_bias values must be in [-100, 100], got {bias} for token {token}",
