@@ -110,8 +110,6 @@ class LLMEngine:
             self.max_model_len,
         )
         self.sampler = Sampler(config.max_num_seqs, self.device)
-        if self.device.type == "cuda":
-            self._warm_up()
         self.requests = RequestFactory(
             self.tokenizer,
             self.grammars,
@@ -129,6 +127,13 @@ class LLMEngine:
         # The last step found work waiting but none it could run (adapters being read).
         self.stalled = False
         self._stats = StepStats()
+        if self.warms_up:
+            self._warm_up()  # last: it runs requests through everything built above
+
+    @property
+    def warms_up(self) -> bool:
+        """Whether start-up compiles kernels and captures graphs before serving (CUDA)."""
+        return self.device.type == "cuda"
 
     def _warm_up(self) -> None:
         """Before the server is ready: compile the kernel variants of a prefill and a decode
