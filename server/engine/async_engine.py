@@ -116,7 +116,7 @@ class AsyncLLMEngine:
         """Validate a request (raises InvalidRequestError) without queuing it."""
         if not self.running:
             raise EngineDeadError(f"the engine is not running: {self.dead_reason or 'stopped'}")
-        return self.engine.make_sequence(prompt, params, request_id, adapter_name, adapter_id)
+        return self.engine.requests.make(prompt, params, request_id, adapter_name, adapter_id)
 
     async def stream(self, seq: Sequence) -> AsyncIterator[RequestOutput]:
         """Queue a prepared sequence and yield its outputs until it finishes."""

@@ -157,21 +157,6 @@ class LLMEngine:
 
     # ---- requests -------------------------------------------------------------------------
 
-    def make_sequence(
-        self,
-        prompt: Prompt,
-        params: SamplingParams,
-        request_id: str | None = None,
-        adapter_name: str | None = None,
-        adapter_id: int | None = None,
-    ) -> Sequence:
-        """Validate a request and build its sequence, without queuing it (any thread).
-
-        `adapter_id` pins the adapter's version the caller prepared the prompt for (its chat
-        template): the request runs on that version even if a reload replaced it since, or
-        fails if that version is gone, rather than run another version's weights."""
-        return self.requests.make(prompt, params, request_id, adapter_name, adapter_id)
-
     def add_sequence(self, seq: Sequence) -> None:
         if seq.request_id in self._requests:
             raise InvalidRequestError(f"request id {seq.request_id!r} is already running")
@@ -200,7 +185,7 @@ class LLMEngine:
         request_id: str | None = None,
         adapter_name: str | None = None,
     ) -> str:
-        seq = self.make_sequence(prompt, params, request_id, adapter_name)
+        seq = self.requests.make(prompt, params, request_id, adapter_name)
         self.add_sequence(seq)
         return seq.request_id
 

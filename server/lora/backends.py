@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from server.lora.batch import LoRABatch, LoRAOps
+from server.lora.batch import Linear, LoRABatch, LoRAOps
 from server.lora.ops import lora_apply
 
 
@@ -20,22 +20,14 @@ class TorchLoRA:
     name = "torch"
     graph_safe = False
 
-    def add(
-        self,
-        batch: LoRABatch,
-        x: torch.Tensor,
-        out: torch.Tensor,
-        layer: int,
-        module: int,
-        slice_offsets: tuple[int, ...],
-        slice_widths: tuple[int, ...],
-    ) -> None:
+    def add(self, batch: LoRABatch, x: torch.Tensor, out: torch.Tensor, linear: Linear) -> None:
+        key = (linear.layer, linear.module)
         segments = [
             (r.start, r.length, w)
             for r in batch.segments
-            if (w := r.weights.modules.get((layer, module))) is not None
+            if (w := r.weights.modules.get(key)) is not None
         ]
-        lora_apply(x, out, segments, slice_offsets, slice_widths)
+        lora_apply(x, out, segments, linear.slices.offsets, linear.slices.widths)
 
 
 class TritonLoRA:
@@ -45,21 +37,13 @@ class TritonLoRA:
     name = "triton"
     graph_safe = True
 
-    def add(
-        self,
-        batch: LoRABatch,
-        x: torch.Tensor,
-        out: torch.Tensor,
-        layer: int,
-        module: int,
-        slice_offsets: tuple[int, ...],
-        slice_widths: tuple[int, ...],
-    ) -> None:
-        if batch.static or any((layer, module) in r.weights.slices for r in batch.segments):
+    def add(self, batch: LoRABatch, x: torch.Tensor, out: torch.Tensor, linear: Linear) -> None:
+        key = (linear.layer, linear.module)
+        if batch.static or any(key in r.weights.slices for r in batch.segments):
             from server.lora.triton_ops import lora_triton
 
-            meta = batch.segment_tensors(layer, module)
-            lora_triton(x, batch.pool, meta, out, slice_offsets, slice_widths)
+            meta = batch.segment_tensors(linear.layer, linear.module)
+            lora_triton(x, batch.pool, meta, out, linear.slices.offsets, linear.slices.widths)
 
 
 LORA_OPS: dict[str, LoRAOps] = {"torch": TorchLoRA(), "triton": TritonLoRA()}

@@ -17,6 +17,7 @@ from server.lora.layout import LORA_MODULES
 from server.lora.ops import SegmentTensors
 from server.lora.pooled import PooledWeights
 from server.lora.slots import SlotTables
+from server.model.config import PackedSlices
 
 NO_ADAPTER = -1
 T = TypeVar("T")
@@ -42,6 +43,15 @@ class AdapterSegment:
         return self.start + self.length
 
 
+@dataclass(frozen=True)
+class Linear:
+    """Which packed linear a LoRA delta is for, and its output slices (q/k/v, gate/up)."""
+
+    layer: int
+    module: int  # index into LORA_MODULES
+    slices: PackedSlices
+
+
 class LoRAOps(Protocol):
     """Batched LoRA over a step's segments of tokens, one per adapter."""
 
@@ -50,18 +60,9 @@ class LoRAOps(Protocol):
     # replays it without the host knowing the segments).
     graph_safe: bool
 
-    def add(
-        self,
-        batch: LoRABatch,
-        x: torch.Tensor,
-        out: torch.Tensor,
-        layer: int,
-        module: int,
-        slice_offsets: tuple[int, ...],
-        slice_widths: tuple[int, ...],
-    ) -> None:
-        """out += each token's adapter delta for packed linear `module` of `layer`.
-        x: [T, in]  out: [T, sum(slice_widths)]"""
+    def add(self, batch: LoRABatch, x: torch.Tensor, out: torch.Tensor, linear: Linear) -> None:
+        """out += each token's adapter delta for one packed linear of one layer.
+        x: [T, in]  out: [T, sum(linear.slices.widths)]"""
         ...
 
 
@@ -142,18 +143,10 @@ class LoRABatch:
         batch.static = True
         return batch
 
-    def add_lora(
-        self,
-        x: torch.Tensor,
-        out: torch.Tensor,
-        layer: int,
-        module: int,
-        slice_offsets: tuple[int, ...],
-        slice_widths: tuple[int, ...],
-    ) -> None:
-        """out += each token's adapter delta for packed linear `module` of `layer`."""
-        # x: [T, in]  out: [T, sum(slice_widths)]
-        self.ops.add(self, x, out, layer, module, slice_offsets, slice_widths)
+    def add_lora(self, x: torch.Tensor, out: torch.Tensor, linear: Linear) -> None:
+        """out += each token's adapter delta for one packed linear of one layer."""
+        # x: [T, in]  out: [T, sum(linear.slices.widths)]
+        self.ops.add(self, x, out, linear)
 
     def segment_tensors(self, layer: int, module: int) -> SegmentTensors:
         """The kernels' per-segment tables for one linear (all segments take part; a segment

@@ -12,7 +12,7 @@ from typing import cast
 import torch
 from torch import nn
 
-from server.lora.batch import LoRABatch
+from server.lora.batch import Linear, LoRABatch
 from server.lora.layout import LORA_MODULES
 from server.model.config import ModelConfig, PackedSlices
 from server.model.context import get_context
@@ -32,16 +32,13 @@ class LoRALinear(nn.Module):
     def __init__(self, base: nn.Module, layer: int, module: int, slices: PackedSlices) -> None:
         super().__init__()
         self.base = base
-        self.layer = layer
-        self.module = module
-        self.slice_widths = slices.widths
-        self.slice_offsets = slices.offsets
+        self.linear = Linear(layer, module, slices)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
         lora = _lora_batch()
         if lora is not None:
-            lora.add_lora(x, out, self.layer, self.module, self.slice_offsets, self.slice_widths)
+            lora.add_lora(x, out, self.linear)
         return out
 
 

@@ -193,7 +193,7 @@ def test_invalid_logits_options_are_refused(engine) -> None:  # type: ignore[no-
     with pytest.raises(InvalidRequestError, match="min_tokens cannot be combined"):
         SamplingParams(min_tokens=1, grammar=Grammar("json_object"))
     with pytest.raises(InvalidRequestError, match="token ids in"):
-        engine.make_sequence([1, 2], SamplingParams(logit_bias={10**6: 1.0}))
+        engine.requests.make([1, 2], SamplingParams(logit_bias={10**6: 1.0}))
 
 
 @pytest.mark.parametrize(

@@ -171,7 +171,7 @@ def test_an_idle_adapters_pages_are_no_room_for_the_kv_of_the_request_that_pins_
     engine = engine_with_adapters(num_pages=10, max_model_len=128)
     engine.generate([PROMPTS[0]], GREEDY, ["mlp"])  # now resident, idle, reclaimable
     cache = engine.adapter_cache
-    seq = engine.make_sequence(PROMPTS[1], GREEDY, adapter_name="mlp")
+    seq = engine.requests.make(PROMPTS[1], GREEDY, adapter_name="mlp")
     # Room for KV blocks other than the adapter's own pages: free and cached-idle pages.
     free = engine.pool.available(engine.reclaimer) - cache.reclaimable_pages()
 
