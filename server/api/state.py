@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import time
@@ -105,6 +106,11 @@ class ServerState:
             await self.jobs.start()
             store = self.jobs.store
             self.metrics.watch_training(lambda: training_stats(store))
+            # What start-up built (model, tokenizer, registry: ~350k objects for the bench
+            # model with 104 adapters) lives as long as the server. Out of the collector's
+            # sight, a full collection no longer stalls the step thread to walk it (0.35 s).
+            gc.collect()
+            gc.freeze()
             self.ready = True
             logger.info("ready: serving %s with %d adapters", self.model_name, len(adapters))
         except Exception as exc:
