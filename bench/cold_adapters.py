@@ -13,6 +13,7 @@ step that reads an adapter's file holds every running sequence for the read.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import random
@@ -37,6 +38,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rank", type=int, default=32)
     p.add_argument("--targets", choices=sorted(TARGETS), default="all-linear")
     p.add_argument("--host-cache-mb", type=int, default=16, help="the cold run's host cache")
+    p.add_argument(
+        "--disk-mb-per-s",
+        type=float,
+        default=None,
+        help="also wait as a disk of this read bandwidth would (the files are in page cache)",
+    )
     p.add_argument("--running-tokens", type=int, default=960, help="at most; stopped at the end")
     p.add_argument("--cold-tokens", type=int, default=8)
     p.add_argument("--layers", type=int, default=8)
@@ -67,11 +74,27 @@ def _engine(model_dir: Path, data_dir: Path, host_cache_mb: int, args: argparse.
     return LLMEngine(config, registry=open_registry(data_dir, config))
 
 
+def _emulate_disk(registry, mb_per_s: float) -> None:  # type: ignore[no-untyped-def]
+    """Each read of an adapter's file also waits size / bandwidth, sleeping (as I/O does, the
+    GIL released): this machine reads the files from its page cache."""
+    load = registry._load
+
+    def slow_load(reg):  # type: ignore[no-untyped-def]
+        path = registry.store.path(reg.name)
+        size = sum(f.stat().st_size for f in path.iterdir())
+        time.sleep(size / 2**20 / mb_per_s)
+        return load(reg)
+
+    registry._load = slow_load
+
+
 def run(engine, names: list[str], warm: bool, args: argparse.Namespace) -> dict:  # type: ignore[no-untyped-def]
     """Running sequences' inter-token latency while the cold requests arrive and are served."""
     from server.engine.sampling_params import SamplingParams
 
     registry = engine.registry
+    if args.disk_mb_per_s:
+        _emulate_disk(registry, args.disk_mb_per_s)
     if warm:
         for name in names[NUM_WARM:]:
             registry.warm(registry.get(name).adapter_id)
@@ -160,11 +183,16 @@ def main(argv: list[str] | None = None) -> int:
             for name, d in zip(names, dirs, strict=True):
                 if engine.registry.get(name) is None:
                     engine.registry.register_dir(name, d)
+            # What start-up built stays: without this a full collection walks it (~350k
+            # objects, ~0.35 s here), a pause that would swamp what is measured.
+            gc.collect()
+            gc.freeze()
             result = run(engine, names, warm, args)
             result["host_cache_mb"] = host_mb
             results.append(result)
             print(json.dumps(result), flush=True)
             engine.adapter_cache.shutdown()
+            gc.unfreeze()
     p99 = {
         kind: statistics.median(r["itl_p99_ms"] for r in results if r["warm"] == (kind == "warm"))
         for kind in ("cold", "warm")
@@ -174,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         "adapter": f"rank {args.rank}, {args.targets}, {adapter_mb:.1f} MiB on disk",
         "cold_adapters": args.cold,
         "rate": args.rate,
+        "disk_mb_per_s": args.disk_mb_per_s,
         "threads": args.threads,
         "median_p99_itl_ms": p99,
         "p99_itl_cold_over_warm": round(p99["cold"] / p99["warm"], 2),
