@@ -19,10 +19,14 @@ class ConfigError(ValueError):
     """A setting that cannot work, named with the flag that sets it."""
 
 
-def option(default: Any, help: str, *, choices: tuple[str, ...] | None = None) -> Any:
+def option(
+    default: Any, help: str, *, choices: tuple[str, ...] | None = None, sep: str | None = None
+) -> Any:
     """A config field that is also a command-line flag (`--field-name`, its default read from
-    LORAPLEX_FIELD_NAME): server.options builds the flag from this help and the field's type."""
-    return field(default=default, metadata={"help": help, "choices": choices})
+    LORAPLEX_FIELD_NAME): server.options builds the flag from this help and the field's type.
+    `sep`: a tuple field given as one string split at sep (values that hold the path
+    separator, which otherwise splits the variable, e.g. URLs)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "sep": sep})
 
 
 @dataclass

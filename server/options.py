@@ -5,7 +5,8 @@ Every dataclass field declared with `server.config.option(default, help)` become
 set, and `config_from_args` builds the dataclass back from the parsed flags. The flag's kind
 follows the field's type: `int`/`float` parse as such, `bool` is a switch (`--no-x` too when it
 defaults to true), `tuple[str, ...]` takes any number of values (the environment variable
-separates them with os.pathsep), and `X | None` takes an X, an empty value meaning None.
+separates them with os.pathsep; with `sep` both take one string split there), and `X | None`
+takes an X, an empty value meaning None.
 Adding a field with help is all it takes to add a flag.
 """
 
@@ -75,7 +76,7 @@ def _argparse_kwargs(field: dataclasses.Field, kind: Any) -> dict[str, Any]:
         action = argparse.BooleanOptionalAction if field.default else "store_true"
         return {"action": action}
     if typing.get_origin(base) is tuple:
-        return {"nargs": "*"}
+        return {} if field.metadata.get("sep") else {"nargs": "*"}
     kw: dict[str, Any] = {}
     if base in (int, float):
         kw["type"] = base
@@ -89,7 +90,10 @@ def _argparse_kwargs(field: dataclasses.Field, kind: Any) -> dict[str, Any]:
 def add_config_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type) -> None:
     """One flag per field of the dataclass cls declared with help, in declaration order."""
     for field, kind in _flag_fields(cls):
-        default = list(field.default) if isinstance(field.default, tuple) else field.default
+        default = field.default
+        if isinstance(default, tuple):
+            sep = field.metadata.get("sep")
+            default = sep.join(default) if sep else list(default)
         help = field.metadata["help"]
         add_flag(parser, flag_name(field.name), default, help, **_argparse_kwargs(field, kind))
 
@@ -102,6 +106,8 @@ def config_from_args(cls: type[C], args: argparse.Namespace, **fields: Any) -> C
         value = getattr(args, field.name)
         if isinstance(value, list):
             value = tuple(value)
+        elif sep := field.metadata.get("sep"):
+            value = tuple(v.strip() for v in value.split(sep) if v.strip())
         elif value == "" and _unwrap_optional(kind) is not kind:
             value = None
         values[field.name] = value

@@ -25,6 +25,7 @@ class Settings:
     verbose: bool = option(False, "say more")
     cache: bool = option(True, "keep results")
     roots: tuple[str, ...] = option((), "where to look")
+    origins: tuple[str, ...] = option((), "sites, comma-separated", sep=",")
     derived: int = 0  # no help: no flag
 
 
@@ -40,13 +41,17 @@ def test_a_field_with_help_is_all_it_takes_to_get_a_flag_and_its_environment_var
     assert config_from_args(Settings, parse([])) == Settings()
     argv = ["--batch-limit", "3", "--ratio", "0.5", "--name", "x", "--mode", "safe"]
     argv += ["--verbose", "--no-cache", "--roots", "/a", "/b"]
+    argv += ["--origins", "https://a.example:8443, https://b.example"]
     got = config_from_args(Settings, parse(argv), derived=7)
-    assert got == Settings(3, 0.5, "x", "safe", True, False, ("/a", "/b"), 7)
+    origins = ("https://a.example:8443", "https://b.example")
+    assert got == Settings(3, 0.5, "x", "safe", True, False, ("/a", "/b"), origins, 7)
     monkeypatch.setenv("LORAPLEX_BATCH_LIMIT", "5")
     monkeypatch.setenv("LORAPLEX_VERBOSE", "yes")
     monkeypatch.setenv("LORAPLEX_ROOTS", "/c:/d")
+    monkeypatch.setenv("LORAPLEX_ORIGINS", "http://c:1,http://d:2")
     got = config_from_args(Settings, parse([]))
     assert (got.batch_limit, got.verbose, got.roots) == (5, True, ("/c", "/d"))
+    assert got.origins == ("http://c:1", "http://d:2")
 
 
 def test_choices_and_types_are_checked_by_the_parser() -> None:
