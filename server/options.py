@@ -121,12 +121,19 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def serve_configs(args: argparse.Namespace) -> tuple[ServerConfig, EngineConfig]:
-    """The server and engine settings of parsed `serve` flags (the demo model without --model)."""
+    """The server and engine settings of parsed `serve` flags."""
+    return server_config(args), engine_config(args)
+
+
+def server_config(args: argparse.Namespace) -> ServerConfig:
+    """The server settings of parsed `serve` flags."""
     # The engine's --training-memory-mb is also the most one job may use (0: no bound).
-    server = config_from_args(
-        ServerConfig, args, training_memory_mb=args.training_memory_mb or None
-    )
-    return server, config_from_args(EngineConfig, args, model=args.model or str(default_model()))
+    return config_from_args(ServerConfig, args, training_memory_mb=args.training_memory_mb or None)
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    """The engine settings of parsed `serve` flags (the demo model without --model)."""
+    return config_from_args(EngineConfig, args, model=args.model or str(default_model()))
 
 
 def default_model() -> Path:

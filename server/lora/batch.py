@@ -100,9 +100,9 @@ class SegmentBuffers:
 class LoRABatch:
     """What the LoRA-aware layers need to know about this step's tokens and adapters.
 
-    Everything the forward reads is on the device before it starts: the segment tables (filled
-    by build_lora_batch), the slot tables, and each adapter's pooled views; no layer copies
-    from the host or waits for the device.
+    Everything the forward reads is on the device before it starts: the segment tables
+    (filled by the residency's lora_batch), the slot tables, and each adapter's pooled views;
+    no layer copies from the host or waits for the device.
     """
 
     def __init__(
