@@ -20,7 +20,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class EngineConfig:
-    model: str | None = None  # a local Hugging Face directory; None means the demo model
+    model: str | None = None  # a local Hugging Face directory (the CLI converts GGUF files)
     quantize: str = "nf4"
     dtype: str = "auto"
     device: str = "auto"
@@ -41,6 +41,8 @@ class EngineConfig:
     kernel_backend: str = "auto"  # NF4 matmul and paged attention: triton on CUDA, torch on CPU
     host_cache_mb: int = 2048
     seed: int = 0
+    chat_template: str | None = None  # a jinja file overriding the checkpoint's template
+    generation_config: str = "auto"  # auto: the model's sampling defaults; vllm: none; a folder
 
     def __post_init__(self) -> None:
         _choice("--quantize", self.quantize, QUANTIZE_CHOICES)

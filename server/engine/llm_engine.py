@@ -25,7 +25,7 @@ from server.engine.scheduler import Scheduler, SchedulerOutput
 from server.engine.sequence import Sequence, SequenceStatus
 from server.engine.setup import (
     build_model,
-    generation_eos_ids,
+    checkpoint_text_files,
     kernel_backend,
     make_pool,
     pool_tenants,
@@ -34,7 +34,6 @@ from server.engine.stats import StepStats
 from server.lora.batch import build_lora_batch, group_by_adapter
 from server.lora.layers import enable_lora
 from server.memory.kv_cache import KVCacheManager
-from server.model.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
     from adapters.registry import AdapterRegistry
@@ -65,9 +64,7 @@ class LLMEngine:
         self.model = build_model(config, model_dir)
         self.model_config = cfg = self.model.config
         self.model_name = model_dir.name
-        self.tokenizer = Tokenizer(
-            model_dir, extra_eos_token_ids=cfg.eos_token_ids + generation_eos_ids(model_dir)
-        )
+        self.tokenizer, self.generation_defaults = checkpoint_text_files(config, cfg)
         self.grammars = GrammarCompiler(self.tokenizer, cfg.vocab_size)
         self.max_model_len = config.max_model_len or cfg.max_position_embeddings
         if self.max_model_len > cfg.max_position_embeddings:
