@@ -6,6 +6,7 @@ import json
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -78,13 +79,28 @@ def random_model(
         torch.set_default_dtype(default)
     from pydoc_data.topics import topics
 
-    from server.demo.tokenizer import train_tokenizer
-
-    train_tokenizer(list(topics.values()), size.vocab).save(str(path / "tokenizer.json"))
+    _bpe_tokenizer(list(topics.values()), size.vocab).save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(
         json.dumps({"bos_token": "<s>", "eos_token": "</s>"})
     )
     return path
+
+
+def _bpe_tokenizer(texts: list[str], vocab_size: int) -> Any:
+    """A byte-level BPE tokenizer trained on texts, with <pad>, <s> and </s> as ids 0-2."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    return tok
 
 
 def synthetic_adapter(
