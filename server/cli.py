@@ -52,7 +52,14 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         "Hugging Face model directory, .gguf file or folder holding one; "
         "default: SmolLM2-135M-Instruct (docs/operations.md)",
     )
-    _add(g, "--quantize", "nf4", "base weight format", choices=QUANTIZE_CHOICES)
+    _add(
+        g,
+        "--quantize",
+        "auto",
+        "base weight format; auto: nf4 when the unquantized weights exceed 1/8 of the "
+        "device's memory, else none",
+        choices=QUANTIZE_CHOICES,
+    )
     _add(g, "--dtype", "auto", "compute dtype", choices=DTYPE_CHOICES)
     _add(g, "--device", "auto", "device", choices=DEVICE_CHOICES)
     _add(g, "--max-model-len", None, "longest prompt + output, in tokens", type=int)

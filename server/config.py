@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-QUANTIZE_CHOICES = ("nf4", "none")
+QUANTIZE_CHOICES = ("auto", "nf4", "none")
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 LORA_BACKEND_CHOICES = ("auto", "torch", "triton")
@@ -21,7 +21,7 @@ class ConfigError(ValueError):
 @dataclass
 class EngineConfig:
     model: str | None = None  # a local Hugging Face directory (the CLI converts GGUF files)
-    quantize: str = "nf4"
+    quantize: str = "auto"  # auto: NF4 only where memory is the constraint (model/precision.py)
     dtype: str = "auto"
     device: str = "auto"
     max_model_len: int | None = None  # default: the model's max_position_embeddings

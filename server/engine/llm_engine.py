@@ -29,6 +29,7 @@ from server.engine.setup import (
     kernel_backend,
     make_pool,
     pool_tenants,
+    with_quantize_chosen,
 )
 from server.engine.stats import StepStats
 from server.lora.batch import build_lora_batch, group_by_adapter
@@ -57,8 +58,8 @@ def _non_finite_message(seq: Sequence) -> str:
 class LLMEngine:
     def __init__(self, config: EngineConfig, registry: AdapterRegistry | None = None) -> None:
         if config.model is None:
-            raise ConfigError("LLMEngine needs a model directory (the CLI supplies the demo)")
-        self.config = config
+            raise ConfigError("LLMEngine needs a model directory (the CLI resolves --model to one)")
+        self.config = config = with_quantize_chosen(config)
         model_dir = Path(config.model)
         self.device = config.torch_device
         self.model = build_model(config, model_dir)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -25,6 +26,7 @@ from server.model.generation_config import (
 )
 from server.model.llama import LlamaForCausalLM
 from server.model.loader import load_model, module_bytes
+from server.model.precision import auto_quantize, device_memory_bytes
 from server.model.quant import quantize_nf4
 from server.model.tokenizer import Tokenizer, TokenizerError
 
@@ -59,9 +61,29 @@ def checkpoint_text_files(
     return tokenizer, defaults
 
 
+def with_quantize_chosen(config: EngineConfig) -> EngineConfig:
+    """config with `--quantize auto` replaced by what it means for this model and device."""
+    if config.quantize != "auto":
+        return config
+    assert config.model is not None
+    cfg = ModelConfig.from_dir(config.model)
+    memory = device_memory_bytes(config.torch_device)
+    chosen = auto_quantize(cfg.num_params, config.torch_dtype, memory)
+    logger.info(
+        "--quantize auto: %s (%.2fB parameters in %s, %.0f GiB of %s memory)",
+        chosen,
+        cfg.num_params / 1e9,
+        config.torch_dtype,
+        memory / 2**30,
+        config.torch_device.type,
+    )
+    return dataclasses.replace(config, quantize=chosen)
+
+
 def build_model(config: EngineConfig, model_dir: Path) -> LlamaForCausalLM:
     """Load the checkpoint, quantize it if asked, and put it on the device."""
     start = time.perf_counter()
+    config = with_quantize_chosen(config)
     model = load_model(model_dir, config.torch_dtype)
     if config.quantize == "nf4":
         quantize_nf4(model, config.torch_dtype, config.torch_device)
