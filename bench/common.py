@@ -50,6 +50,26 @@ class ModelSize:
         )
 
 
+def real_model(spec: str) -> tuple[Path, ModelSize]:
+    """A pretrained checkpoint to benchmark on ('default': SmolLM2-135M-Instruct, else a
+    directory or a .gguf file) and its shape."""
+    from server.model.config import ModelConfig
+    from server.model.resolve import resolve_model
+
+    model_dir = resolve_model(None if spec == "default" else spec, torch.float32)
+    cfg = ModelConfig.from_dir(model_dir)
+    size = ModelSize(
+        layers=cfg.num_layers,
+        hidden=cfg.hidden_size,
+        intermediate=cfg.intermediate_size,
+        heads=cfg.num_heads,
+        kv_heads=cfg.num_kv_heads,
+        vocab=cfg.vocab_size,
+        max_len=cfg.max_position_embeddings,
+    )
+    return model_dir, size
+
+
 def random_model(
     path: Path, size: ModelSize, seed: int = 0, dtype: torch.dtype = torch.float32
 ) -> Path:
