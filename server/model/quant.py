@@ -29,15 +29,7 @@ def import_bitsandbytes():  # type: ignore[no-untyped-def]
 def nf4_linear(linear: nn.Linear, compute_dtype: torch.dtype, device: torch.device) -> nn.Module:
     """A bitsandbytes Linear4bit (NF4, double quantization) holding `linear`'s weights."""
     bnb = import_bitsandbytes()
-    q = bnb.nn.Linear4bit(
-        linear.in_features,
-        linear.out_features,
-        bias=linear.bias is not None,
-        compute_dtype=compute_dtype,
-        compress_statistics=True,
-        quant_type="nf4",
-        device="cpu",
-    )
+    q = _empty_linear4bit(linear, compute_dtype, nested=True)
     q.weight = bnb.nn.Params4bit(
         linear.weight.data.to("cpu", compute_dtype),
         requires_grad=False,
@@ -45,9 +37,24 @@ def nf4_linear(linear: nn.Linear, compute_dtype: torch.dtype, device: torch.devi
         quant_type="nf4",
         blocksize=NF4_BLOCKSIZE,
     )
+    return q.to(device)  # moving a Params4bit quantizes it
+
+
+def _empty_linear4bit(linear: nn.Linear, compute_dtype: torch.dtype, nested: bool) -> nn.Module:
+    """A Linear4bit shaped like `linear`, with its bias; the caller sets the weight."""
+    bnb = import_bitsandbytes()
+    q = bnb.nn.Linear4bit(
+        linear.in_features,
+        linear.out_features,
+        bias=linear.bias is not None,
+        compute_dtype=compute_dtype,
+        compress_statistics=nested,
+        quant_type="nf4",
+        device="cpu",
+    )
     if linear.bias is not None:
         q.bias = nn.Parameter(linear.bias.data.to("cpu", compute_dtype), requires_grad=False)
-    return q.to(device)  # moving a Params4bit quantizes it
+    return q
 
 
 def nf4_packed_linear(
@@ -84,15 +91,7 @@ def nf4_packed_linear(
         quant_type="nf4",
         dtype=compute_dtype,
     )
-    q = bnb.nn.Linear4bit(
-        linear.in_features,
-        linear.out_features,
-        bias=linear.bias is not None,
-        compute_dtype=compute_dtype,
-        compress_statistics=False,
-        quant_type="nf4",
-        device="cpu",
-    )
+    q = _empty_linear4bit(linear, compute_dtype, nested=False)
     q.weight = bnb.nn.Params4bit(
         torch.cat(packed).unsqueeze(1),
         requires_grad=False,
@@ -103,8 +102,6 @@ def nf4_packed_linear(
         module=q,
         bnb_quantized=True,
     )
-    if linear.bias is not None:
-        q.bias = nn.Parameter(linear.bias.data.to("cpu", compute_dtype), requires_grad=False)
     return q.to(device)
 
 

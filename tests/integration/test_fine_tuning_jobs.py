@@ -182,7 +182,7 @@ def test_a_longlora_job_extends_the_context_and_serves_in_one_batch_with_a_qlora
         info = client.get(f"/v1/adapters/{long_job['fine_tuned_model']}").json()
     assert info["rope_scaling_factor"] == 2.0
     assert "model.embed_tokens" in info["saved_modules"]
-    long_prompt = " ".join(rng.choices(words, k=150))  # past the base's 256-token context
+    long_prompt = " ".join(rng.choices(words, k=40))
     requests = [
         (long_job["fine_tuned_model"], long_prompt),
         (short_job["fine_tuned_model"], "Order: 3 8 1 5\nAnswer:"),
@@ -192,8 +192,9 @@ def test_a_longlora_job_extends_the_context_and_serves_in_one_batch_with_a_qlora
         model, prompt = model_prompt
         with server.client() as client:
             body = {"model": model, "prompt": prompt, "max_tokens": 8, "temperature": 0}
-            out = client.post("/v1/completions", json=body).json()
-        return out["choices"][0]["text"]
+            response = client.post("/v1/completions", json=body)
+        assert response.status_code == 200, response.text
+        return response.json()["choices"][0]["text"]
 
     alone = [complete(r) for r in requests]
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
