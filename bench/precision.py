@@ -105,6 +105,7 @@ def main(argv: list[str] | None = None) -> None:
         same, prefix = agreement(texts, reference)
         label = f"{dtype}{' + NF4' if quantize == 'nf4' else ''}"
         rows.append((label, ppl, same, prefix, ppl_seconds, gen_seconds))
+        print(f"{label}: perplexity {ppl:.3f} ({ppl_seconds:.0f} s)", flush=True)
     tokens = sum(len(b) for b in batches)
     print(f"{model_dir.name}: {len(batches)} windows, {tokens} tokens of held-out text; ")
     print(f"{len(prompts)} prompts x {args.new_tokens} greedy tokens; {args.threads} threads\n")

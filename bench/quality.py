@@ -1,7 +1,8 @@
 """Fine-tuning quality on a real model: QLoRA vs LoRA on the 16-bit (fp32 on CPU) base vs full
 fine-tuning, compared on held-out answers. One run, a table on stdout and JSON with --out.
 
-    python -m bench.quality [--model DIR|FILE.gguf] [--steps 60] [--threads 2] [--out r.json]
+    python -m bench.quality [--model DIR|FILE.gguf] [--steps 60] [--test-examples 64]
+        [--threads 2] [--out r.json]
 
 Every run trains on the same data, with the same steps, batches (the same length-grouped
 order) and seed; only what is trained or how the base is stored differs.
@@ -70,12 +71,12 @@ def _sort_example(rng: random.Random) -> dict[str, Any]:
     }
 
 
-def write_task(root: Path) -> dict[str, Path]:
+def write_task(root: Path, test_examples: int = TASK_TEST) -> dict[str, Path]:
     """Disjoint train / validation / test files of the sorting task."""
     rng = random.Random(SEED)
     seen: set[str] = set()
     splits: dict[str, list[dict[str, Any]]] = {"train": [], "valid": [], "test": []}
-    sizes = {"train": TASK_TRAIN, "valid": TASK_VALID, "test": TASK_TEST}
+    sizes = {"train": TASK_TRAIN, "valid": TASK_VALID, "test": test_examples}
     for split, size in sizes.items():
         while len(splits[split]) < size:
             ex = _sort_example(rng)
@@ -130,7 +131,7 @@ def task_accuracy(trainer: Trainer, test_file: Path) -> tuple[float, float]:
 
 
 def task_runs(name: str, model_dir: Path, args: argparse.Namespace, tmp: Path) -> list[dict]:
-    data = write_task(tmp)
+    data = write_task(tmp, args.test_examples)
     common = {
         "r": 16,
         "lora_alpha": 32.0,
@@ -213,6 +214,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=60, help="optimizer steps per run")
     parser.add_argument("--lora-lr", type=float, default=1e-3)
     parser.add_argument("--full-lr", type=float, default=5e-5)
+    parser.add_argument("--test-examples", type=int, default=TASK_TEST, help="held-out prompts")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, help="write the rows as JSON here")
     args = parser.parse_args(argv)
