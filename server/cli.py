@@ -1,4 +1,4 @@
-"""`loraplex serve | serve-ray | demo | finetune`; flags also read LORAPLEX_<FLAG> from the env."""
+"""`loraplex serve | serve-ray | finetune`; flags also read LORAPLEX_<FLAG> from the env."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from server.config import (
@@ -46,8 +45,21 @@ def _add(parser: argparse.ArgumentParser, flag: str, default: Any, help: str, **
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
-    _add(g, "--model", None, "local Hugging Face model directory; default: the demo model")
-    _add(g, "--quantize", "nf4", "base weight format", choices=QUANTIZE_CHOICES)
+    _add(
+        g,
+        "--model",
+        None,
+        "Hugging Face model directory, .gguf file or folder holding one; "
+        "default: SmolLM2-135M-Instruct (docs/operations.md)",
+    )
+    _add(
+        g,
+        "--quantize",
+        "auto",
+        "base weight format; auto: nf4 when the unquantized weights exceed 1/8 of the "
+        "device's memory, else none",
+        choices=QUANTIZE_CHOICES,
+    )
     _add(g, "--dtype", "auto", "compute dtype", choices=DTYPE_CHOICES)
     _add(g, "--device", "auto", "device", choices=DEVICE_CHOICES)
     _add(g, "--max-model-len", None, "longest prompt + output, in tokens", type=int)
@@ -91,11 +103,27 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     )
     _add(g, "--host-cache-mb", 2048, "host memory for cached adapter weights", type=int)
     _add(g, "--seed", 0, "seed for requests that give none", type=int)
+    _add(g, "--chat-template", None, "jinja file used instead of the model's own chat template")
+    _add(
+        g,
+        "--generation-config",
+        "auto",
+        "request defaults: auto (the model's generation_config.json), vllm (none), or a folder",
+    )
 
 
-def engine_config(args: argparse.Namespace, model: str) -> EngineConfig:
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    """The engine settings of parsed flags, --model resolved to a Hugging Face directory
+    (a GGUF file or the default model converted once into the cache)."""
+    from server.model.resolve import resolve_model
+
+    config = _engine_settings(args)
+    config.model = str(resolve_model(args.model, config.torch_dtype))
+    return config
+
+
+def _engine_settings(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
-        model=model,
         quantize=args.quantize,
         dtype=args.dtype,
         device=args.device,
@@ -115,6 +143,8 @@ def engine_config(args: argparse.Namespace, model: str) -> EngineConfig:
         kernel_backend=args.kernel_backend,
         host_cache_mb=args.host_cache_mb,
         seed=args.seed,
+        chat_template=args.chat_template,
+        generation_config=args.generation_config,
     )
 
 
@@ -216,9 +246,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     from server.api.app import build_state, create_app
 
-    model = args.model or str(demo_model())
     server = server_config(args)
-    app = create_app(build_state(server, engine_config(args, model)))
+    app = create_app(build_state(server, engine_config(args)))
     logger.info(
         "listening on http://%s:%d (the model loads in the background)", server.host, server.port
     )
@@ -231,32 +260,6 @@ def _serve(args: argparse.Namespace) -> int:
         # client closes first: a request sent on a connection the server is closing fails.
         timeout_keep_alive=KEEP_ALIVE_S,
     )
-    return 0
-
-
-def demo_model() -> Path:
-    from server.demo import ensure_demo_model
-
-    return ensure_demo_model(progress=True)
-
-
-def _demo_parser(sub: Any) -> None:
-    p = sub.add_parser("demo", help="build (or find) the offline demo model")
-    _add(p, "--out", None, "where to write it; default: the cache directory")
-    _add(p, "--force", False, "rebuild even if it exists", action="store_true")
-    _add(p, "--seconds", 150.0, "training time budget", type=float)
-    p.set_defaults(func=_demo)
-
-
-def _demo(args: argparse.Namespace) -> int:
-    from server.demo import build_demo_model, default_demo_dir, ensure_demo_model
-
-    out = Path(args.out) if args.out else default_demo_dir()
-    if args.force:
-        path = build_demo_model(out, train_seconds=args.seconds, progress=True)
-    else:
-        path = ensure_demo_model(out, progress=True)
-    print(path)
     return 0
 
 
@@ -273,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     from server.ray.cli import add_parser as serve_ray_parser
 
-    for build in (_serve_parser, serve_ray_parser, _demo_parser, _finetune_parser):
+    for build in (_serve_parser, serve_ray_parser, _finetune_parser):
         build(sub)
     return parser
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-QUANTIZE_CHOICES = ("nf4", "none")
+QUANTIZE_CHOICES = ("auto", "nf4", "none")
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 LORA_BACKEND_CHOICES = ("auto", "torch", "triton")
@@ -20,8 +20,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class EngineConfig:
-    model: str | None = None  # a local Hugging Face directory; None means the demo model
-    quantize: str = "nf4"
+    model: str | None = None  # a local Hugging Face directory (the CLI converts GGUF files)
+    quantize: str = "auto"  # auto: NF4 only where memory is the constraint (model/precision.py)
     dtype: str = "auto"
     device: str = "auto"
     max_model_len: int | None = None  # default: the model's max_position_embeddings
@@ -41,6 +41,8 @@ class EngineConfig:
     kernel_backend: str = "auto"  # NF4 matmul and paged attention: triton on CUDA, torch on CPU
     host_cache_mb: int = 2048
     seed: int = 0
+    chat_template: str | None = None  # a jinja file overriding the checkpoint's template
+    generation_config: str = "auto"  # auto: the model's sampling defaults; vllm: none; a folder
 
     def __post_init__(self) -> None:
         _choice("--quantize", self.quantize, QUANTIZE_CHOICES)

@@ -41,20 +41,20 @@ def application(args: argparse.Namespace) -> tuple[Application, ServerConfig]:
     """The Serve application for parsed `serve-ray` flags, and its server settings."""
     import torch
 
-    from server.cli import demo_model, engine_config, server_config
+    from server.cli import engine_config, server_config
     from server.config import ConfigError
     from server.ray.deployments import build_app
 
     if args.replicas < 1:
         raise ConfigError(f"--replicas must be >= 1, got {args.replicas}")
-    model = str(Path(args.model or demo_model()).resolve())
     server = server_config(args)
     data_dir = Path(server.data_dir).resolve()
     # Replicas share adapters only through a shared store: default to one in --data-dir
     # (fine on one node; give s3:// or a shared mount for several nodes).
     store = server.adapter_store or f"file://{data_dir / SHARED_STORE_DIR}"
     server = dataclasses.replace(server, data_dir=str(data_dir), adapter_store=store)
-    engine = engine_config(args, model)
+    engine = engine_config(args)
+    engine.model = str(Path(str(engine.model)).resolve())
     gpus = args.gpus_per_replica
     if gpus is None:
         gpus = 1.0 if engine.device != "cpu" and torch.cuda.is_available() else 0.0
