@@ -373,7 +373,9 @@ class AdapterStore:
             doomed = Path(tempfile.mkdtemp(prefix=_TEMP_PREFIX, dir=self.blobs))
             if final.exists():
                 final.rename(doomed / "old")
+            fault_point("store.reload.aside")
             staging.rename(final)
+            fault_point("store.reload.before_index")
             self._fsync(self.blobs)
             with self._db:
                 self._db.execute(
