@@ -160,7 +160,7 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     _add(g, "--adapter-store", None, "shared adapter store: file:///path or s3://bucket/prefix")
     _add(g, "--adapter-store-poll-s", 2.0, "how often a shared store is re-listed", type=float)
     _add(g, "--s3-endpoint-url", None, "S3-compatible endpoint (default: AWS_ENDPOINT_URL)")
-    _add(g, "--max-upload-mb", 512, "largest upload accepted", type=int)
+    _add(g, "--max-upload-mb", 512, "largest upload (or PUT reload) accepted", type=int)
     _add(g, "--max-request-body-mb", 4, "largest body of any other request", type=int)
     _add(g, "--request-body-timeout-s", 60.0, "time a whole request body may take", type=float)
     _add(
