@@ -149,6 +149,12 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
     )
     _add(g, "--allowed-hosts", [], "Host header names accepted (default: any)", nargs="*")
+    _add(
+        g,
+        "--csrf-trusted-origins",
+        "",
+        "comma-separated origins (https://tool.example:8443) whose pages may send writes here",
+    )
     _add(g, "--preload-adapters", [], "adapter directories (or folders of them)", nargs="*")
     _add(
         g,
@@ -191,6 +197,10 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         metrics_max_adapters=args.metrics_max_adapters,
         metrics_vllm_names=args.metrics_vllm_names,
         allowed_hosts=tuple(args.allowed_hosts),
+        # Commas, not the path separator other lists use: every origin holds a ':'.
+        csrf_trusted_origins=tuple(
+            o.strip() for o in args.csrf_trusted_origins.split(",") if o.strip()
+        ),
         preload_adapters=tuple(args.preload_adapters),
         adapter_roots=tuple(args.adapter_roots),
         adapter_store=args.adapter_store or None,
