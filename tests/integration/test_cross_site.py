@@ -8,7 +8,6 @@ served by the server itself, uploads and deletes as before."""
 from __future__ import annotations
 
 import base64
-import shutil
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -19,15 +18,11 @@ import pytest
 from tests.integration.conftest import MODEL_NAME, serve_flags
 from tests.integration.fine_tuning_data import jsonl, ordering_task
 from tests.integration.live_server import LiveServer, free_port
+from tests.integration.test_console_browser import CHROMIUM, CHROMIUM_ARGS, sync_api
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-sync_api = pytest.importorskip(
-    "playwright.sync_api", reason="the browser tests need the `playwright` Python package"
-)
 pytestmark = pytest.mark.skipif(
     CHROMIUM is None, reason="no chromium on PATH (apt-get install chromium; see .ci/run)"
 )
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-component-update"]
 TIMEOUT_MS = 30_000
 TRAIN_ROWS = jsonl(ordering_task(8, seed=0))
 PAGE_PORT = free_port()  # the other origin's pages: any path serves an empty page
@@ -106,9 +101,7 @@ def keyless(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 @pytest.fixture(scope="module")
 def browser() -> Iterator:
     with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
+        yield p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
 
 
 def stored(server: LiveServer) -> tuple[set[str], int]:
