@@ -179,6 +179,12 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
     )
     _add(g, "--allowed-hosts", [], "Host header names accepted (default: any)", nargs="*")
+    _add(
+        g,
+        "--csrf-trusted-origins",
+        "",
+        "comma-separated origins (https://tool.example:8443) whose pages may send writes here",
+    )
     _add(g, "--preload-adapters", [], "adapter directories (or folders of them)", nargs="*")
     _add(
         g,
@@ -190,7 +196,7 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     _add(g, "--adapter-store", None, "shared adapter store: file:///path or s3://bucket/prefix")
     _add(g, "--adapter-store-poll-s", 2.0, "how often a shared store is re-listed", type=float)
     _add(g, "--s3-endpoint-url", None, "S3-compatible endpoint (default: AWS_ENDPOINT_URL)")
-    _add(g, "--max-upload-mb", 512, "largest upload accepted", type=int)
+    _add(g, "--max-upload-mb", 512, "largest upload (or PUT reload) accepted", type=int)
     _add(g, "--max-request-body-mb", 4, "largest body of any other request", type=int)
     _add(g, "--request-body-timeout-s", 60.0, "time a whole request body may take", type=float)
     _add(
@@ -221,6 +227,10 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         metrics_max_adapters=args.metrics_max_adapters,
         metrics_vllm_names=args.metrics_vllm_names,
         allowed_hosts=tuple(args.allowed_hosts),
+        # Commas, not the path separator other lists use: every origin holds a ':'.
+        csrf_trusted_origins=tuple(
+            o.strip() for o in args.csrf_trusted_origins.split(",") if o.strip()
+        ),
         preload_adapters=tuple(args.preload_adapters),
         adapter_roots=tuple(args.adapter_roots),
         adapter_store=args.adapter_store or None,

@@ -109,6 +109,7 @@ class ServerConfig:
     metrics_max_adapters: int = 100  # adapters with series of their own (requests, residency)
     metrics_vllm_names: bool = False  # also export router-read metrics under vLLM's names
     allowed_hosts: tuple[str, ...] = ()  # Host header names accepted; empty: any
+    csrf_trusted_origins: tuple[str, ...] = ()  # other origins whose pages may write here
     preload_adapters: tuple[str, ...] = ()  # directories of adapters, or folders of them
     adapter_roots: tuple[str, ...] = ()  # where /v1/load_lora_adapter may read from
     adapter_store: str | None = None  # a shared store's fsspec URL; None: data_dir's own
@@ -142,6 +143,8 @@ class ServerConfig:
             raise ConfigError("--api-key and --admin-api-key must differ")
         for host in self.allowed_hosts:
             _host_pattern(host)
+        for origin in self.csrf_trusted_origins:
+            _origin(origin)
         if not self.adapter_store_poll_s > 0:
             raise ConfigError(
                 f"--adapter-store-poll-s must be > 0, got {self.adapter_store_poll_s}"
@@ -174,6 +177,16 @@ class ServerConfig:
             raise ConfigError(f"--max-file-mb must be >= 1, got {self.max_file_mb}")
         if self.data_quota_mb is not None and self.data_quota_mb < 1:
             raise ConfigError(f"--data-quota-mb must be >= 1, got {self.data_quota_mb}")
+
+
+def _origin(origin: str) -> None:
+    """A --csrf-trusted-origins entry: scheme://host[:port], as a browser's Origin header."""
+    scheme, sep, rest = origin.rstrip("/").partition("://")
+    if scheme not in ("http", "https") or not sep or not rest or "/" in rest:
+        raise ConfigError(
+            f"--csrf-trusted-origins entries are origins like https://app.example:8443; "
+            f"got {origin!r}"
+        )
 
 
 def _host_pattern(host: str) -> None:
