@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import pkgutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,11 +28,6 @@ import torch
 
 from server.model.config import PACKED_LINEARS, ModelConfig
 
-KERNEL_MODULES = (
-    "server.kernels.nf4_matmul",
-    "server.kernels.paged_attention",
-    "server.kernels.lora_sgmv",
-)
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 LAYERS_DRIVEN = 4
 
@@ -115,15 +111,18 @@ class _Recorder:
 
 
 def jit_kernels() -> dict[tuple[str, str], Any]:
-    """(module, name) -> JITFunction of every Triton kernel in the kernel modules."""
+    """(module, name) -> JITFunction of every Triton kernel in server.kernels' modules (the
+    launchers call them as module attributes, which the recorder replaces)."""
     from triton.runtime.jit import JITFunction
 
+    import server.kernels
+
     found = {}
-    for name in KERNEL_MODULES:
-        module = importlib.import_module(name)
+    for info in pkgutil.iter_modules(server.kernels.__path__, "server.kernels."):
+        module = importlib.import_module(info.name)
         for attr, value in vars(module).items():
             if isinstance(value, JITFunction):
-                found[(name, attr)] = value
+                found[(info.name, attr)] = value
     assert found, "no JITFunction found: is TRITON_INTERPRET=1 set in this process?"
     return found
 
