@@ -20,11 +20,12 @@ from __future__ import annotations
 import contextlib
 import importlib
 import pkgutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from server.model.config import PACKED_LINEARS, ModelConfig
 
@@ -92,6 +93,7 @@ class Recording:
 
     launches: list[Launch] = field(default_factory=list)
     step: str = ""
+    on_launch: Callable[[Launch], None] | None = None  # told of each launch as it is recorded
 
 
 class _Recorder:
@@ -104,16 +106,19 @@ class _Recorder:
     def __getitem__(self, grid: tuple[int, ...]):  # type: ignore[no-untyped-def]
         def launch(*args: Any, **kwargs: Any) -> None:
             launch_grid = tuple(grid) if isinstance(grid, tuple | list) else (grid,)
-            step = self.recording.step
-            self.recording.launches.append(Launch(self.kernel, launch_grid, args, kwargs, step))
+            launched = Launch(self.kernel, launch_grid, args, kwargs, self.recording.step)
+            self.recording.launches.append(launched)
+            if self.recording.on_launch is not None:
+                self.recording.on_launch(launched)
 
         return launch
 
 
 def jit_kernels() -> dict[tuple[str, str], Any]:
-    """(module, name) -> JITFunction of every Triton kernel in server.kernels' modules (the
-    launchers call them as module attributes, which the recorder replaces)."""
-    from triton.runtime.jit import JITFunction
+    """(module, name) -> every Triton kernel in server.kernels' modules (the launchers call
+    them as module attributes, which the recorder replaces): JITFunctions, or under
+    TRITON_INTERPRET=1 the interpreter's stand-ins (enough to count launches, not to compile)."""
+    from triton.runtime.jit import KernelInterface
 
     import server.kernels
 
@@ -121,10 +126,26 @@ def jit_kernels() -> dict[tuple[str, str], Any]:
     for info in pkgutil.iter_modules(server.kernels.__path__, "server.kernels."):
         module = importlib.import_module(info.name)
         for attr, value in vars(module).items():
-            if isinstance(value, JITFunction):
+            if isinstance(value, KernelInterface):
                 found[(info.name, attr)] = value
-    assert found, "no JITFunction found: is TRITON_INTERPRET=1 set in this process?"
+    assert found, "no Triton kernel found in server.kernels"
     return found
+
+
+class _SkipMatmuls(TorchDispatchMode):
+    """torch's own matrix products are not what this harness compiles: their outputs are
+    left as allocated instead of computed (the dequantize-then-GEMM path of a 2048-token
+    prefill would otherwise multiply for minutes on the CPU)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        if func.overloadpacket in _MATMULS:
+            out = kwargs.get("out")
+            return out if out is not None else func(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+_MATMULS = (torch.ops.aten.mm, torch.ops.aten.addmm)
 
 
 @contextlib.contextmanager
@@ -300,7 +321,7 @@ def record(model: str, dtype_name: str, shape: ServingShape) -> list[Launch]:
 
     cfg, dtype = MODELS[model], DTYPES[dtype_name]
     weights = _nf4_weights(cfg)
-    with recording_launches() as rec:
+    with recording_launches() as rec, _SkipMatmuls():
         for rank in shape.max_lora_ranks:
             engine = _engine(cfg, dtype, shape, rank)
             pool_flat = engine.pool.buffer.view(-1)

@@ -75,6 +75,7 @@ class Variant:
     module: str
     kernel: str
     target: str
+    dtype: str  # the activations' (fp16 | bf16), from the step that launched it
     constexprs: dict[str, Any]
     num_warps: int
     num_stages: int
@@ -120,6 +121,7 @@ def bind(launch: Launch, target: TargetLimits, backend: Any) -> tuple[tuple, Var
     from triton.runtime.jit import create_function_from_signature
 
     fn = launch.kernel
+    assert hasattr(fn, "params"), "a JITFunction is needed to compile: unset TRITON_INTERPRET"
     kwargs = dict(launch.kwargs)
     kwargs.setdefault("debug", fn.debug or knobs.runtime.debug)
     binder = create_function_from_signature(fn.signature, fn.params, backend)
@@ -141,6 +143,7 @@ def bind(launch: Launch, target: TargetLimits, backend: Any) -> tuple[tuple, Var
         module=fn.fn.__module__,
         kernel=fn.fn.__name__,
         target=target.name,
+        dtype=launch.step.split()[1] if launch.step else "",
         constexprs=shown,
         num_warps=opts.num_warps,
         num_stages=opts.num_stages,
@@ -233,7 +236,7 @@ def compile_all(variants: list[Variant], jobs: int) -> None:
 
 
 def _describe(v: Variant) -> str:
-    skip = {"DOT_PRECISION"}
+    skip = {"DOT_PRECISION", "LOOKUP_ASM"}  # the PTX text follows from LOOKUP and the dtype
     return " ".join(f"{k}={_short(val)}" for k, val in v.constexprs.items() if k not in skip)
 
 
@@ -246,13 +249,15 @@ def _used_by(v: Variant) -> str:
 def table(variants: list[Variant], markdown: bool) -> list[str]:
     """One line per variant: kernel, its constexprs, warps/stages, registers, spills, smem,
     blocks per SM, unaligned arguments, the steps that launch it."""
-    header = ["target", "kernel", "variant", "warps", "stages", "regs", "spill st/ld B", "smem B"]
+    header = ["target", "kernel", "dtype", "variant", "warps", "stages", "regs", "spill st/ld B"]
+    header += ["smem B"]
     header += ["blocks/SM", "unaligned args", "launched by"]
     rows = []
-    for v in sorted(variants, key=lambda v: (v.target, v.kernel, _describe(v), v.unaligned)):
+    order = lambda v: (v.target, v.kernel, v.dtype, _describe(v), v.unaligned)  # noqa: E731
+    for v in sorted(variants, key=order):
         spills = f"{v.spill_stores}/{v.spill_loads}"
         figures = ["-"] * 4 if v.error else [v.regs, spills, v.smem, v.blocks_per_sm]
-        row = [v.target, v.kernel.lstrip("_"), _describe(v), v.num_warps, v.num_stages]
+        row = [v.target, v.kernel.lstrip("_"), v.dtype, _describe(v), v.num_warps, v.num_stages]
         row += [*figures[:4], ",".join(v.unaligned) or "-", v.error or _used_by(v)]
         rows.append([str(c) for c in row])
     if markdown:
