@@ -122,12 +122,12 @@ def jit_kernels() -> dict[tuple[str, str], Any]:
 
     import server.kernels
 
+    names = [info.name for info in pkgutil.iter_modules(server.kernels.__path__, "server.kernels.")]
     found = {}
-    for info in pkgutil.iter_modules(server.kernels.__path__, "server.kernels."):
-        module = importlib.import_module(info.name)
-        for attr, value in vars(module).items():
+    for name in [*names, "server.lora.triton_ops"]:  # the LoRA launchers (kernels there before)
+        for attr, value in vars(importlib.import_module(name)).items():
             if isinstance(value, KernelInterface):
-                found[(info.name, attr)] = value
+                found[(name, attr)] = value
     assert found, "no Triton kernel found in server.kernels"
     return found
 
@@ -205,7 +205,12 @@ def drive_linears(cfg: ModelConfig, dtype: torch.dtype, num_tokens: int, weights
 
 
 def drive_attention(
-    cfg: ModelConfig, dtype: torch.dtype, pool: Any, meta: Any, num_tokens: int
+    cfg: ModelConfig,
+    dtype: torch.dtype,
+    pool: Any,
+    meta: Any,
+    num_tokens: int,
+    layers: range = range(LAYERS_DRIVEN),
 ) -> None:
     """One layer's serving attention, with q/k/v laid out as Attention receives them (q and k
     fresh from RoPE, v a view of the qkv output), on the pool's KV views of each layer."""
@@ -216,16 +221,22 @@ def drive_attention(
     q = torch.empty(num_tokens, heads, dim, dtype=dtype)
     k = torch.empty(num_tokens, kv_heads, dim, dtype=dtype)
     v = qkv[:, cfg.q_size + cfg.kv_size :].view(num_tokens, kv_heads, dim)
-    for layer in range(LAYERS_DRIVEN):
+    for layer in layers:
         k_cache, v_cache = pool.kv_views(layer)
         paged_attention_layer(q, k, v, k_cache, v_cache, meta, cfg.sliding_window)
 
 
-def drive_lora(cfg: ModelConfig, dtype: torch.dtype, batch: Any, num_tokens: int) -> None:
+def drive_lora(
+    cfg: ModelConfig,
+    dtype: torch.dtype,
+    batch: Any,
+    num_tokens: int,
+    layers: range = range(LAYERS_DRIVEN),
+) -> None:
     """Every LoRA linear of each driven layer, as LoRALinear.forward calls the batch."""
     from server.lora.layout import LORA_MODULES
 
-    for layer in range(LAYERS_DRIVEN):
+    for layer in layers:
         for module, (packed, _) in enumerate(LORA_MODULES):
             in_features, out_features = _linear_io(cfg, packed)
             x = torch.empty(num_tokens, in_features, dtype=dtype)
@@ -251,8 +262,8 @@ class _Engine:
 
 def _engine(cfg: ModelConfig, dtype: torch.dtype, shape: ServingShape, rank: int) -> _Engine:
     from server.engine.step_inputs import StepBuffers
+    from server.lora import layout
     from server.lora.batch import RunBuffers
-    from server.lora.layout import offset_alignment
     from server.lora.slots import SlotTables
     from server.memory.page_pool import PageGeometry, PagePool
 
@@ -261,8 +272,11 @@ def _engine(cfg: ModelConfig, dtype: torch.dtype, shape: ServingShape, rank: int
     pool = PagePool(2, geometry, dtype, cpu)
     max_blocks = -(-shape.context // geometry.block_size)
     buffers = StepBuffers(shape.prefill_tokens, shape.max_num_seqs, max_blocks, cpu)
-    align = offset_alignment(cfg, pool.page_numel)
-    tables = SlotTables(cfg.num_layers, shape.max_loras, cpu, align)
+    if hasattr(layout, "offset_alignment"):
+        align = layout.offset_alignment(cfg, pool.page_numel)
+        tables = SlotTables(cfg.num_layers, shape.max_loras, cpu, align)
+    else:  # a tree from before the alignment promise (bench.launch_count's "before")
+        tables = SlotTables(cfg.num_layers, shape.max_loras, cpu)
     return _Engine(pool, buffers, tables, RunBuffers(shape.max_loras, cpu), rank)
 
 
