@@ -28,7 +28,7 @@ import tempfile
 import time
 from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -75,11 +75,11 @@ class Variant:
     module: str
     kernel: str
     target: str
-    dtype: str  # the activations' (fp16 | bf16), from the step that launched it
     constexprs: dict[str, Any]
     num_warps: int
     num_stages: int
     unaligned: list[str]  # pointer/integer arguments not known 16-aligned (or not specialised)
+    dtype: str = ""  # the activations' (fp16 | bf16), from the step that launched it
     job: tuple = field(repr=False, default=())  # what a worker compiles
     steps: list[str] = field(default_factory=list)
     regs: int = -1
@@ -266,6 +266,37 @@ def table(variants: list[Variant], markdown: bool) -> list[str]:
     return [" | ".join(header), *(" | ".join(r) for r in rows)]
 
 
+def summary(variants: list[Variant]) -> list[str]:
+    """One markdown line per target and kernel: variants, register range, spilling variants,
+    largest shared memory, fewest blocks per SM."""
+    groups: dict[tuple[str, str], list[Variant]] = {}
+    for v in variants:
+        groups.setdefault((v.target, v.kernel.lstrip("_")), []).append(v)
+    lines = ["| target | kernel | variants | registers | spilling | max smem KiB | min blocks/SM |"]
+    lines.append("|---|---|---:|---:|---:|---:|---:|")
+    for (target, kernel), group in sorted(groups.items()):
+        ok = [v for v in group if not v.error]
+        regs = f"{min(v.regs for v in ok)}-{max(v.regs for v in ok)}" if ok else "-"
+        spilling = sum(1 for v in ok if v.spill_stores or v.spill_loads or v.stack_bytes)
+        smem = max((v.smem for v in ok), default=0) / 1024
+        fewest = min((v.blocks_per_sm for v in ok), default=0)
+        lines.append(
+            f"| {target} | {kernel} | {len(group)} | {regs} | {spilling} | {smem:.0f} | {fewest} |"
+        )
+    return lines
+
+
+def load(path: Path) -> list[Variant]:
+    """The variants of a --json report (older reports: dtype taken from the first step)."""
+    known = {f.name for f in fields(Variant)}
+    variants = []
+    for row in json.loads(path.read_text())["variants"]:
+        variant = Variant(**{k: v for k, v in row.items() if k in known and k != "job"})
+        variant.dtype = variant.dtype or (variant.steps[0].split()[1] if variant.steps else "")
+        variants.append(variant)
+    return variants
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m bench.kernels_compiled",
@@ -283,12 +314,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes")
     p.add_argument("--json", type=Path, help="also write every variant's figures here")
     p.add_argument("--markdown", action="store_true", help="print the table as markdown")
+    p.add_argument("--summary", action="store_true", help="one line per kernel, not per variant")
+    p.add_argument("--from-json", type=Path, help="print a saved --json report, compile nothing")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Compile, print the table and a summary; 1 if any variant has a problem."""
     args = parse_args(argv)
+    if args.from_json:
+        variants = load(args.from_json)
+        print("\n".join(summary(variants) if args.summary else table(variants, args.markdown)))
+        return 0
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("bench.kernels_compiled compiles for a GPU: unset TRITON_INTERPRET")
     shape = ServingShape(max_num_seqs=args.max_num_seqs, max_lora_ranks=tuple(args.max_lora_ranks))
@@ -300,8 +337,7 @@ def main(argv: list[str] | None = None) -> int:
             variants = [v for v in variants if any(k in v.kernel for k in args.kernels)]
         compile_all(variants, max(1, args.jobs))
     elapsed = time.perf_counter() - start
-    for line in table(variants, args.markdown):
-        print(line)
+    print("\n".join(summary(variants) if args.summary else table(variants, args.markdown)))
     bad = [(v, p) for v in variants for p in v.problems()]
     for v, problem in bad:
         print(f"PROBLEM {v.target} {v.kernel} {_describe(v)}: {problem}", file=sys.stderr)

@@ -153,7 +153,8 @@ def _lookup_scaled(
         pair = tl.broadcast_to((bits | (bits << 16))[:, :, None], (R, NB, BLOCKSIZE // 2))
         pairs = tl.inline_asm_elementwise(
             LOOKUP_ASM,
-            "=r,=r,=r,=r," + ",".join(["r"] * 21),
+            # 4 outputs; inputs: 4 bytes, 4 scale pairs, 4 x 4 table words (one per element)
+            "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r",
             [packed, tl.reshape(pair, (R, C)), words[0], words[1], words[2], words[3]],
             dtype=tl.uint32,
             is_pure=True,
