@@ -23,6 +23,7 @@ import io
 import json
 import os
 import re
+import subprocess
 import sys
 import tempfile
 import time
@@ -87,6 +88,7 @@ class Variant:
     spill_loads: int = -1
     stack_bytes: int = -1
     smem: int = -1  # dynamic (Triton's) + static
+    loop_instructions: int = 0  # SASS instructions in the longest loop (the main one), per thread
     blocks_per_sm: int = 0
     compile_s: float = 0.0
     error: str = ""
@@ -170,6 +172,23 @@ _PTXAS = {
 }
 
 
+_BRANCH = re.compile(r"/\*([0-9a-f]+)\*/\s+(?:@!?U?P\w+ )?BRA 0x([0-9a-f]+)")
+
+
+def _loop_instructions(cubin: bytes) -> int:
+    """Instructions in the span of the longest backward branch of the SASS (cuobjdump from
+    the triton wheel): the main loop's body, each instruction 16 bytes."""
+    from triton import knobs
+
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        command = [knobs.nvidia.cuobjdump.path, "--dump-sass", f.name]
+        sass = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    spans = [int(a, 16) - int(b, 16) for a, b in _BRANCH.findall(sass) if int(b, 16) < int(a, 16)]
+    return max(spans, default=0) // 16
+
+
 def _compile(job: tuple) -> dict[str, Any]:
     """In a worker: compile one variant, return ptxas' figures (or the error)."""
     import triton
@@ -193,6 +212,7 @@ def _compile(job: tuple) -> dict[str, Any]:
     if not found["regs"]:
         return {"error": "no ptxas report (was the compile cached? use a fresh TRITON_CACHE_DIR)"}
     return {
+        "loop_instructions": _loop_instructions(kernel.asm["cubin"]),
         "regs": found["regs"][0],
         "spill_stores": sum(found["spill_stores"]),
         "spill_loads": sum(found["spill_loads"]),

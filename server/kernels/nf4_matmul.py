@@ -28,7 +28,10 @@ from server.kernels import nf4_kernels as kernels
 
 SMALL_M = 64  # up to this many rows, one row tile holds every token
 DEQUANT_ONCE_M = 512  # from this many rows, dequantize once and multiply with torch's GEMM
-_TARGET_PROGRAMS = 264  # narrow column tiles until about this many run (~2x an H100's 132 SMs)
+# Decode tiles are 32 weight rows wide while that still gives about every SM of an H100 (132)
+# a program (a 4096-wide output: 128): by the SASS, 32 rows cost 8-9 instructions per weight
+# against 11-14 for 16 (fixed costs per tile: x fragments, addresses, scales).
+_MIN_PROGRAMS = 128
 _SLAB_ELEMENTS = 1 << 25  # dequantized rows at a time on the GEMM path: 64 MiB at 16 bits
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # read when triton is, at import
@@ -144,9 +147,9 @@ def nf4_matmul_config(num_tokens: int, out_features: int, weight: NF4Weight) -> 
     if num_tokens >= DEQUANT_ONCE_M:
         return NF4MatmulConfig(0, 64, _block_k(k, blocksize, 128), dequantize_once=True)
     if num_tokens <= SMALL_M:
-        # tl.dot needs at least 16 rows and columns. Narrow columns give the programs.
+        # tl.dot needs at least 16 rows and columns; narrow columns give the programs.
         block_m = max(16, triton.next_power_of_2(num_tokens))
-        block_n = 32 if triton.cdiv(out_features, 32) >= _TARGET_PROGRAMS else 16
+        block_n = 32 if triton.cdiv(out_features, 32) >= _MIN_PROGRAMS else 16
         # At 64 rows, 128 columns of K keep the tile in registers and the pipeline's x
         # stages in a quarter of the shared memory.
         cap = 128 if block_m == 64 else 256
