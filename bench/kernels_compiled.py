@@ -8,10 +8,12 @@ Launches come from bench.kernel_variants (the project's launchers driven with re
 real model shapes). Triton's own binder specialises each one for the target (constexprs,
 num_warps/num_stages, which integers are 1 or multiples of 16, which pointers are 16-byte
 aligned); each distinct specialisation is compiled once by triton.compile through the ptxas in
-the triton wheel, in parallel processes, and ptxas' report gives registers, spill bytes and
-static shared memory. Blocks per SM follow from registers, shared memory and warps against the
-target's limits (the CUDA occupancy calculator's rules). Exit status 1 if any variant fails to
-compile, spills, or exceeds a limit. Must run without TRITON_INTERPRET (it needs JITFunctions).
+the triton wheel, in parallel processes. ptxas' report gives registers, spill bytes and static
+shared memory, cuobjdump's SASS the main loop's instruction count; blocks per SM follow from
+registers, shared memory and warps against the target's limits (the CUDA occupancy
+calculator's rules). Exit status 1 if any variant fails to compile, spills, or exceeds a
+limit. Must run without TRITON_INTERPRET (it needs JITFunctions). --from-json reprints a saved
+report (--summary: one line per kernel).
 """
 
 from __future__ import annotations

@@ -6,20 +6,22 @@ absmax per block of 64 values (a uint8 code into `code2` times a per-256-blocks 
 offset, with double quantization). The 16-entry NF4 table is looked up in registers, one of two
 ways (LOOKUP):
 
-- "prmt" (CUDA, 16-bit activations): inline PTX. The table is 16 values of the activations'
-  dtype as immediates, split into a high-byte and a low-byte plane of 16 bytes each; `prmt`
-  picks 4 bytes out of 8 at once, so each plane answers four 3-bit lookups in two `prmt`s, a
-  third picks per byte by the code's top bit, two more interleave the planes into 16-bit pairs,
-  and one paired multiply applies the block's scale: 29 instructions per 8 values, no memory
-  access. Each value is rounded twice (the table to 16 bits, then the product) where
-  bitsandbytes rounds once: within a unit in the last place of the 16-bit dtype.
+- "prmt" (CUDA, 16-bit activations): inline PTX. The table, 16 values in the activations'
+  dtype, is split into a high-byte and a low-byte plane of 16 bytes each (four 32-bit words
+  per plane: two as immediates, two loaded once per program, since a prmt's first source must
+  be a register); `prmt` picks 4 bytes out of 8 at once, so each plane answers four 3-bit
+  lookups in two `prmt`s, a third picks per byte by the code's top bit, two more interleave the
+  planes into (high nibble, low nibble) pairs, and one paired multiply per pair applies the
+  block's scale: about 30 instructions per 8 values, no memory access per value. The table and
+  the scale are rounded to 16 bits before the product where bitsandbytes rounds only the
+  product: the weights can differ from its dequantize by about a unit in the last place.
 - "select" (fp32, and Triton's interpreter, which has no inline assembly): a tree of 15
   selects on the code's bits over the exact fp32 table, times the scale in fp32, rounded to
   the activations' dtype as bitsandbytes' dequantize then matmul rounds. Exact, but about 20
   instructions per value.
 
-The two nibble planes are then joined back into column order and multiplied by x tiles
-loaded contiguously.
+Each byte's two weights come out side by side, so the tile is in column order for the dot
+with x tiles loaded contiguously.
 """
 
 import triton

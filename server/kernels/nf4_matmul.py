@@ -51,14 +51,12 @@ _PRMT_ASM = {
 }
 
 
-_NO_WORDS = torch.zeros(4, dtype=torch.int32)  # not read by "select"
-
-
 @functools.lru_cache(maxsize=16)
-def _prmt_words(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """The table words the "prmt" PTX takes in registers, on the device: [4] int32. Made on
-    the first launch (a decode graph's warm-up run, before capture) and kept."""
-    words = kernels.prmt_lookup_words(_table_bits(dtype))
+def _table_words(device: torch.device, dtype: torch.dtype | None) -> torch.Tensor:
+    """The table words the "prmt" PTX takes in registers, on the device ([4] int32; zeros,
+    unread, for "select": dtype None). Made on the first launch (a decode graph's warm-up
+    run, before capture) and kept, so no launch copies from the host."""
+    words = kernels.prmt_lookup_words(_table_bits(dtype)) if dtype is not None else [0] * 4
     return torch.tensor(words, dtype=torch.int32, device=device)
 
 
@@ -198,8 +196,8 @@ def _lookup(x: torch.Tensor, cfg: NF4MatmulConfig) -> tuple[str, str, torch.Tens
     assert lookup in ("prmt", "select"), f"unknown lookup {lookup}"
     assert lookup == "select" or x.dtype != torch.float32, "fp32 needs the exact table"
     if lookup == "select":
-        return lookup, "", _NO_WORDS.to(x.device)
-    return lookup, _PRMT_ASM[x.dtype], _prmt_words(x.device, x.dtype)
+        return lookup, "", _table_words(x.device, None)
+    return lookup, _PRMT_ASM[x.dtype], _table_words(x.device, x.dtype)
 
 
 def _weight_args(weight: NF4Weight) -> tuple[torch.Tensor, ...]:
