@@ -163,6 +163,7 @@ class LoRABatch:
             scalings[layer],
             self.max_rank,
             self.max_run_len,
+            self.tables.offset_align,
         )
 
     def norm_runs(self, name: str) -> list[tuple[int, int, torch.Tensor]]:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from server.lora.batch import NO_ADAPTER, RunBuffers
-from server.lora.layout import Layout
+from server.lora.layout import Layout, offset_alignment
 from server.lora.pooled import PooledWeights, layout_adapter, write_to_pool
 from server.lora.slots import SlotTables
 from server.memory.page_pool import ADAPTER, PagePool, Reclaimer
@@ -84,7 +84,8 @@ class DeviceAdapterCache:
         self.backend = backend
         self.prefetch_depth = prefetch_depth
         self.max_rank = max_rank
-        self.tables = SlotTables(cfg.num_layers, max_loras, pool.buffer.device)
+        align = offset_alignment(cfg, pool.page_numel)
+        self.tables = SlotTables(cfg.num_layers, max_loras, pool.buffer.device, align)
         self.run_buffers = RunBuffers(max_loras, pool.buffer.device)
         self.stats = ResidencyStats()
         self._resident: OrderedDict[int, ResidentAdapter] = OrderedDict()
