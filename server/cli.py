@@ -1,4 +1,4 @@
-"""`loraplex serve | serve-ray | demo | finetune`; flags also read LORAPLEX_<FLAG> from the env."""
+"""`loraplex serve | serve-ray | finetune`; flags also read LORAPLEX_<FLAG> from the env."""
 
 from __future__ import annotations
 
@@ -6,11 +6,10 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from server.config import ConfigError
-from server.options import add_flag, add_serve_flags, serve_configs
+from server.options import add_serve_flags, serve_configs
 
 logger = logging.getLogger("loraplex")
 KEEP_ALIVE_S = 65  # idle HTTP keep-alive, seconds
@@ -52,26 +51,6 @@ def _serve_ray_parser(sub: Any) -> None:
     p.set_defaults(func=ray_cli.run)
 
 
-def _demo_parser(sub: Any) -> None:
-    p = sub.add_parser("demo", help="build (or find) the offline demo model")
-    add_flag(p, "--out", None, "where to write it; default: the cache directory")
-    add_flag(p, "--force", False, "rebuild even if it exists", action="store_true")
-    add_flag(p, "--seconds", 150.0, "training time budget", type=float)
-    p.set_defaults(func=_demo)
-
-
-def _demo(args: argparse.Namespace) -> int:
-    from server.demo import build_demo_model, default_demo_dir, ensure_demo_model
-
-    out = Path(args.out) if args.out else default_demo_dir()
-    if args.force:
-        path = build_demo_model(out, train_seconds=args.seconds, progress=True)
-    else:
-        path = ensure_demo_model(out, progress=True)
-    print(path)
-    return 0
-
-
 def _finetune_parser(sub: Any) -> None:
     from server.training import cli as training_cli
 
@@ -83,7 +62,7 @@ def _finetune_parser(sub: Any) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loraplex", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for build in (_serve_parser, _serve_ray_parser, _demo_parser, _finetune_parser):
+    for build in (_serve_parser, _serve_ray_parser, _finetune_parser):
         build(sub)
     return parser
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-QUANTIZE_CHOICES = ("nf4", "none")
+QUANTIZE_CHOICES = ("auto", "nf4", "none")
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 LORA_BACKEND_CHOICES = ("auto", "torch", "triton")
@@ -33,9 +33,20 @@ def option(
 class EngineConfig:
     """The engine's settings; each field with help is a `serve` flag (server.options)."""
 
-    # None means the demo model, which the CLI supplies.
-    model: str | None = option(None, "local Hugging Face model directory; default: the demo model")
-    quantize: str = option("nf4", "base weight format", choices=QUANTIZE_CHOICES)
+    # A local Hugging Face directory: the CLI resolves --model (a GGUF file, the default
+    # model) to one.
+    model: str | None = option(
+        None,
+        "Hugging Face model directory, .gguf file or folder holding one; "
+        "default: SmolLM2-135M-Instruct (docs/operations.md)",
+    )
+    # auto: NF4 only where memory is the constraint (model/precision.py).
+    quantize: str = option(
+        "auto",
+        "base weight format; auto: nf4 when the unquantized weights exceed 1/8 of the "
+        "device's memory, else none",
+        choices=QUANTIZE_CHOICES,
+    )
     dtype: str = option("auto", "compute dtype", choices=DTYPE_CHOICES)
     device: str = option("auto", "device", choices=DEVICE_CHOICES)
     # Default: the model's max_position_embeddings.
@@ -68,6 +79,13 @@ class EngineConfig:
     )
     host_cache_mb: int = option(2048, "host memory for cached adapter weights")
     seed: int = option(0, "seed for requests that give none")
+    chat_template: str | None = option(
+        None, "jinja file used instead of the model's own chat template"
+    )
+    generation_config: str = option(
+        "auto",
+        "request defaults: auto (the model's generation_config.json), vllm (none), or a folder",
+    )
 
     def __post_init__(self) -> None:
         _choice("--quantize", self.quantize, QUANTIZE_CHOICES)
@@ -139,6 +157,12 @@ class ServerConfig:
         False, "also export the metrics routers read under vLLM's `vllm:` names"
     )
     allowed_hosts: tuple[str, ...] = option((), "Host header names accepted (default: any)")
+    # Commas, not the path separator other lists use: every origin holds a ':'.
+    csrf_trusted_origins: tuple[str, ...] = option(
+        (),
+        "comma-separated origins (https://tool.example:8443) whose pages may send writes here",
+        sep=",",
+    )
     preload_adapters: tuple[str, ...] = option((), "adapter directories (or folders of them)")
     adapter_roots: tuple[str, ...] = option(
         (), "directories, s3://bucket/prefix and hf://org entries /v1/load_lora_adapter may read"
@@ -149,7 +173,7 @@ class ServerConfig:
     )
     adapter_store_poll_s: float = option(2.0, "how often a shared store is re-listed")
     s3_endpoint_url: str | None = option(None, "S3-compatible endpoint (default: AWS_ENDPOINT_URL)")
-    max_upload_mb: int = option(512, "largest upload accepted")
+    max_upload_mb: int = option(512, "largest upload (or PUT reload) accepted")
     max_request_body_mb: int = option(4, "largest body of any other request")
     request_body_timeout_s: float = option(60.0, "time a whole request body may take")
     max_concurrent_requests: int = option(
@@ -181,6 +205,8 @@ class ServerConfig:
             raise ConfigError("--api-key and --admin-api-key must differ")
         for host in self.allowed_hosts:
             _host_pattern(host)
+        for origin in self.csrf_trusted_origins:
+            _origin(origin)
         if not self.adapter_store_poll_s > 0:
             raise ConfigError(
                 f"--adapter-store-poll-s must be > 0, got {self.adapter_store_poll_s}"
@@ -213,6 +239,16 @@ class ServerConfig:
             raise ConfigError(f"--max-file-mb must be >= 1, got {self.max_file_mb}")
         if self.data_quota_mb is not None and self.data_quota_mb < 1:
             raise ConfigError(f"--data-quota-mb must be >= 1, got {self.data_quota_mb}")
+
+
+def _origin(origin: str) -> None:
+    """A --csrf-trusted-origins entry: scheme://host[:port], as a browser's Origin header."""
+    scheme, sep, rest = origin.rstrip("/").partition("://")
+    if scheme not in ("http", "https") or not sep or not rest or "/" in rest:
+        raise ConfigError(
+            f"--csrf-trusted-origins entries are origins like https://app.example:8443; "
+            f"got {origin!r}"
+        )
 
 
 def _host_pattern(host: str) -> None:

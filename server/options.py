@@ -17,7 +17,6 @@ import dataclasses
 import os
 import types
 import typing
-from pathlib import Path
 from typing import Any, TypeVar
 
 from server.config import EngineConfig, ServerConfig
@@ -132,12 +131,10 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
-    """The engine settings of parsed `serve` flags (the demo model without --model)."""
-    return config_from_args(EngineConfig, args, model=args.model or str(default_model()))
+    """The engine settings of parsed `serve` flags, --model resolved to a Hugging Face
+    directory (a GGUF file or the default model converted once into the cache)."""
+    from server.model.resolve import resolve_model
 
-
-def default_model() -> Path:
-    """The model served without --model: the demo model, built on first use."""
-    from server.demo import ensure_demo_model
-
-    return ensure_demo_model(progress=True)
+    engine = config_from_args(EngineConfig, args, model=None)
+    engine.model = str(resolve_model(args.model, engine.torch_dtype))
+    return engine

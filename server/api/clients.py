@@ -10,7 +10,7 @@ configuration, and a test can hand it stand-ins.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from fastapi import Request
@@ -18,6 +18,7 @@ from fastapi import Request
 from server.engine.grammar import GrammarCompiler
 from server.engine.outputs import RequestOutput
 from server.engine.sampling_params import SamplingParams
+from server.model.generation_config import GenerationDefaults
 from server.model.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -75,7 +76,15 @@ class ServedModel:
     grammars: GrammarCompiler
     max_model_len: int
     vocab_size: int
+    # The model's sampling values for fields a request leaves out (--generation-config).
+    generation_defaults: GenerationDefaults = field(default_factory=GenerationDefaults)
 
     @classmethod
     def of(cls, llm: LLMEngine) -> ServedModel:
-        return cls(llm.tokenizer, llm.grammars, llm.max_model_len, llm.model_config.vocab_size)
+        return cls(
+            llm.tokenizer,
+            llm.grammars,
+            llm.max_model_len,
+            llm.model_config.vocab_size,
+            llm.generation_defaults,
+        )

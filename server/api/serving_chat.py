@@ -143,6 +143,7 @@ class ChatService(OpenAIService):
         max_tokens = req.max_completion_tokens or req.max_tokens
         if max_tokens is None:
             max_tokens = max(1, self.model.max_model_len - len(prompt))
+            max_tokens = min(max_tokens, self.model.generation_defaults.max_tokens or max_tokens)
         top = (req.top_logprobs or 0) if req.logprobs else None
         # Mistral's [TOOL_CALLS] and Llama's <|python_tag|> are special tokens: keep their text.
         template = tok.chat_template or ""

@@ -83,14 +83,21 @@ class OpenAIService:
     ) -> list[SamplingParams]:
         """The engine's SamplingParams for each of a prompt's `count` samples."""
         bias = logit_bias(req.logit_bias)
+        # The model's generation_config.json values stand in for the fields left out.
+        defaults = self.model.generation_defaults
+        sent = req.model_fields_set
+        temperature = req.temperature if "temperature" in sent else defaults.temperature
+        top_p = req.top_p if "top_p" in sent else defaults.top_p
+        top_k = req.top_k if "top_k" in sent else defaults.top_k
+        penalty = req.repetition_penalty if "repetition_penalty" in sent else None
         return [
             SamplingParams(
                 max_tokens=max_tokens,
-                temperature=req.temperature,
-                top_p=req.top_p,
-                top_k=req.top_k or 0,
+                temperature=req.temperature if temperature is None else temperature,
+                top_p=req.top_p if top_p is None else top_p,
+                top_k=top_k or 0,
                 seed=None if req.seed is None else (req.seed + j) % 2**63,
-                repetition_penalty=req.repetition_penalty or 1.0,
+                repetition_penalty=penalty or defaults.repetition_penalty or 1.0,
                 presence_penalty=req.presence_penalty,
                 frequency_penalty=req.frequency_penalty,
                 stop=req.stop,
@@ -156,7 +163,10 @@ class CompletionService(OpenAIService):
         engine_logprobs = 0 if samples > req.n and req.logprobs is None else req.logprobs
         prompts, prompt_ids = await self._prompts(req, samples)
         grammar = await self.compile(grammar)
-        params = self.params(req, samples, req.max_tokens or 16, engine_logprobs, grammar)
+        max_tokens = req.max_tokens or 16
+        if "max_tokens" not in req.model_fields_set:
+            max_tokens = self.model.generation_defaults.max_tokens or max_tokens
+        params = self.params(req, samples, max_tokens, engine_logprobs, grammar)
         flat = [p for p in prompts for _ in range(samples)]
         flat_ids = [ids for ids in prompt_ids for _ in range(samples)]
         rid = f"cmpl-{uuid.uuid4().hex}"

@@ -4,6 +4,7 @@ LoRAX), the guided_regex / guided_choice extensions, and logit_bias."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -81,7 +82,8 @@ def lorax_grammar(response_format: dict[str, Any] | None) -> Grammar | None:
     param = "parameters.response_format"
     kind = response_format.get("type")
     if kind == "json_schema":
-        return openai_grammar(response_format)
+        grammar = openai_grammar(response_format)
+        return None if grammar is None else dataclasses.replace(grammar, asked_by=param)
     if kind != "json_object":
         raise BadRequest(
             f"{param}.type must be 'json_object' or 'json_schema', got {kind!r}", param
@@ -95,7 +97,7 @@ def lorax_grammar(response_format: dict[str, Any] | None) -> Grammar | None:
     if schema is None:
         return Grammar("json_object")
     check_schema(schema, f"{param}.schema", param)
-    return Grammar("json_schema", schema)
+    return Grammar("json_schema", schema, asked_by=param)
 
 
 def logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:

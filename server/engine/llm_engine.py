@@ -30,15 +30,15 @@ from server.engine.scheduler import Scheduler, SchedulerOutput
 from server.engine.sequence import Sequence
 from server.engine.setup import (
     build_model,
-    generation_eos_ids,
+    checkpoint_text_files,
     make_pool,
     pool_tenants,
+    with_quantize_chosen,
 )
 from server.engine.stats import StepStats
 from server.lora.batch import group_by_adapter
 from server.lora.layers import enable_lora
 from server.memory.kv_cache import KVCacheManager
-from server.model.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
     from adapters.registry import AdapterRegistry
@@ -61,17 +61,15 @@ def _non_finite_message(seq: Sequence) -> str:
 class LLMEngine:
     def __init__(self, config: EngineConfig, registry: AdapterRegistry | None = None) -> None:
         if config.model is None:
-            raise ConfigError("LLMEngine needs a model directory (the CLI supplies the demo)")
-        self.config = config
+            raise ConfigError("LLMEngine needs a model directory (the CLI resolves --model to one)")
+        self.config = config = with_quantize_chosen(config)
         model_dir = Path(config.model)
         self.device = config.torch_device
         self.backends = Backends.choose(config)
         self.model = build_model(config, model_dir, self.backends.kernels)
         self.model_config = cfg = self.model.config
         self.model_name = model_dir.name
-        self.tokenizer = Tokenizer(
-            model_dir, extra_eos_token_ids=cfg.eos_token_ids + generation_eos_ids(model_dir)
-        )
+        self.tokenizer, self.generation_defaults = checkpoint_text_files(config, cfg)
         self.grammars = GrammarCompiler(self.tokenizer, cfg.vocab_size)
         self.max_model_len = config.max_model_len or cfg.max_position_embeddings
         if self.max_model_len > cfg.max_position_embeddings:

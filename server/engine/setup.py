@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -20,8 +21,14 @@ from server.memory.page_pool import PageGeometry, PagePool
 from server.memory.prefix_cache import PrefixCache
 from server.memory.reclaim import EvictionClock, EvictionSource, PoolReclaimer
 from server.model.config import ModelConfig
+from server.model.generation_config import (
+    GenerationConfig,
+    GenerationDefaults,
+    generation_defaults,
+)
 from server.model.llama import LlamaForCausalLM
 from server.model.loader import load_model, module_bytes
+from server.model.precision import auto_quantize, device_memory_bytes
 from server.model.quant import quantize_nf4
 from server.model.tokenizer import Tokenizer, TokenizerError
 
@@ -32,20 +39,53 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def generation_eos_ids(model_dir: Path) -> tuple[int, ...]:
-    """EOS ids from generation_config.json (Llama 3 lists several)."""
-    path = model_dir / "generation_config.json"
-    if not path.is_file():
-        return ()
-    value = json.loads(path.read_text()).get("eos_token_id")
-    if value is None:
-        return ()
-    return tuple(value) if isinstance(value, list) else (int(value),)
+def checkpoint_text_files(
+    config: EngineConfig, cfg: ModelConfig
+) -> tuple[Tokenizer, GenerationDefaults]:
+    """The tokenizer (with the chat template in force) and the request defaults, logged."""
+    assert config.model is not None
+    model_dir = Path(config.model)
+    generation = GenerationConfig.from_dir(model_dir)
+    tokenizer = Tokenizer(
+        model_dir,
+        extra_eos_token_ids=cfg.eos_token_ids + generation.eos_token_ids,
+        chat_template=config.chat_template,
+    )
+    defaults = generation_defaults(config.generation_config, model_dir)
+    logger.info(
+        "chat template: %s; tokens ending generation: %s; request defaults (--generation-config "
+        "%s): %s",
+        tokenizer.chat_template_origin or "none (chat routes are refused)",
+        sorted(tokenizer.eos_token_ids),
+        config.generation_config,
+        defaults.as_dict() or "none",
+    )
+    return tokenizer, defaults
+
+
+def with_quantize_chosen(config: EngineConfig) -> EngineConfig:
+    """config with `--quantize auto` replaced by what it means for this model and device."""
+    if config.quantize != "auto":
+        return config
+    assert config.model is not None
+    cfg = ModelConfig.from_dir(config.model)
+    memory = device_memory_bytes(config.torch_device)
+    chosen = auto_quantize(cfg.num_params, config.torch_dtype, memory)
+    logger.info(
+        "--quantize auto: %s (%.2fB parameters in %s, %.0f GiB of %s memory)",
+        chosen,
+        cfg.num_params / 1e9,
+        config.torch_dtype,
+        memory / 2**30,
+        config.torch_device.type,
+    )
+    return dataclasses.replace(config, quantize=chosen)
 
 
 def build_model(config: EngineConfig, model_dir: Path, kernels: KernelBackend) -> LlamaForCausalLM:
     """Load the checkpoint, quantize it if asked, put it on the device and bind the kernels."""
     start = time.perf_counter()
+    config = with_quantize_chosen(config)
     model = load_model(model_dir, config.torch_dtype)
     if config.quantize == "nf4":
         quantize_nf4(model, config.torch_dtype, config.torch_device)

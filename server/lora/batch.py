@@ -170,6 +170,7 @@ class LoRABatch:
             scalings[layer],
             self.max_rank,
             self.max_seg_len,
+            self.tables.offset_align,
         )
 
     def norm_segments(self, name: str) -> list[tuple[int, int, torch.Tensor]]:

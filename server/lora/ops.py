@@ -15,6 +15,7 @@ copy no weights.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -131,11 +132,16 @@ class SegmentTensors:
     scalings: torch.Tensor  # [G, S] float32
     max_rank: int
     max_seg_len: int
+    # Every a/b offset is a multiple of this many elements (the pool layout's promise, which
+    # kernels take as an alignment hint); 1 promises nothing.
+    offset_align: int = 1
 
     @classmethod
     def from_segments(
         cls, segments: Sequence[Segment], num_slices: int, device: torch.device
     ) -> SegmentTensors:
+        weights = [w for seg in segments for w in seg.slices if w is not None]
+
         def column(get, dtype):  # type: ignore[no-untyped-def]
             rows = [[get(w) if w else 0 for w in seg.slices] for seg in segments]
             return torch.tensor(rows, dtype=dtype, device=device).view(len(segments), num_slices)
@@ -149,4 +155,5 @@ class SegmentTensors:
             scalings=column(lambda w: w.scaling, torch.float32),
             max_rank=max((w.rank for s in segments for w in s.slices if w), default=0),
             max_seg_len=max((s.length for s in segments), default=0),
+            offset_align=math.gcd(*(o for w in weights for o in (w.a_offset, w.b_offset))) or 1,
         )

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from server.lora.batch import NO_ADAPTER, AdapterSegment, LoRABatch, LoRAOps, SegmentBuffers
-from server.lora.layout import Layout
+from server.lora.layout import Layout, offset_alignment
 from server.lora.loader import AdapterLoader, AdapterLoadError
 from server.lora.pooled import PooledWeights, layout_adapter, write_to_pool
 from server.lora.slots import SlotTables
@@ -88,7 +88,8 @@ class DeviceAdapterCache:
         self.lora_ops = lora_ops
         self.prefetch_depth = prefetch_depth
         self.max_rank = max_rank
-        self.tables = SlotTables(cfg.num_layers, max_loras, pool.buffer.device)
+        align = offset_alignment(cfg, pool.page_numel)
+        self.tables = SlotTables(cfg.num_layers, max_loras, pool.buffer.device, align)
         self.segment_buffers = SegmentBuffers(max_loras, pool.buffer.device)
         self.stats = ResidencyStats()
         self._resident: OrderedDict[int, ResidentAdapter] = OrderedDict()

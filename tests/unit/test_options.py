@@ -10,7 +10,7 @@ import pytest
 
 from server.cli import build_parser
 from server.config import EngineConfig, ServerConfig, option
-from server.options import add_config_flags, config_from_args, env_name, serve_configs
+from server.options import add_config_flags, config_from_args, env_name, server_config
 from server.ray.cli import RayConfig
 
 
@@ -93,12 +93,11 @@ def test_every_engine_and_server_field_with_help_is_a_flag_with_its_environment_
 
 def test_serve_defaults_are_the_dataclass_defaults() -> None:
     args = build_parser().parse_args(["serve", "--model", "/m"])
-    server, engine = serve_configs(args)
-    assert server == ServerConfig()
-    assert engine == EngineConfig(model="/m")
+    assert server_config(args) == ServerConfig()
+    assert config_from_args(EngineConfig, args) == EngineConfig(model="/m")
 
 
 def test_the_training_memory_bound_is_one_flag_for_the_engine_and_the_jobs() -> None:
     args = build_parser().parse_args(["serve", "--model", "/m", "--training-memory-mb", "64"])
-    server, engine = serve_configs(args)
-    assert (engine.training_memory_mb, server.training_memory_mb) == (64, 64)
+    engine = config_from_args(EngineConfig, args)
+    assert (engine.training_memory_mb, server_config(args).training_memory_mb) == (64, 64)
