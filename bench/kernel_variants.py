@@ -234,6 +234,7 @@ def drive_lora(
     layers: range = range(LAYERS_DRIVEN),
 ) -> None:
     """Every LoRA linear of each driven layer, as LoRALinear.forward calls the batch."""
+    from server.lora.batch import Linear
     from server.lora.layout import LORA_MODULES
 
     for layer in layers:
@@ -241,8 +242,7 @@ def drive_lora(
             in_features, out_features = _linear_io(cfg, packed)
             x = torch.empty(num_tokens, in_features, dtype=dtype)
             out = torch.empty(num_tokens, out_features, dtype=dtype)
-            slices = cfg.packed_slices(packed)
-            batch.add_lora(x, out, layer, module, slices.offsets, slices.widths)
+            batch.add_lora(x, out, Linear(layer, module, cfg.packed_slices(packed)))
 
 
 @dataclass
@@ -252,7 +252,7 @@ class _Engine:
     pool: Any  # PagePool
     buffers: Any  # StepBuffers
     tables: Any  # SlotTables
-    run_buffers: Any  # RunBuffers
+    segment_buffers: Any  # SegmentBuffers
     max_rank: int
 
     @property
@@ -263,7 +263,7 @@ class _Engine:
 def _engine(cfg: ModelConfig, dtype: torch.dtype, shape: ServingShape, rank: int) -> _Engine:
     from server.engine.step_inputs import StepBuffers
     from server.lora import layout
-    from server.lora.batch import RunBuffers
+    from server.lora.batch import SegmentBuffers
     from server.lora.slots import SlotTables
     from server.memory.page_pool import PageGeometry, PagePool
 
@@ -277,7 +277,7 @@ def _engine(cfg: ModelConfig, dtype: torch.dtype, shape: ServingShape, rank: int
         tables = SlotTables(cfg.num_layers, shape.max_loras, cpu, align)
     else:  # a tree from before the alignment promise (bench.launch_count's "before")
         tables = SlotTables(cfg.num_layers, shape.max_loras, cpu)
-    return _Engine(pool, buffers, tables, RunBuffers(shape.max_loras, cpu), rank)
+    return _Engine(pool, buffers, tables, SegmentBuffers(shape.max_loras, cpu), rank)
 
 
 def _attention_meta(engine: _Engine, num_seqs: int, num_tokens: int, num_blocks: int | None):
@@ -306,31 +306,31 @@ def _attention_meta(engine: _Engine, num_seqs: int, num_tokens: int, num_blocks:
 
 
 def _eager_lora_batch(engine: _Engine, cfg: ModelConfig, lengths: list[int]):  # type: ignore[no-untyped-def]
-    """A LoRABatch of one run per adapter (a resident adapter per slot), as build_lora_batch
-    makes it."""
-    from server.lora.batch import LoRABatch, Run
+    """A LoRABatch of one segment per adapter (a resident adapter per slot), as the
+    residency's lora_batch makes it."""
+    from server.lora.backends import LORA_OPS
+    from server.lora.batch import AdapterSegment, LoRABatch
     from server.lora.layout import LORA_MODULES
     from server.lora.pooled import PooledWeights
-    from server.lora.residency import ResidentAdapter
 
     slices = {
         (layer, m): [None] * len(parts)
         for layer in range(cfg.num_layers)
         for m, (_, parts) in enumerate(LORA_MODULES)
     }
-    runs, start = [], 0
+    segments, start = [], 0
     for slot, length in enumerate(lengths):
-        adapter = ResidentAdapter(slot, f"adapter-{slot}", slot, [], PooledWeights(slices, {}))
-        runs.append(Run(start, length, adapter))
+        segments.append(AdapterSegment(start, length, slot, slot, PooledWeights(slices, {})))
         start += length
     pool = engine.pool.buffer.view(-1)
-    run_tensors = engine.run_buffers.fill(runs)
-    return LoRABatch(runs, pool, engine.tables, "triton", run_tensors, engine.max_rank)
+    tensors = engine.segment_buffers.fill(segments)
+    return LoRABatch(segments, pool, engine.tables, LORA_OPS["triton"], tensors, engine.max_rank)
 
 
 def record(model: str, dtype_name: str, shape: ServingShape) -> list[Launch]:
     """Every launch of decode-graph, eager-decode and prefill steps of `model` in `dtype_name`."""
     from server.engine.cuda_graphs import batch_buckets
+    from server.lora.backends import LORA_OPS
     from server.lora.batch import LoRABatch
 
     cfg, dtype = MODELS[model], DTYPES[dtype_name]
@@ -347,7 +347,13 @@ def record(model: str, dtype_name: str, shape: ServingShape) -> list[Launch]:
                     meta = _attention_meta(engine, bucket, bucket, blocks)
                     drive_attention(cfg, dtype, engine.pool, meta, bucket)
                     if blocks is None:
-                        args = (engine.tables, "triton", engine.run_buffers, rank, bucket)
+                        args = (
+                            engine.tables,
+                            LORA_OPS["triton"],
+                            engine.segment_buffers,
+                            rank,
+                            bucket,
+                        )
                         batch = LoRABatch.for_graph(pool_flat, *args)
                     else:
                         num_runs = min(bucket, shape.max_loras)

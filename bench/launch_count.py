@@ -122,6 +122,7 @@ def kernel_path(model: str, batch: int, rank: int) -> dict[str, tuple[int, int]]
     """(per layer, once per step) launches of NF4 linears, LoRA and attention in a decode-graph
     step at the model's shape."""
     from bench import kernel_variants as kv
+    from server.lora.backends import LORA_OPS
     from server.lora.batch import LoRABatch
 
     cfg, dtype = kv.MODELS[model], torch.bfloat16
@@ -129,7 +130,7 @@ def kernel_path(model: str, batch: int, rank: int) -> dict[str, tuple[int, int]]
     engine = kv._engine(cfg, dtype, shape, rank)
     weights = kv._nf4_weights(cfg)
     meta = kv._attention_meta(engine, batch, batch, None)
-    graph = (engine.tables, "triton", engine.run_buffers, rank, batch)
+    graph = (engine.tables, LORA_OPS["triton"], engine.segment_buffers, rank, batch)
     lora = LoRABatch.for_graph(engine.pool.buffer.view(-1), *graph)
     counts: dict[str, list[int]] = {"nf4 linear": [], "lora": [], "attention": []}
     for layer in (0, 1):

@@ -1,4 +1,4 @@
-"""Batched LoRA over tokens grouped into runs of one adapter, reading weights from the page pool.
+"""Batched LoRA over a batch's segments (tokens of one adapter), weights read from the page pool.
 
 Semantics, for each segment g (tokens [start_g, start_g + len_g) of one adapter) and slice s
 of a packed linear (q/k/v or gate/up), with A_gs: [rank_gs, in] and Bt_gs: [rank_gs, width_s]
@@ -34,7 +34,7 @@ class SliceWeights:
 
 @dataclass(frozen=True)
 class Segment:
-    """A run of consecutive tokens using one adapter, with that adapter's weights per slice."""
+    """Consecutive tokens using one adapter, with that adapter's weights per slice."""
 
     start: int
     length: int
@@ -102,16 +102,16 @@ class ModuleWeights:
 def lora_apply(
     x: torch.Tensor,
     out: torch.Tensor,
-    runs: Sequence[tuple[int, int, ModuleWeights]],
+    segments: Sequence[tuple[int, int, ModuleWeights]],
     slice_offsets: Sequence[int],
     slice_widths: Sequence[int],
 ) -> None:
-    """The same semantics as lora_ref, for the CPU: one matmul shrinks all slices of a run,
+    """The same semantics as lora_ref, for the CPU: one matmul shrinks all slices of a segment,
     one addmm per slice expands in place, and no weight is sliced out of the pool per step.
 
-    runs: (start, length, weights) per segment.
+    segments: (start, length, weights) per segment.
     """
-    for start, length, w in runs:
+    for start, length, w in segments:
         rows = slice(start, start + length)
         h = x[rows] @ w.a.T  # [n, sum of ranks]
         for s, r0, bt, scaling in w.slices:
