@@ -40,9 +40,11 @@ class EngineClient(Protocol):
         params: Sequence[SamplingParams],
         adapter: str | None,
         adapter_id: int | None = None,
+        cache_salt: str | None = None,
     ) -> AsyncIterator[tuple[int, RequestOutput]]:
         """Run the prompts as one API call: (index, output) as outputs arrive; adapter_id
-        pins the adapter version the prompts were rendered for."""
+        pins the adapter version the prompts were rendered for; cached prompt prefixes are
+        shared only with requests of the same key and cache_salt."""
         ...
 
 

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 
 from fastapi import Request
 
+from server.api.auth import tenant
 from server.api.errors import BadRequest, ClientDisconnected, Overloaded, Unavailable
 from server.engine.async_engine import AsyncLLMEngine
 from server.engine.llm_engine import Prompt
@@ -53,6 +54,7 @@ class ServingClient:
         params: Sequence[SamplingParams],
         adapter: str | None,
         adapter_id: int | None = None,
+        cache_salt: str | None = None,
     ) -> AsyncIterator[tuple[int, RequestOutput]]:
         """Run several engine requests as one API call: (index, output) as outputs arrive.
 
@@ -60,11 +62,24 @@ class ServingClient:
         response starts); leaving the iteration early, or the client going away, aborts all.
         """
         self.check_serving(len(prompts))
+        partition = cache_partition(tenant(request), cache_salt)
         seqs = [
-            self.engine.prepare(p, sp, adapter_name=adapter, adapter_id=adapter_id)
+            self.engine.prepare(
+                p, sp, adapter_name=adapter, adapter_id=adapter_id, cache_partition=partition
+            )
             for p, sp in zip(prompts, params, strict=True)
         ]
         return _merge(request, [self.engine.stream(s) for s in seqs])
+
+
+def cache_partition(tenant: str, cache_salt: str | None) -> bytes:
+    """The prefix-cache partition of a request: its key's tenant and its cache_salt (b"" for
+    neither: a keyless server's requests without a salt share one cache)."""
+    if not tenant and cache_salt is None:
+        return b""
+    # Length-prefixed, so no tenant and salt pair can spell another's.
+    salt = "" if cache_salt is None else cache_salt
+    return f"{len(tenant)}:{tenant}{cache_salt is not None:d}{salt}".encode()
 
 
 async def _merge(

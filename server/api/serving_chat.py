@@ -154,7 +154,9 @@ class ChatService(OpenAIService):
         stop_at_template_eos(tok, params)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
-        stream = self.engine.generate(raw, [prompt] * req.n, params, adapter, version)
+        stream = self.engine.generate(
+            raw, [prompt] * req.n, params, adapter, version, req.cache_salt
+        )
         if req.stream:
             return self._stream(req, family, tools, rid, created, stream)
         results = await collect(stream, req.n)

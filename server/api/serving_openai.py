@@ -171,7 +171,9 @@ class CompletionService(OpenAIService):
         flat_ids = [ids for ids in prompt_ids for _ in range(samples)]
         rid = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
-        stream = self.engine.generate(raw, flat_ids, params * len(prompts), adapter)
+        stream = self.engine.generate(
+            raw, flat_ids, params * len(prompts), adapter, cache_salt=req.cache_salt
+        )
         if req.stream:
             return self._stream(req, rid, created, flat, stream)
         results = await collect(stream, len(flat))
