@@ -180,6 +180,9 @@ class ServerConfig:
         512, "requests in flight before 503 (/health, /ready, /metrics excepted)"
     )
     max_waiting: int = option(1024, "queued requests before 429")
+    merge_cache_mb: int = option(
+        512, "host memory for merged adapters (merged_adapters); 503 when those in use fill it"
+    )
     log_level: str = option("info", "logging level")
     max_concurrent_jobs: int = option(1, "fine-tuning jobs that train at once")
     # Default: half the cores.
@@ -231,6 +234,8 @@ class ServerConfig:
             )
         if self.max_waiting < 1:
             raise ConfigError(f"--max-waiting must be >= 1, got {self.max_waiting}")
+        if self.merge_cache_mb < 1:
+            raise ConfigError(f"--merge-cache-mb must be >= 1, got {self.merge_cache_mb}")
         if self.max_queued_jobs < 1:
             raise ConfigError(f"--max-queued-jobs must be >= 1, got {self.max_queued_jobs}")
         if self.training_memory_mb is not None and self.training_memory_mb < 1:

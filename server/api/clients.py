@@ -57,7 +57,12 @@ class ModelResolver(Protocol):
         ...
 
     async def resolve_merged(self, spec: MergedAdapters, field: str) -> str:
-        """The internal name of the adapter serving a merge spec, merging it first if new."""
+        """The internal name of the adapter serving a merge spec, merging it first if new;
+        held for the request (never evicted) until release_merged."""
+        ...
+
+    def release_merged(self, name: str) -> None:
+        """The request that resolved this merge has ended."""
         ...
 
     def adapter(self, name: str) -> RegisteredAdapter | None:

@@ -157,6 +157,7 @@ class ChatService(OpenAIService):
         stream = self.engine.generate(
             raw, [prompt] * req.n, params, adapter, version, req.cache_salt
         )
+        stream = self.holding(req, adapter, stream)
         if req.stream:
             return self._stream(req, family, tools, rid, created, stream)
         results = await collect(stream, req.n)

@@ -16,6 +16,7 @@ from server.api.outputs import (
     LogprobFormatter,
     best_of,
     collect,
+    releasing,
     sse,
     sse_error,
     usage,
@@ -34,6 +35,8 @@ from server.engine.outputs import RequestOutput
 from server.engine.sampling_params import SamplingParams
 
 __all__ = ["CompletionService", "OpenAIService", "sse"]
+
+Stream = AsyncIterator[tuple[int, RequestOutput]]
 
 
 class OpenAIService:
@@ -68,6 +71,12 @@ class OpenAIService:
             )
         self.engine.check_serving()  # a full queue refuses before any merge work
         return await self.models.resolve_merged(req.merged_adapters, "merged_adapters")
+
+    def holding(self, req: SamplingFields, adapter: str | None, stream: Stream) -> Stream:
+        """stream, holding the request's merged adapter (never evicted) until it ends."""
+        if req.merged_adapters is None or adapter is None:
+            return stream
+        return releasing(stream, lambda: self.models.release_merged(adapter))
 
     async def compile(self, grammar: Grammar | None) -> Grammar | None:
         return await compile_grammar(self.model.grammars, grammar)
@@ -174,6 +183,7 @@ class CompletionService(OpenAIService):
         stream = self.engine.generate(
             raw, flat_ids, params * len(prompts), adapter, cache_salt=req.cache_salt
         )
+        stream = self.holding(req, adapter, stream)
         if req.stream:
             return self._stream(req, rid, created, flat, stream)
         results = await collect(stream, len(flat))

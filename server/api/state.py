@@ -94,6 +94,7 @@ class ServerState:
                 self.model_name,
                 cfg.max_upload_mb * 2**20,
                 cfg.s3_endpoint_url,
+                cfg.merge_cache_mb * 2**20,
             )
             self._adapters = adapters
             client = ServingClient(engine, cfg.max_waiting, lambda: self.ready)
