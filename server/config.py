@@ -179,6 +179,9 @@ class ServerConfig:
     max_concurrent_requests: int = option(
         512, "requests in flight before 503 (/health, /ready, /metrics excepted)"
     )
+    send_timeout_s: float = option(
+        30.0, "time a response may wait for its client to read before the client is dropped"
+    )
     max_waiting: int = option(1024, "queued requests before 429")
     merge_cache_mb: int = option(
         512, "host memory for merged adapters (merged_adapters); 503 when those in use fill it"
@@ -232,6 +235,8 @@ class ServerConfig:
             raise ConfigError(
                 f"--max-concurrent-requests must be >= 1, got {self.max_concurrent_requests}"
             )
+        if not self.send_timeout_s > 0:
+            raise ConfigError(f"--send-timeout-s must be > 0, got {self.send_timeout_s}")
         if self.max_waiting < 1:
             raise ConfigError(f"--max-waiting must be >= 1, got {self.max_waiting}")
         if self.merge_cache_mb < 1:
