@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import weakref
 from collections.abc import AsyncIterator, Callable, Sequence
 
 from fastapi import Request
 
 from server.api.auth import tenant
 from server.api.errors import BadRequest, ClientDisconnected, Overloaded, Unavailable
+from server.api.fairness import Claim, TenantBudget, fairness_tenant
 from server.engine.async_engine import AsyncLLMEngine
 from server.engine.llm_engine import Prompt
 from server.engine.outputs import RequestOutput
@@ -23,11 +25,17 @@ class ServingClient:
     """Admission (503 until ready, 429 when the queue is full) and generation over the engine."""
 
     def __init__(
-        self, engine: AsyncLLMEngine, max_waiting: int, is_ready: Callable[[], bool]
+        self,
+        engine: AsyncLLMEngine,
+        max_waiting: int,
+        is_ready: Callable[[], bool],
+        budget: TenantBudget | None = None,
     ) -> None:
         self.engine = engine
         self.max_waiting = max_waiting
         self.is_ready = is_ready
+        # Per tenant: sequences and prompt tokens in flight (unbounded without one).
+        self.budget = budget or TenantBudget(max_waiting, 2**62)
 
     def check_serving(self, num_requests: int = 1) -> None:
         """503 until ready, 429 when the waiting queue is full."""
@@ -63,13 +71,24 @@ class ServingClient:
         """
         self.check_serving(len(prompts))
         partition = cache_partition(tenant(request), cache_salt)
+        fair = fairness_tenant(request)
         seqs = [
             self.engine.prepare(
-                p, sp, adapter_name=adapter, adapter_id=adapter_id, cache_partition=partition
+                p,
+                sp,
+                adapter_name=adapter,
+                adapter_id=adapter_id,
+                cache_partition=partition,
+                tenant=fair,
             )
             for p, sp in zip(prompts, params, strict=True)
         ]
-        return _merge(request, [self.engine.stream(s) for s in seqs])
+        claim = self.budget.claim(fair, len(seqs), sum(s.num_prompt_tokens for s in seqs))
+        stream = _merge(request, [self.engine.stream(s) for s in seqs], claim)
+        # A stream never iterated (its response never started) runs no finally: its claim
+        # goes back when it is collected.
+        weakref.finalize(stream, claim.release)
+        return stream
 
 
 def cache_partition(tenant: str, cache_salt: str | None) -> bytes:
@@ -83,7 +102,7 @@ def cache_partition(tenant: str, cache_salt: str | None) -> bytes:
 
 
 async def _merge(
-    request: Request, streams: list[AsyncIterator[RequestOutput]]
+    request: Request, streams: list[AsyncIterator[RequestOutput]], claim: Claim
 ) -> AsyncIterator[tuple[int, RequestOutput]]:
     queue: asyncio.Queue[tuple[int, RequestOutput] | BaseException | None] = asyncio.Queue()
 
@@ -113,6 +132,7 @@ async def _merge(
             else:
                 yield item
     finally:
+        claim.release()
         watcher.cancel()
         for task in tasks:
             task.cancel()
