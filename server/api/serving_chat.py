@@ -139,7 +139,7 @@ class ChatService(OpenAIService):
                 assert version is not None
                 templates.refuse(version)
             raise
-        grammar = await self.compile(grammar)
+        grammar = await self.compile(raw, grammar)
         max_tokens = req.max_completion_tokens or req.max_tokens
         if max_tokens is None:
             max_tokens = max(1, self.model.max_model_len - len(prompt))

@@ -11,6 +11,7 @@ from fastapi import Request
 
 from server.api.clients import EngineClient, ModelResolver, ServedModel
 from server.api.errors import BadRequest
+from server.api.fairness import fairness_tenant
 from server.api.outputs import (
     Finished,
     LogprobFormatter,
@@ -78,8 +79,11 @@ class OpenAIService:
             return stream
         return releasing(stream, lambda: self.models.release_merged(adapter))
 
-    async def compile(self, grammar: Grammar | None) -> Grammar | None:
-        return await compile_grammar(self.model.grammars, grammar)
+    async def compile(self, raw: Request, grammar: Grammar | None) -> Grammar | None:
+        """The grammar compiled in the turn of the request's tenant (server.api.structured)."""
+        if grammar is None:
+            return None
+        return await compile_grammar(self.model.grammars, grammar, fairness_tenant(raw))
 
     def params(
         self,
@@ -171,7 +175,7 @@ class CompletionService(OpenAIService):
         # best_of ranks samples by their logprobs: the engine reports the sampled token's.
         engine_logprobs = 0 if samples > req.n and req.logprobs is None else req.logprobs
         prompts, prompt_ids = await self._prompts(req, samples)
-        grammar = await self.compile(grammar)
+        grammar = await self.compile(raw, grammar)
         max_tokens = req.max_tokens or 16
         if "max_tokens" not in req.model_fields_set:
             max_tokens = self.model.generation_defaults.max_tokens or max_tokens
