@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 import time
 
-from tests.integration.conftest import MODEL_NAME
+from tests.integration.conftest import MODEL_NAME, sequences_in_engine
 from tests.integration.live_server import LiveServer
 
 FLOOD_PROMPTS = 384
@@ -14,14 +14,6 @@ MAX_NUM_SEQS = 64  # the session server's running batch (ENGINE_FLAGS)
 # The one-line request's latency while the flood is queued: with fair admission it waits for
 # at most the flood's running batch, not its queue (CPU, tiny model, a loaded 2-core machine).
 SMALL_WITHIN_S = 5.0
-
-
-def in_engine(server: LiveServer) -> float:
-    metrics = server.metrics()
-    return sum(
-        metrics.value(f"loraplex_num_requests_{state}", model_name=MODEL_NAME)
-        for state in ("running", "waiting")
-    )
 
 
 def test_a_flood_from_one_key_does_not_queue_another_keys_small_request(
@@ -44,7 +36,7 @@ def test_a_flood_from_one_key_does_not_queue_another_keys_small_request(
     thread.start()
     try:
         start = time.monotonic()
-        while in_engine(server) < FLOOD_PROMPTS / 2:
+        while sequences_in_engine(server) < FLOOD_PROMPTS / 2:
             assert time.monotonic() - start < 60, "the flood was not queued"
             time.sleep(0.05)
         body = {"model": MODEL_NAME, "prompt": "Hi", "max_tokens": 4}
@@ -52,7 +44,7 @@ def test_a_flood_from_one_key_does_not_queue_another_keys_small_request(
             sent = time.monotonic()
             response = http.post("/v1/completions", json=body)
             latency = time.monotonic() - sent
-        queued_after = in_engine(server)
+        queued_after = sequences_in_engine(server)
         assert response.status_code == 200, response.text
         assert queued_after > 2 * MAX_NUM_SEQS, f"answered behind the flood, in {latency:.2f} s"
         assert latency < SMALL_WITHIN_S

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.integration.conftest import ENGINE_FLAGS, MODEL_NAME, serve_flags
+from tests.integration.conftest import ENGINE_FLAGS, MODEL_NAME, sequences_in_engine, serve_flags
 from tests.integration.live_server import LiveServer
 
 MAX_CONCURRENT = 10
@@ -55,15 +55,6 @@ def never_reading_stream(server: LiveServer) -> socket.socket:
     return sock
 
 
-def in_engine(server: LiveServer) -> float:
-    """Sequences running or waiting in the engine (from /metrics, which is never refused)."""
-    metrics = server.metrics()
-    return sum(
-        metrics.value(f"loraplex_num_requests_{state}", model_name=MODEL_NAME)
-        for state in ("running", "waiting")
-    )
-
-
 def test_ten_clients_that_never_read_free_their_slots_after_the_send_timeout(
     slot_server: LiveServer,
 ) -> None:
@@ -73,7 +64,7 @@ def test_ten_clients_that_never_read_free_their_slots_after_the_send_timeout(
     socks = [never_reading_stream(slot_server) for _ in range(MAX_CONCURRENT)]
     try:
         start = time.monotonic()
-        while in_engine(slot_server) < MAX_CONCURRENT * SAMPLES:  # every stream admitted
+        while sequences_in_engine(slot_server) < MAX_CONCURRENT * SAMPLES:  # every stream admitted
             assert time.monotonic() - start < SERVED_WITHIN_S, "the streams were not admitted"
             time.sleep(0.1)
         body = {"model": MODEL_NAME, "prompt": "Hello", "max_tokens": 4}
