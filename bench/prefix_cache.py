@@ -13,6 +13,9 @@ Three measurements, each with caching on and off on the same engine settings and
 - Pressure: a pool too small for every adapter's prefix and Zipf-popular adapters; caching
   off, on with plain LRU between idle adapters and cached blocks, and on with the default
   cost-weighted policy (server.memory.reclaim).
+- Tenants: the throughput workload with each adapter's turns sent by 1, 2, ... --tenants
+  tenants in turn (the prefix cache is partitioned by tenant: server.memory.prefix_cache), the
+  hit rate and throughput each gives.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from server.engine.sampling_params import SamplingParams
 logger = logging.getLogger("bench.prefix_cache")
 
 
-PHASES_ORDER = ("ttft", "throughput", "no_sharing", "pressure")
+PHASES_ORDER = ("ttft", "throughput", "no_sharing", "pressure", "tenants")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -56,6 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pressure-pages", type=int, default=1200)
     p.add_argument("--pressure-requests", type=int, default=160)
     p.add_argument("--pressure-batch", type=int, default=8)
+    p.add_argument("--tenants", type=int, default=3, help="most tenants in the tenants phase")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "loraplex-bench")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
@@ -248,11 +252,41 @@ def _no_sharing(s: Setup) -> dict:
     }
 
 
+def _tenants(s: Setup) -> dict:
+    """The cost of the tenant partition: each adapter's turns sent by k tenants in turn (turn
+    j by tenant j % k), all at once, caching on; k = 1 is the throughput phase's workload."""
+    prompts = [[*s.system, *t] for t in s.turns for _ in s.names]
+    names = [n for _ in s.turns for n in s.names]
+    owners = [j for j in range(len(s.turns)) for _ in s.names]
+    out = {}
+    for k in range(1, s.args.tenants + 1):
+        engine = s.engine(True)
+        engine.generate([[1, 5, 6, 7]] * 4, s.params, s.names[:4])  # warm-up, nothing shared
+        before = engine.prefix_cache.stats.hit_tokens, engine.prefix_cache.stats.queried_tokens
+        start = time.perf_counter()
+        for prompt, name, owner in zip(prompts, names, owners, strict=True):
+            partition = f"tenant-{owner % k}".encode()
+            engine.add_sequence(engine.requests.make(prompt, s.params, None, name, None, partition))
+        tokens = 0
+        while engine.has_unfinished_requests():
+            tokens += sum(len(o.new_token_ids) for o in engine.step())
+        elapsed = time.perf_counter() - start
+        st = engine.prefix_cache.stats
+        hits, queried = st.hit_tokens - before[0], st.queried_tokens - before[1]
+        out[f"{k}_tenants"] = {
+            "hit_rate": round(hits / max(1, queried), 3),
+            "tok_per_s": round(tokens / elapsed, 1),
+        }
+        del engine
+    return out
+
+
 PHASES = {
     "ttft": _ttft,
     "throughput": _throughput_phase,
     "no_sharing": _no_sharing,
     "pressure": _pressure,
+    "tenants": _tenants,
 }
 
 

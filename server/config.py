@@ -179,7 +179,19 @@ class ServerConfig:
     max_concurrent_requests: int = option(
         512, "requests in flight before 503 (/health, /ready, /metrics excepted)"
     )
+    send_timeout_s: float = option(
+        30.0, "time a response may wait for its client to read before the client is dropped"
+    )
     max_waiting: int = option(1024, "queued requests before 429")
+    max_key_sequences: int = option(
+        512, "sequences (prompts x n) one API key (or keyless client) may have in flight"
+    )
+    max_key_prompt_tokens: int = option(
+        262144, "prompt tokens one API key (or keyless client) may have in flight"
+    )
+    merge_cache_mb: int = option(
+        512, "host memory for merged adapters (merged_adapters); 503 when those in use fill it"
+    )
     log_level: str = option("info", "logging level")
     max_concurrent_jobs: int = option(1, "fine-tuning jobs that train at once")
     # Default: half the cores.
@@ -229,8 +241,18 @@ class ServerConfig:
             raise ConfigError(
                 f"--max-concurrent-requests must be >= 1, got {self.max_concurrent_requests}"
             )
+        if not self.send_timeout_s > 0:
+            raise ConfigError(f"--send-timeout-s must be > 0, got {self.send_timeout_s}")
         if self.max_waiting < 1:
             raise ConfigError(f"--max-waiting must be >= 1, got {self.max_waiting}")
+        if self.max_key_sequences < 1:
+            raise ConfigError(f"--max-key-sequences must be >= 1, got {self.max_key_sequences}")
+        if self.max_key_prompt_tokens < 1:
+            raise ConfigError(
+                f"--max-key-prompt-tokens must be >= 1, got {self.max_key_prompt_tokens}"
+            )
+        if self.merge_cache_mb < 1:
+            raise ConfigError(f"--merge-cache-mb must be >= 1, got {self.merge_cache_mb}")
         if self.max_queued_jobs < 1:
             raise ConfigError(f"--max-queued-jobs must be >= 1, got {self.max_queued_jobs}")
         if self.training_memory_mb is not None and self.training_memory_mb < 1:

@@ -221,13 +221,17 @@ class Metrics:
                 "hits": prefix.hit_tokens,
                 "reclaimed": prefix.reclaimed_blocks,
             }
+            # A scrape's snapshot may be observed after a newer one from a step hook: a
+            # counter only moves forward, to the newest count seen.
             for key, metric in (
                 ("queries", self.prefix_queries),
                 ("hits", self.prefix_hits),
                 ("reclaimed", self.prefix_reclaimed),
             ):
-                metric.labels(m).inc(counts[key] - self._last_prefix[key])
-            self._last_prefix = counts
+                last = self._last_prefix[key]
+                if counts[key] > last:
+                    metric.labels(m).inc(counts[key] - last)
+                    self._last_prefix[key] = counts[key]
         if not self._cache_info_set:
             self.cache_info.labels(m, *cache_info(state.facts)).set(1)
             self._cache_info_set = True

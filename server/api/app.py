@@ -13,7 +13,7 @@ from server import __version__
 from server.api.csrf import CrossSiteProtection
 from server.api.errors import install_handlers
 from server.api.hosts import AllowedHosts
-from server.api.limits import BodyLimit, ConcurrencyLimit, RequestLimits
+from server.api.limits import BodyLimit, ConcurrencyLimit, RequestLimits, SendTimeout
 from server.api.metrics_port import MetricsListener
 from server.api.routes import adapters, console, files, fine_tuning, lorax, openai, ops
 from server.api.state import ServerState, open_adapter_store
@@ -71,8 +71,10 @@ def create_app(state: ServerState) -> FastAPI:
         max_upload_bytes=cfg.max_upload_mb * 2**20,
         body_timeout_s=cfg.request_body_timeout_s,
         max_concurrent=cfg.max_concurrent_requests,
+        send_timeout_s=cfg.send_timeout_s,
     )
     app.add_middleware(BodyLimit, limits=limits)
+    app.add_middleware(SendTimeout, limits=limits)  # inside: a dropped client frees its slot
     app.add_middleware(ConcurrencyLimit, limits=limits)  # refuses before reading
     app.add_middleware(CrossSiteProtection, trusted_origins=cfg.csrf_trusted_origins)
     if cfg.allowed_hosts:

@@ -86,6 +86,16 @@ async def require_admin_key(request: Request) -> None:
     _check(request, _admin_keys(request.app.state.server.config))
 
 
+def tenant(request: Request) -> str:
+    """Which configured key authenticated the request ("admin", "inference"; "" on a keyless
+    server): the tenant whose cached prompt prefixes it may share (docs/api.md, cache_salt)."""
+    config = request.app.state.server.config
+    presented = _presented_key(request)
+    if config.admin_api_key is not None and _matches(presented, _admin_keys(config)):
+        return "admin"
+    return "inference" if _inference_keys(config) else ""
+
+
 def has_admin_rights(request: Request) -> bool:
     """Whether this request would pass `require_admin_key` (for replies that redact)."""
     keys = _admin_keys(request.app.state.server.config)

@@ -40,9 +40,11 @@ class EngineClient(Protocol):
         params: Sequence[SamplingParams],
         adapter: str | None,
         adapter_id: int | None = None,
+        cache_salt: str | None = None,
     ) -> AsyncIterator[tuple[int, RequestOutput]]:
         """Run the prompts as one API call: (index, output) as outputs arrive; adapter_id
-        pins the adapter version the prompts were rendered for."""
+        pins the adapter version the prompts were rendered for; cached prompt prefixes are
+        shared only with requests of the same key and cache_salt."""
         ...
 
 
@@ -55,7 +57,12 @@ class ModelResolver(Protocol):
         ...
 
     async def resolve_merged(self, spec: MergedAdapters, field: str) -> str:
-        """The internal name of the adapter serving a merge spec, merging it first if new."""
+        """The internal name of the adapter serving a merge spec, merging it first if new;
+        held for the request (never evicted) until release_merged."""
+        ...
+
+    def release_merged(self, name: str) -> None:
+        """The request that resolved this merge has ended."""
         ...
 
     def adapter(self, name: str) -> RegisteredAdapter | None:

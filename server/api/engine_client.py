@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import weakref
 from collections.abc import AsyncIterator, Callable, Sequence
 
 from fastapi import Request
 
+from server.api.auth import tenant
 from server.api.errors import BadRequest, ClientDisconnected, Overloaded, Unavailable
+from server.api.fairness import Claim, TenantBudget, fairness_tenant
 from server.engine.async_engine import AsyncLLMEngine
 from server.engine.llm_engine import Prompt
 from server.engine.outputs import RequestOutput
@@ -22,11 +25,17 @@ class ServingClient:
     """Admission (503 until ready, 429 when the queue is full) and generation over the engine."""
 
     def __init__(
-        self, engine: AsyncLLMEngine, max_waiting: int, is_ready: Callable[[], bool]
+        self,
+        engine: AsyncLLMEngine,
+        max_waiting: int,
+        is_ready: Callable[[], bool],
+        budget: TenantBudget | None = None,
     ) -> None:
         self.engine = engine
         self.max_waiting = max_waiting
         self.is_ready = is_ready
+        # Per tenant: sequences and prompt tokens in flight (unbounded without one).
+        self.budget = budget or TenantBudget(max_waiting, 2**62)
 
     def check_serving(self, num_requests: int = 1) -> None:
         """503 until ready, 429 when the waiting queue is full."""
@@ -53,6 +62,7 @@ class ServingClient:
         params: Sequence[SamplingParams],
         adapter: str | None,
         adapter_id: int | None = None,
+        cache_salt: str | None = None,
     ) -> AsyncIterator[tuple[int, RequestOutput]]:
         """Run several engine requests as one API call: (index, output) as outputs arrive.
 
@@ -60,15 +70,39 @@ class ServingClient:
         response starts); leaving the iteration early, or the client going away, aborts all.
         """
         self.check_serving(len(prompts))
+        partition = cache_partition(tenant(request), cache_salt)
+        fair = fairness_tenant(request)
         seqs = [
-            self.engine.prepare(p, sp, adapter_name=adapter, adapter_id=adapter_id)
+            self.engine.prepare(
+                p,
+                sp,
+                adapter_name=adapter,
+                adapter_id=adapter_id,
+                cache_partition=partition,
+                tenant=fair,
+            )
             for p, sp in zip(prompts, params, strict=True)
         ]
-        return _merge(request, [self.engine.stream(s) for s in seqs])
+        claim = self.budget.claim(fair, len(seqs), sum(s.num_prompt_tokens for s in seqs))
+        stream = _merge(request, [self.engine.stream(s) for s in seqs], claim)
+        # A stream never iterated (its response never started) runs no finally: its claim
+        # goes back when it is collected.
+        weakref.finalize(stream, claim.release)
+        return stream
+
+
+def cache_partition(tenant: str, cache_salt: str | None) -> bytes:
+    """The prefix-cache partition of a request: its key's tenant and its cache_salt (b"" for
+    neither: a keyless server's requests without a salt share one cache)."""
+    if not tenant and cache_salt is None:
+        return b""
+    # Length-prefixed, so no tenant and salt pair can spell another's.
+    salt = "" if cache_salt is None else cache_salt
+    return f"{len(tenant)}:{tenant}{cache_salt is not None:d}{salt}".encode()
 
 
 async def _merge(
-    request: Request, streams: list[AsyncIterator[RequestOutput]]
+    request: Request, streams: list[AsyncIterator[RequestOutput]], claim: Claim
 ) -> AsyncIterator[tuple[int, RequestOutput]]:
     queue: asyncio.Queue[tuple[int, RequestOutput] | BaseException | None] = asyncio.Queue()
 
@@ -98,6 +132,7 @@ async def _merge(
             else:
                 yield item
     finally:
+        claim.release()
         watcher.cancel()
         for task in tasks:
             task.cancel()

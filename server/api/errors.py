@@ -22,6 +22,7 @@ from server.engine.async_engine import EngineDeadError, EngineStepError, Request
 from server.engine.errors import (
     AdapterBusyError,
     AdapterVersionGoneError,
+    CapacityError,
     InvalidRequestError,
     UnknownAdapterError,
 )
@@ -134,6 +135,7 @@ DOMAIN_ERRORS: tuple[type[Exception], ...] = (
     AdapterError,
     AdapterNotFoundError,
     AdapterBusyError,
+    CapacityError,
     EngineDeadError,
     EngineStepError,
     RequestFailedError,
@@ -180,6 +182,8 @@ def translate(exc: Exception) -> APIError:
         return BadRequest(exc.message, exc.param)
     if isinstance(exc, AdapterBusyError):
         return Conflict(str(exc), headers={"Retry-After": "1"})
+    if isinstance(exc, CapacityError):
+        return ServerBusy(str(exc), headers={"Retry-After": "1"})
     if isinstance(exc, AdapterExistsError):
         return Conflict(str(exc).strip("'\""), "name")
     if isinstance(exc, AdapterNotFoundError):  # deleted while a reload of it ran

@@ -1,5 +1,5 @@
-"""Per-request limits enforced before any route runs: body size, body arrival time, and the
-number of requests in flight.
+"""Per-request limits enforced around every route: body size, body arrival time, the number
+of requests in flight, and the time a response may wait for its client to read.
 
 Bodies are counted while they arrive, so nothing past the limit is ever buffered or parsed.
 A refusal raised while the route reads its body is a BodyRefused (see errors.py), which
@@ -9,6 +9,7 @@ FastAPI's body parsing lets through.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass
 
@@ -24,6 +25,8 @@ from server.api.errors import (
     error_response,
 )
 
+logger = logging.getLogger(__name__)
+
 UPLOAD_PATHS = ("/v1/adapters", "/v1/files")  # POST: an upload
 RELOAD_PREFIX = "/v1/adapters/"  # PUT /v1/adapters/{name}: an in-place reload, an upload too
 # Probes and scrapes are never refused: an overloaded server must still say it is alive.
@@ -38,6 +41,7 @@ class RequestLimits:
     max_upload_bytes: int  # POST /v1/adapters and /v1/files, PUT /v1/adapters/{name}
     body_timeout_s: float  # whole body, from the request's start (--request-body-timeout-s)
     max_concurrent: int  # requests in flight (--max-concurrent-requests)
+    send_timeout_s: float  # one write waiting for the client to read (--send-timeout-s)
 
 
 def _too_large(limits: RequestLimits, upload: bool) -> APIError:
@@ -136,3 +140,49 @@ class ConcurrencyLimit:
             await self.app(scope, receive, send)
         finally:
             self.in_flight -= 1
+
+
+class _SendTimedOut(Exception):
+    """A write waited past --send-timeout-s for the client to read (caught by SendTimeout)."""
+
+
+class SendTimeout:
+    """Drop a client that reads nothing for --send-timeout-s while its response waits.
+
+    A write that the client does not read blocks once the socket's buffers are full (the
+    server's flow control); unbounded, a client that never reads would keep its request, its
+    concurrency slot and its finished output forever. Past the timeout the route is ended:
+    its stream closes, which aborts its engine sequences, and the connection is closed.
+    """
+
+    def __init__(self, app: ASGIApp, limits: RequestLimits) -> None:
+        self.app = app
+        self.limits = limits
+        self.num_dropped = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        timeout = self.limits.send_timeout_s
+
+        async def timed(message: Message) -> None:
+            try:
+                await asyncio.wait_for(send(message), timeout)
+            except TimeoutError:
+                raise _SendTimedOut from None
+
+        try:
+            await self.app(scope, receive, timed)
+        except _SendTimedOut:
+            self.num_dropped += 1
+            client = scope.get("client")
+            # A warning: uvicorn logs "ASGI callable returned without completing response"
+            # next, as it closes the connection; this says why.
+            logger.warning(
+                "dropped a client that read nothing for %g s (--send-timeout-s): %s %s from %s",
+                timeout,
+                scope["method"],
+                scope["path"],
+                client[0] if client else "?",
+            )

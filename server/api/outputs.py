@@ -4,7 +4,7 @@ best_of selection, usage, and logprobs in OpenAI's two shapes."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 
 from server.api.errors import translate
@@ -126,3 +126,14 @@ class LogprobFormatter:
                 )
             )
         return ChatLogprobs(content=content)
+
+
+async def releasing(
+    stream: AsyncIterator[tuple[int, RequestOutput]], release: Callable[[], None]
+) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """stream, then release() once it ends however it ends (a merged adapter's hold)."""
+    try:
+        async for item in stream:
+            yield item
+    finally:
+        release()

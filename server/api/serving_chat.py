@@ -139,7 +139,7 @@ class ChatService(OpenAIService):
                 assert version is not None
                 templates.refuse(version)
             raise
-        grammar = await self.compile(grammar)
+        grammar = await self.compile(raw, grammar)
         max_tokens = req.max_completion_tokens or req.max_tokens
         if max_tokens is None:
             max_tokens = max(1, self.model.max_model_len - len(prompt))
@@ -154,7 +154,10 @@ class ChatService(OpenAIService):
         stop_at_template_eos(tok, params)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
-        stream = self.engine.generate(raw, [prompt] * req.n, params, adapter, version)
+        stream = self.engine.generate(
+            raw, [prompt] * req.n, params, adapter, version, req.cache_salt
+        )
+        stream = self.holding(req, adapter, stream)
         if req.stream:
             return self._stream(req, family, tools, rid, created, stream)
         results = await collect(stream, req.n)

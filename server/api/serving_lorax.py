@@ -10,7 +10,8 @@ from fastapi import Request
 
 from server.api.clients import EngineClient, ModelResolver, ServedModel
 from server.api.errors import BadRequest, error_body, translate
-from server.api.outputs import Finished, collect
+from server.api.fairness import fairness_tenant
+from server.api.outputs import Finished, collect, releasing
 from server.api.prompts import PromptEncoder, off_loop
 from server.api.schemas.lorax import (
     LoraxBestOfSequence,
@@ -128,12 +129,16 @@ class LoraxService:
             prompt = await self.prompts.encode(req.inputs, "inputs")
         if not prompt:
             raise BadRequest("inputs is empty", "inputs")
-        grammar = await compile_grammar(self.model.grammars, grammar)
+        if grammar is not None:
+            grammar = await compile_grammar(self.model.grammars, grammar, fairness_tenant(raw))
         # Each of best_of samples draws from its own seed (seed, seed + 1, ...).
         samples = [
             replace(params, grammar=grammar, seed=_sample_seed(p.seed, j)) for j in range(best)
         ]
-        return prompt, self.engine.generate(raw, [prompt] * best, samples, adapter)
+        stream = self.engine.generate(raw, [prompt] * best, samples, adapter)
+        if p.merged_adapters is not None and adapter is not None:
+            stream = releasing(stream, lambda: self.models.release_merged(adapter))
+        return prompt, stream
 
     async def generate(self, raw: Request, req: LoraxRequest) -> LoraxResponse:
         p = req.parameters

@@ -11,11 +11,13 @@ from fastapi import Request
 
 from server.api.clients import EngineClient, ModelResolver, ServedModel
 from server.api.errors import BadRequest
+from server.api.fairness import fairness_tenant
 from server.api.outputs import (
     Finished,
     LogprobFormatter,
     best_of,
     collect,
+    releasing,
     sse,
     sse_error,
     usage,
@@ -34,6 +36,8 @@ from server.engine.outputs import RequestOutput
 from server.engine.sampling_params import SamplingParams
 
 __all__ = ["CompletionService", "OpenAIService", "sse"]
+
+Stream = AsyncIterator[tuple[int, RequestOutput]]
 
 
 class OpenAIService:
@@ -69,8 +73,17 @@ class OpenAIService:
         self.engine.check_serving()  # a full queue refuses before any merge work
         return await self.models.resolve_merged(req.merged_adapters, "merged_adapters")
 
-    async def compile(self, grammar: Grammar | None) -> Grammar | None:
-        return await compile_grammar(self.model.grammars, grammar)
+    def holding(self, req: SamplingFields, adapter: str | None, stream: Stream) -> Stream:
+        """stream, holding the request's merged adapter (never evicted) until it ends."""
+        if req.merged_adapters is None or adapter is None:
+            return stream
+        return releasing(stream, lambda: self.models.release_merged(adapter))
+
+    async def compile(self, raw: Request, grammar: Grammar | None) -> Grammar | None:
+        """The grammar compiled in the turn of the request's tenant (server.api.structured)."""
+        if grammar is None:
+            return None
+        return await compile_grammar(self.model.grammars, grammar, fairness_tenant(raw))
 
     def params(
         self,
@@ -162,7 +175,7 @@ class CompletionService(OpenAIService):
         # best_of ranks samples by their logprobs: the engine reports the sampled token's.
         engine_logprobs = 0 if samples > req.n and req.logprobs is None else req.logprobs
         prompts, prompt_ids = await self._prompts(req, samples)
-        grammar = await self.compile(grammar)
+        grammar = await self.compile(raw, grammar)
         max_tokens = req.max_tokens or 16
         if "max_tokens" not in req.model_fields_set:
             max_tokens = self.model.generation_defaults.max_tokens or max_tokens
@@ -171,7 +184,10 @@ class CompletionService(OpenAIService):
         flat_ids = [ids for ids in prompt_ids for _ in range(samples)]
         rid = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
-        stream = self.engine.generate(raw, flat_ids, params * len(prompts), adapter)
+        stream = self.engine.generate(
+            raw, flat_ids, params * len(prompts), adapter, cache_salt=req.cache_salt
+        )
+        stream = self.holding(req, adapter, stream)
         if req.stream:
             return self._stream(req, rid, created, flat, stream)
         results = await collect(stream, len(flat))

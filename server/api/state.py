@@ -17,6 +17,7 @@ from adapters.store import AdapterBackend, AdapterStore
 from server.api.clients import ServedModel
 from server.api.engine_client import ServingClient
 from server.api.errors import Unavailable
+from server.api.fairness import TenantBudget
 from server.api.serving_chat import ChatService
 from server.api.serving_lorax import LoraxService
 from server.api.serving_openai import CompletionService
@@ -94,9 +95,11 @@ class ServerState:
                 self.model_name,
                 cfg.max_upload_mb * 2**20,
                 cfg.s3_endpoint_url,
+                cfg.merge_cache_mb * 2**20,
             )
             self._adapters = adapters
-            client = ServingClient(engine, cfg.max_waiting, lambda: self.ready)
+            budget = TenantBudget(cfg.max_key_sequences, cfg.max_key_prompt_tokens)
+            client = ServingClient(engine, cfg.max_waiting, lambda: self.ready, budget)
             self._services = Services.build(client, adapters, llm)
             await asyncio.to_thread(adapters.preload, cfg.preload_adapters)
             if adapters.shared_store is not None:

@@ -6,25 +6,63 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from server.api.errors import BadRequest
 from server.engine.grammar import Grammar, GrammarCompiler, check_schema
 
-# Grammars compile on threads of their own: a large schema takes up to seconds, and must not
-# hold up the tokenizer threads every prompt goes through.
+# Grammars compile on threads of their own: a large schema takes up to a second (its size is
+# bounded: server.engine.grammar), and must not hold up the tokenizer threads every prompt
+# goes through. One tenant holds at most one of them at a time, so another tenant's grammar
+# starts at once, or behind at most one bounded compile of each other tenant compiling.
 COMPILE_THREADS = 2
+MAX_COMPILED = 128  # grammars kept compiled here: a repeat never queues for a thread
 _compile_pool = ThreadPoolExecutor(COMPILE_THREADS, thread_name_prefix="loraplex-grammar")
 
 
-async def compile_grammar(compiler: GrammarCompiler, grammar: Grammar | None) -> Grammar | None:
-    """The grammar compiled off the event loop (cached by the compiler), or None."""
-    if grammar is None:
-        return None
-    return await asyncio.get_running_loop().run_in_executor(
-        _compile_pool, compiler.compile, grammar
-    )
+class CompileQueue:
+    """Compiled grammars by (compiler, kind, spec), and each tenant's turn at the threads."""
+
+    def __init__(self) -> None:
+        self._compiled: OrderedDict[tuple[int, str, str], Any] = OrderedDict()  # LRU first
+        self._turns: dict[str, tuple[asyncio.Lock, int]] = {}  # tenant -> (lock, users)
+
+    async def compile(self, compiler: GrammarCompiler, grammar: Grammar, tenant: str) -> Grammar:
+        key = (id(compiler), grammar.kind, json.dumps(grammar.spec, sort_keys=True))
+        compiled = self._compiled.get(key)
+        if compiled is None:
+            lock, users = self._turns.get(tenant) or (asyncio.Lock(), 0)
+            self._turns[tenant] = (lock, users + 1)
+            try:
+                async with lock:
+                    loop = asyncio.get_running_loop()
+                    done = await loop.run_in_executor(_compile_pool, compiler.compile, grammar)
+            finally:
+                lock, users = self._turns[tenant]
+                if users == 1:
+                    del self._turns[tenant]
+                else:
+                    self._turns[tenant] = (lock, users - 1)
+            compiled = done.compiled
+            self._compiled[key] = compiled
+            if len(self._compiled) > MAX_COMPILED:
+                self._compiled.popitem(last=False)
+        self._compiled.move_to_end(key)
+        return dataclasses.replace(grammar, compiled=compiled)
+
+
+_queue = CompileQueue()
+
+
+async def compile_grammar(
+    compiler: GrammarCompiler, grammar: Grammar | None, tenant: str = ""
+) -> Grammar | None:
+    """The grammar compiled off the event loop in the tenant's turn, or None."""
+    if grammar is None or grammar.compiled is not None:
+        return grammar
+    return await _queue.compile(compiler, grammar, tenant)
 
 
 def openai_grammar(

@@ -112,11 +112,15 @@ class AsyncLLMEngine:
         request_id: str | None = None,
         adapter_name: str | None = None,
         adapter_id: int | None = None,
+        cache_partition: bytes = b"",
+        tenant: str = "",
     ) -> Sequence:
         """Validate a request (raises InvalidRequestError) without queuing it."""
         if not self.running:
             raise EngineDeadError(f"the engine is not running: {self.dead_reason or 'stopped'}")
-        return self.engine.requests.make(prompt, params, request_id, adapter_name, adapter_id)
+        return self.engine.requests.make(
+            prompt, params, request_id, adapter_name, adapter_id, cache_partition, tenant
+        )
 
     async def stream(self, seq: Sequence) -> AsyncIterator[RequestOutput]:
         """Queue a prepared sequence and yield its outputs until it finishes."""

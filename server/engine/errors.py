@@ -29,6 +29,10 @@ class AdapterVersionGoneError(InvalidRequestError):
         )
 
 
+class CapacityError(RuntimeError):
+    """A bounded resource (e.g. the merged-adapter memory) is full now; a retry may succeed."""
+
+
 class AdapterBusyError(RuntimeError):
     """An adapter cannot be removed while requests use it."""
 

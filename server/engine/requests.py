@@ -63,12 +63,16 @@ class RequestFactory:
         request_id: str | None = None,
         adapter_name: str | None = None,
         adapter_id: int | None = None,
+        cache_partition: bytes = b"",
+        tenant: str = "",
     ) -> Sequence:
         """Validate a request and build its sequence, without queuing it.
 
         `adapter_id` pins the adapter's version the caller prepared the prompt for (its chat
         template): the request runs on that version even if a reload replaced it since, or
-        fails if that version is gone, rather than run another version's weights."""
+        fails if that version is gone, rather than run another version's weights.
+        `cache_partition` is the tenant whose cached prefixes it may reuse (prefix_cache);
+        `tenant` whose share of admission it takes (scheduler)."""
         if isinstance(prompt, str):
             ids = self.tokenizer.encode(prompt)
         else:
@@ -98,6 +102,8 @@ class RequestFactory:
             prompt_token_ids=ids,
             params=params,
             adapter_name=adapter_name,
+            cache_partition=cache_partition,
+            tenant=tenant,
         )
         if adapter_name is not None:
             reg = self.registry.get(adapter_name) if self.registry is not None else None

@@ -5,13 +5,23 @@ cache; a step computes the next chunk of each scheduled sequence. Decodes (one t
 prefills, chunks of long prefills and recomputation after preemption are the same operation,
 so prefill and decode mix freely in one batch under one token budget.
 
-Order: running sequences first, oldest first; then waiting ones, first come first served.
-When a running sequence needs a page and none is free, the newest running sequence is
-preempted: its pages are freed and it waits to be recomputed from its tokens.
+Order: running sequences first, oldest first; then waiting ones in fair order. When a
+running sequence needs a page and none is free, the newest running sequence is preempted: its
+pages are freed and it waits to be recomputed from its tokens, ahead of every other.
+
+Fair order is start-time fair queuing over tenants (API keys, or keyless clients): a sequence
+joining the queue gets the virtual start tag max(now, its tenant's last finish tag), and its
+tenant's finish tag moves on by its cost (prompt + max output tokens); "now" is the tag of
+the latest sequence admitted. The queue is kept sorted by tag, so one tenant's sequences keep
+their arrival order, while a tenant that queued 512 big prompts does not make another's one
+small request wait behind them: the small one's tag is "now", before all but the flood's
+first. With one tenant it is first come, first served. Tags are tokens of work, not time, so
+a tenant idle for a while gets no credit to burst with later.
 """
 
 from __future__ import annotations
 
+import bisect
 import logging
 from collections import deque
 from collections.abc import Iterable
@@ -81,13 +91,18 @@ class Scheduler:
         # Pages kept free when admitting new work, so running sequences can grow a little
         # before anything must be preempted.
         self.watermark_pages = int(watermark * kv.pool.num_pages)
-        self.waiting: deque[Sequence] = deque()
+        self.waiting: deque[Sequence] = deque()  # sorted by fair_tag
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self._virtual_time = 0.0  # fair_tag of the latest sequence admitted
+        self._finish_tags: dict[str, float] = {}  # tenant -> its queued work's finish tag
 
     def add(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
-        self.waiting.append(seq)
+        start = max(self._virtual_time, self._finish_tags.get(seq.tenant, 0.0))
+        seq.fair_tag = start
+        self._finish_tags[seq.tenant] = start + seq.num_tokens + seq.params.max_tokens
+        bisect.insort_right(self.waiting, seq, key=_fair_tag)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -121,10 +136,10 @@ class Scheduler:
         return True
 
     def _admit_waiting(self, budget: int, out: SchedulerOutput) -> int:
-        """First come, first served, except that a request whose adapter is still being read
-        into host memory lets every request behind it go ahead, and a request waiting for room
-        for its adapter lets requests whose adapters are already resident (or that use none)
-        go ahead; no later request may bring in a new adapter past the latter."""
+        """In fair order (the module's docstring), except that a request whose adapter is still
+        being read into host memory lets every request behind it go ahead, and a request
+        waiting for room for its adapter lets requests whose adapters are already resident (or
+        that use none) go ahead; no later request may bring in a new adapter past the latter."""
         adapter_blocked = False
         i = 0
         while (
@@ -159,12 +174,22 @@ class Scheduler:
             if seq.first_scheduled_time is None:
                 seq.num_cached_tokens = hit
             del self.waiting[i]
+            self._advance_virtual_time(seq.fair_tag)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             self.kv.allocate(seq, n)
             out.scheduled.append(ScheduledSeq(seq, n, seq.num_computed_tokens))
             budget -= n
         return budget
+
+    def _advance_virtual_time(self, tag: float) -> None:
+        if tag <= self._virtual_time:
+            return
+        self._virtual_time = tag
+        # Tenants whose queued work all started by now need no tag of their own any more.
+        done = [t for t, finish in self._finish_tags.items() if finish <= tag]
+        for tenant in done:
+            del self._finish_tags[tenant]
 
     def _preempt(self, seq: Sequence) -> None:
         logger.debug("preempting %s (%d tokens) for recompute", seq.request_id, seq.num_tokens)
@@ -192,3 +217,7 @@ class Scheduler:
         self.kv.free(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
+
+
+def _fair_tag(seq: Sequence) -> float:
+    return seq.fair_tag

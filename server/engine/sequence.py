@@ -38,6 +38,13 @@ class Sequence:
     adapter_id: int = NO_ADAPTER
     adapter_pinned: bool = False  # adapter_id is the version the prompt was prepared for
     rope_scale: float = 1.0
+    # Prefix-cache partition (server.memory.prefix_cache): only sequences with equal ones can
+    # find each other's cached blocks. Set by the API from the key and cache_salt.
+    cache_partition: bytes = b""
+    # Fair admission (scheduler): whose work this is (an API key's tenant, or a keyless
+    # client's address), and its virtual start time among the waiting sequences.
+    tenant: str = ""
+    fair_tag: float = 0.0
     arrival_time: float = field(default_factory=time.monotonic)
     token_ids: list[int] = field(default_factory=list)  # prompt + output
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache

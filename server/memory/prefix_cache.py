@@ -7,6 +7,11 @@ attention sees only the tokens before it, and the adapter's weights shape every 
 so a block hashed equal holds equal K/V. A hit also compares the stored tokens and adapter
 id, so a hash collision could not hand one tenant's K/V to another.
 
+The chain starts from the sequence's cache partition (its tenant: the API key and the
+request's cache_salt, set by the API layer), and a hit compares it too: a block computed
+for one partition is never found by another, so neither `cached_tokens` nor the time to
+first token tells one tenant what another sent. Sequences with no partition (b"") share.
+
 Blocks are reference-counted: a running sequence holds its blocks; a block no sequence holds
 stays in the pool, still found by its hash, and is evictable through the pool's one
 reclaimer (server.memory.reclaim) alongside idle adapters. Only full blocks are cached, and
@@ -29,11 +34,19 @@ from server.memory.sequence import KVSequence
 _ROOT = b"\0" * 16
 
 
+def chain_root(partition: bytes) -> bytes:
+    """The hash a partition's chains start from (the shared root for b"")."""
+    if not partition:
+        return _ROOT
+    return hashlib.blake2b(b"partition\0" + partition, digest_size=16).digest()
+
+
 @dataclass
 class CachedBlock:
     page: int
     hash: bytes
     adapter_id: int
+    partition: bytes
     tokens: tuple[int, ...]
     refcount: int = 1
     key: tuple[float, int] | None = None  # eviction priority while evictable
@@ -90,7 +103,7 @@ class PrefixCache:
         tokens = seq.token_ids
         while len(done) < num_blocks:
             j = len(done)
-            parent = done[-1] if done else _ROOT
+            parent = done[-1] if done else chain_root(seq.cache_partition)
             done.append(
                 block_hash(parent, seq.adapter_id, seq.rope_scale, tokens[j * bs : (j + 1) * bs])
             )
@@ -109,6 +122,7 @@ class PrefixCache:
             if (
                 blk is None
                 or blk.adapter_id != seq.adapter_id
+                or blk.partition != seq.cache_partition
                 or list(blk.tokens) != seq.token_ids[j * bs : (j + 1) * bs]
             ):
                 break
@@ -128,9 +142,8 @@ class PrefixCache:
             page = seq.block_table[j]
             if hashes[j] in self._by_hash or page in self._by_page:
                 continue
-            blk = CachedBlock(
-                page, hashes[j], seq.adapter_id, tuple(seq.token_ids[j * bs : (j + 1) * bs])
-            )
+            tokens = tuple(seq.token_ids[j * bs : (j + 1) * bs])
+            blk = CachedBlock(page, hashes[j], seq.adapter_id, seq.cache_partition, tokens)
             self._by_hash[blk.hash] = blk
             self._by_page[page] = blk
             self._by_adapter.setdefault(seq.adapter_id, set()).add(page)

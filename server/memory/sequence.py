@@ -15,6 +15,7 @@ class KVSequence(Protocol):
     token_ids: list[int]  # prompt + output
     adapter_id: int  # the adapter version shaping its K/V (-1: the base model)
     rope_scale: float
+    cache_partition: bytes  # the tenant whose requests may share its cached blocks (b"": all)
     num_computed_tokens: int  # tokens whose K/V are in the cache
     block_table: list[int]  # pages holding its K/V, in order
     block_hashes: list[bytes]  # prefix-cache hashes of its full blocks so far

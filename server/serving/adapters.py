@@ -24,7 +24,7 @@ from server.engine.async_engine import AsyncLLMEngine
 from server.engine.errors import AdapterBusyError, UnknownAdapterError
 from server.engine.snapshot import AdapterUsage
 from server.model.tokenizer import Tokenizer
-from server.serving.merges import MergedAdapterCache, MergeRequest
+from server.serving.merges import DEFAULT_MAX_BYTES, MergedAdapterCache, MergeRequest
 from server.serving.preload import preload_targets
 from server.serving.templates import ChatTemplates
 
@@ -42,13 +42,14 @@ class AdapterService:
         model_name: str,
         max_upload_bytes: int,
         s3_endpoint_url: str | None = None,
+        max_merge_bytes: int = DEFAULT_MAX_BYTES,
     ) -> None:
         self.registry = registry
         self.engine = engine
         self.model_name = model_name
         self.max_upload_bytes = max_upload_bytes
         self.s3_endpoint_url = s3_endpoint_url
-        self.merges = MergedAdapterCache(registry, engine.remove_adapter)
+        self.merges = MergedAdapterCache(registry, engine.remove_adapter, max_merge_bytes)
         self.templates = ChatTemplates(tokenizer)
 
     # ---- lookups ------------------------------------------------------------------------
@@ -99,8 +100,13 @@ class AdapterService:
         return model
 
     async def resolve_merged(self, spec: MergeRequest, field: str) -> str:
-        """The internal name of the adapter serving a merge spec, merging it first if new."""
+        """The internal name of the adapter serving a merge spec, merging it first if new;
+        held for the caller (not evicted) until release_merged."""
         return await self.merges.resolve(spec, field)
+
+    def release_merged(self, name: str) -> None:
+        """The request that resolved this merge has ended."""
+        self.merges.release(name)
 
     async def usage(self, regs: list[RegisteredAdapter]) -> list[AdapterUsage]:
         """Requests and device residency of each adapter, as the engine sees them now."""

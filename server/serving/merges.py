@@ -1,5 +1,13 @@
 """Merged adapters (LoRAX's merged_adapters, and the same field on /v1): each distinct spec is
-merged once, off the event loop, and served as a virtual adapter from a bounded LRU cache.
+merged once, off the event loop, and served as a virtual adapter from an LRU cache bounded in
+bytes (--merge-cache-mb).
+
+The bound holds at every instant: a merge's size is known from its spec before any weights are
+read, and is reserved before merging. Room is made by evicting the least recently used merges
+no request holds (a request holds its merge from resolve() until release(), and the engine
+refuses to drop one its running requests use), however recently they were used; when nothing
+can go, the request gets a 503 to retry rather than memory past the bound. A hold a request
+never released (it failed between resolve and the engine) lapses after HOLD_TTL_S.
 
 A spec's key hashes its sources' current adapter ids with the weights and strategy, so a
 reloaded or deleted-and-re-added source gives a new merge; entries whose sources are no
@@ -18,20 +26,27 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from adapters import AdapterExistsError, AdapterNotFoundError, AdapterRegistry, RegisteredAdapter
+from adapters.config import AdapterSpec
 from adapters.merge import MergeError, MergeParams, merge_adapters, merged_spec
 from adapters.registered import VIRTUAL_PREFIX, is_virtual
-from server.engine.errors import AdapterBusyError, InvalidRequestError, UnknownAdapterError
+from server.engine.errors import (
+    AdapterBusyError,
+    CapacityError,
+    InvalidRequestError,
+    UnknownAdapterError,
+)
 
 logger = logging.getLogger(__name__)
 
-MAX_MERGED_ADAPTERS = 16  # cached merges; more only while all are in use or just resolved
 MAX_MERGED_IDS = 16  # source adapters in one spec
-# A merge resolved this recently may have a request on its way to the engine: not evicted.
-EVICT_GRACE_S = 30.0
+DEFAULT_MAX_BYTES = 512 * 2**20
+# A request that resolved a merge and failed before releasing it (e.g. its prompt was refused)
+# stops holding it after this long; one that reached the engine is held there as well.
+HOLD_TTL_S = 60.0
 
 
 class MergeRequest(Protocol):
@@ -48,38 +63,50 @@ class MergeRequest(Protocol):
 class _Entry:
     name: str  # the virtual adapter's internal name
     sources: tuple[RegisteredAdapter, ...]
-    last_used: float
+    nbytes: int
+    holds: list[float] = field(default_factory=list)  # each hold's expiry (monotonic)
+
+    def is_held(self, now: float) -> bool:
+        self.holds = [t for t in self.holds if t > now]
+        return bool(self.holds)
 
 
 class MergedAdapterCache:
-    """Spec -> virtual adapter name; merges each distinct spec once, evicts least recently used."""
+    """Spec -> virtual adapter name; merges each distinct spec once, within max_bytes."""
 
     def __init__(
         self,
         registry: AdapterRegistry,
         remove: Callable[[str], Awaitable[None]],
-        max_entries: int = MAX_MERGED_ADAPTERS,
-        grace_s: float = EVICT_GRACE_S,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        hold_ttl_s: float = HOLD_TTL_S,
     ) -> None:
         self.registry = registry
         # Unregisters a merge on the engine's step thread; raises AdapterBusyError while
         # requests use it (AsyncLLMEngine.remove_adapter).
         self._remove_adapter = remove
-        self.max_entries = max_entries
-        self.grace_s = grace_s
+        self.max_bytes = max_bytes
+        self.hold_ttl_s = hold_ttl_s
         self._entries: OrderedDict[str, _Entry] = OrderedDict()  # by key, LRU first
         self._locks: dict[str, asyncio.Lock] = {}
+        self._reserved = 0  # bytes of merges being computed
         self.num_merges = 0
 
     def __len__(self) -> int:
         return len(self._entries)
 
+    @property
+    def num_bytes(self) -> int:
+        """Bytes of cached merges and of merges being computed: never above max_bytes."""
+        return sum(e.nbytes for e in self._entries.values()) + self._reserved
+
     async def resolve(self, spec: MergeRequest, field: str) -> str:
-        """The internal adapter name serving this merge, merging it first if no cached one."""
+        """The internal adapter name serving this merge, merging it first if no cached one;
+        the caller holds it (it is not evicted) until release(name)."""
         params = _params(spec, field)
         sources = tuple(self._source(name, f"{field}.ids") for name in spec.ids)
         try:  # ranks and targets are checked before any weights are read
-            merged_spec([s.name for s in sources], [s.spec for s in sources])
+            merged = merged_spec([s.name for s in sources], [s.spec for s in sources])
         except MergeError as exc:
             raise _refused(exc, field) from exc
         await self.drop_stale()
@@ -89,15 +116,61 @@ class MergedAdapterCache:
             try:
                 async with lock:  # identical concurrent requests: one merges, the others wait
                     if not self._is_live(key):
-                        name = await asyncio.to_thread(self._merge, key, sources, params, field)
-                        self._entries[key] = _Entry(name, sources, time.monotonic())
+                        await self._merge_within_bound(key, sources, params, merged, field)
             finally:
                 self._locks.pop(key, None)
         entry = self._entries[key]
-        entry.last_used = time.monotonic()
+        entry.holds.append(time.monotonic() + self.hold_ttl_s)
         self._entries.move_to_end(key)
-        await self._evict_beyond_bound(keep=key)
         return entry.name
+
+    def release(self, name: str) -> None:
+        """A request that resolved this merge no longer needs it held (it ended)."""
+        for entry in self._entries.values():
+            if entry.name == name and entry.holds:
+                entry.holds.pop(0)
+                return
+
+    async def _merge_within_bound(
+        self,
+        key: str,
+        sources: tuple[RegisteredAdapter, ...],
+        params: MergeParams,
+        merged: AdapterSpec,
+        field: str,
+    ) -> None:
+        """Reserve the merge's bytes (evicting what no request holds), then merge."""
+        nbytes = merged.num_params * self.registry.dtype.itemsize
+        if nbytes > self.max_bytes:
+            raise InvalidRequestError(
+                f"{field}: the merged adapter needs {_mb(nbytes)} of host memory, more than "
+                f"--merge-cache-mb ({_mb(self.max_bytes)})",
+                field,
+            )
+        await self._make_room(nbytes)
+        self._reserved += nbytes
+        try:
+            name = await asyncio.to_thread(self._merge, key, sources, params, field)
+        finally:
+            self._reserved -= nbytes
+        reg = self.registry.get(name)
+        assert reg is not None and reg.record.size_bytes <= nbytes, "a merge outgrew its spec"
+        self._entries[key] = _Entry(name, sources, nbytes)
+
+    async def _make_room(self, nbytes: int) -> None:
+        """Evict least recently used merges until nbytes more fit; CapacityError if the
+        merges requests hold leave no room."""
+        now = time.monotonic()
+        for key, entry in list(self._entries.items()):  # least recently used first
+            if self.num_bytes + nbytes <= self.max_bytes:
+                return
+            if not entry.is_held(now):
+                await self._remove(key, entry)
+        if self.num_bytes + nbytes > self.max_bytes:
+            raise CapacityError(
+                f"merged adapters in use fill --merge-cache-mb ({_mb(self.max_bytes)}); "
+                "retry when some of their requests finish"
+            )
 
     def _is_live(self, key: str) -> bool:
         entry = self._entries.get(key)
@@ -153,14 +226,6 @@ class MergedAdapterCache:
             if any(registry.get(s.name) is not s for s in entry.sources):
                 await self._remove(key, entry)
 
-    async def _evict_beyond_bound(self, keep: str) -> None:
-        now = time.monotonic()
-        for key, entry in list(self._entries.items()):  # least recently used first
-            if len(self._entries) <= self.max_entries:
-                return
-            if key != keep and now - entry.last_used >= self.grace_s:
-                await self._remove(key, entry)
-
     async def _remove(self, key: str, entry: _Entry) -> None:
         try:
             await self._remove_adapter(entry.name)
@@ -203,6 +268,10 @@ def _params(spec: MergeRequest, field: str) -> MergeParams:
 def _refused(exc: MergeError, field: str) -> InvalidRequestError:
     """A merge the request's spec cannot make, naming the spec field at fault."""
     return InvalidRequestError(f"{field}.{exc.field}: {exc}", f"{field}.{exc.field}")
+
+
+def _mb(nbytes: int) -> str:
+    return f"{nbytes / 2**20:.1f} MB"
 
 
 def _digest(sources: list[list[object]], params: MergeParams) -> str:

@@ -52,6 +52,15 @@ def adapter_name(i: int) -> str:
     return f"lora-{i:02d}"
 
 
+def sequences_in_engine(server: LiveServer, model_name: str = MODEL_NAME) -> float:
+    """Sequences running or waiting in the engine (from /metrics, which is never refused)."""
+    metrics = server.metrics()
+    return sum(
+        metrics.value(f"loraplex_num_requests_{state}", model_name=model_name)
+        for state in ("running", "waiting")
+    )
+
+
 def serve_flags(**flags: Any) -> list[str]:
     """`serve` command-line flags from keyword arguments (max_lora_rank -> --max-lora-rank)."""
     args: list[str] = []

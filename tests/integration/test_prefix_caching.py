@@ -4,6 +4,9 @@ text equals the request run alone."""
 
 from __future__ import annotations
 
+import random
+
+import httpx
 import openai
 
 from tests.integration.conftest import MODEL_NAME, Oracle, adapter_name
@@ -60,3 +63,36 @@ def test_info_splits_the_pool_into_kv_cached_prefixes_adapters_and_free(
     assert pool["cached_kv_pages"] > 0  # the finished request's full blocks stay cached
     parts = ("kv_pages", "cached_kv_pages", "adapter_pages", "free_pages")
     assert sum(pool[k] for k in parts) == pool["pages"]
+
+
+def _cached(http: httpx.Client, prompt: list[int], **fields: object) -> int:
+    body = {"model": MODEL_NAME, "prompt": prompt, "max_tokens": 1, **fields}
+    response = http.post("/v1/completions", json=body)
+    assert response.status_code == 200, response.text
+    return response.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+
+def test_one_key_cannot_probe_another_keys_cached_prompt(server: LiveServer) -> None:
+    """Issue 22's attack: the admin key sends a secret prompt; the inference key (another
+    `user`) sends its first 64 tokens plus the right next token. Before partitioning that
+    reported 64 cached tokens (and a faster first token); now it finds nothing, and what it
+    finds afterwards is only what its own probe cached."""
+    rng = random.Random(22)
+    secret = [rng.randrange(10, 300) for _ in range(100)]  # the context is 128 here
+    probe = [*secret[:64], secret[64]]
+    with server.client(admin=True) as admin, server.client() as other:
+        assert _cached(admin, secret, user="alice") == 0
+        assert _cached(other, probe, user="mallory") == 0
+        assert _cached(other, [*secret[:64], secret[64] + 1], user="mallory") == 64  # its own
+        # The same key still reuses its own prefix: the partition is per key, not off.
+        assert _cached(admin, probe, user="alice") == 64
+
+
+def test_cache_salt_separates_requests_of_one_key(server: LiveServer) -> None:
+    rng = random.Random(23)
+    prompt = [rng.randrange(10, 300) for _ in range(70)]
+    with server.client() as http:
+        assert _cached(http, prompt, cache_salt="tenant-a") == 0
+        assert _cached(http, prompt, cache_salt="tenant-b") == 0
+        assert _cached(http, prompt) == 0
+        assert _cached(http, prompt, cache_salt="tenant-a") == 64

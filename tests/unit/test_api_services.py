@@ -30,7 +30,13 @@ class Engine:
         self.checked.append(num_requests)
 
     def generate(
-        self, request, prompts: Sequence, params: Sequence[SamplingParams], adapter: str | None
+        self,
+        request,
+        prompts: Sequence,
+        params: Sequence[SamplingParams],
+        adapter: str | None,
+        adapter_id: int | None = None,
+        cache_salt: str | None = None,
     ) -> AsyncIterator[tuple[int, RequestOutput]]:  # type: ignore[no-untyped-def]
         self.calls.append((list(prompts), list(params), adapter))
 

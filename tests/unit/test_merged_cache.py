@@ -1,6 +1,6 @@
 """The merged-adapter cache: one merge per distinct spec, virtual adapters the registry serves
-but never lists, LRU eviction that spares busy and just-resolved merges, and no stale merge
-after a source is reloaded or deleted."""
+but never lists, LRU eviction within a byte bound that spares merges requests hold or run on,
+and no stale merge after a source is reloaded or deleted."""
 
 from __future__ import annotations
 
@@ -14,7 +14,12 @@ import torch
 from adapters import AdapterRegistry, AdapterStore
 from adapters.merge import MergeParams, merge_adapters
 from server.api.schemas.lorax import MergedAdapters
-from server.engine.errors import AdapterBusyError, InvalidRequestError, UnknownAdapterError
+from server.engine.errors import (
+    AdapterBusyError,
+    CapacityError,
+    InvalidRequestError,
+    UnknownAdapterError,
+)
 from server.serving.merges import MergedAdapterCache
 from tests.unit.adapter_fixtures import MAX_RANK, tiny_base, tiny_files
 
@@ -100,30 +105,86 @@ def test_different_weights_or_strategy_are_different_merges(registry: AdapterReg
     assert len(names) == 3 and cache.num_merges == 3
 
 
-def test_least_recently_used_idle_merge_is_evicted_beyond_the_bound(
+def _one_merge_bytes(registry: AdapterRegistry) -> int:
+    """The bytes one merge of a rank-2 source takes (measured by merging one)."""
+    probe = make_cache(registry)
+    name = asyncio.run(probe.resolve(spec("src-0", weights=(0.25,)), FIELD))
+    reg = registry.get(name)
+    assert reg is not None and probe.num_bytes == reg.record.size_bytes
+    asyncio.run(FakeEngine(registry).remove_adapter(name))
+    return reg.record.size_bytes
+
+
+def test_the_least_recently_used_merge_no_request_holds_goes_beyond_the_byte_bound(
     registry: AdapterRegistry,
 ) -> None:
-    cache = make_cache(registry, max_entries=2, grace_s=0.0)
+    cache = make_cache(registry, max_bytes=2 * _one_merge_bytes(registry))
     first = asyncio.run(cache.resolve(spec("src-0"), FIELD))
     second = asyncio.run(cache.resolve(spec("src-1"), FIELD))
+    cache.release(first)
+    cache.release(second)
     asyncio.run(cache.resolve(spec("src-0"), FIELD))  # first is now the most recent
+    cache.release(first)
+    # Used a moment ago, and evicted all the same: no idle time is waited for.
     third = asyncio.run(cache.resolve(spec("src-2"), FIELD))
     assert registry.get(second) is None
     assert registry.get(first) is not None and registry.get(third) is not None
-    assert len(cache) == 2
+    assert len(cache) == 2 and cache.num_bytes <= cache.max_bytes
 
 
-def test_busy_or_just_used_merges_are_not_evicted(registry: AdapterRegistry) -> None:
+def test_merges_held_by_requests_or_busy_in_the_engine_are_never_evicted(
+    registry: AdapterRegistry,
+) -> None:
     engine = FakeEngine(registry)
-    cache = make_cache(registry, engine, max_entries=1, grace_s=0.0)
-    busy = asyncio.run(cache.resolve(spec("src-0"), FIELD))
-    engine.busy.add(busy)
+    cache = make_cache(registry, engine, max_bytes=2 * _one_merge_bytes(registry))
+    held = asyncio.run(cache.resolve(spec("src-0"), FIELD))  # its request has not ended
+    busy = asyncio.run(cache.resolve(spec("src-1"), FIELD))
+    cache.release(busy)
+    engine.busy.add(busy)  # ...but the engine runs a request on it
+    with pytest.raises(CapacityError, match="--merge-cache-mb"):
+        asyncio.run(cache.resolve(spec("src-2"), FIELD))
+    assert registry.get(held) is not None and registry.get(busy) is not None
+    assert len(cache) == 2 and cache.num_merges == 2  # refused before merging
+    cache.release(held)
+    third = asyncio.run(cache.resolve(spec("src-2"), FIELD))
+    assert registry.get(held) is None and registry.get(third) is not None
+
+
+def test_a_hold_its_request_never_released_lapses(registry: AdapterRegistry) -> None:
+    cache = make_cache(registry, max_bytes=_one_merge_bytes(registry), hold_ttl_s=0.0)
+    leaked = asyncio.run(cache.resolve(spec("src-0"), FIELD))
     asyncio.run(cache.resolve(spec("src-1"), FIELD))
-    assert registry.get(busy) is not None and len(cache) == 2
-    patient = make_cache(registry, max_entries=1, grace_s=60.0)
-    recent = asyncio.run(patient.resolve(spec("src-1", "src-2"), FIELD))
-    asyncio.run(patient.resolve(spec("src-2"), FIELD))
-    assert registry.get(recent) is not None
+    assert registry.get(leaked) is None
+
+
+def test_a_merge_larger_than_the_whole_bound_is_refused_before_merging(
+    registry: AdapterRegistry,
+) -> None:
+    cache = make_cache(registry, max_bytes=_one_merge_bytes(registry) - 1)
+    with pytest.raises(InvalidRequestError, match="more than --merge-cache-mb") as err:
+        asyncio.run(cache.resolve(spec("src-0"), FIELD))
+    assert err.value.param == FIELD and cache.num_merges == 0
+
+
+def test_many_distinct_merges_of_a_big_adapter_stay_within_the_byte_bound(
+    tmp_path: Path,
+) -> None:
+    """Issue 22: 128 distinct specs over one rank-320 adapter grew RSS by 624 MB. Here each
+    merge is ~0.56 MB on the tiny base (~72 MB for all 128), the bound 4 MB: the weights the
+    registry holds for merges never pass it."""
+    store = AdapterStore(tmp_path, durable=False)
+    registry = AdapterRegistry(store, tiny_base(), 320, 1 << 20)
+    registry.register_files("big", tiny_files(rank=320, seed=1))
+    cache = make_cache(registry, max_bytes=4 * 2**20)
+    names = []
+    for i in range(128):
+        name = asyncio.run(cache.resolve(spec("big", weights=(1.0 + i / 128,)), FIELD))
+        names.append(name)
+        live = [registry.get(n) for n in set(names)]
+        held = sum(r.record.size_bytes for r in live if r is not None)
+        assert held <= cache.num_bytes <= 4 * 2**20
+        cache.release(name)
+    assert cache.num_merges == 128 and 1 < len(cache) <= 7
 
 
 def test_a_reloaded_source_gives_a_new_merge_and_drops_the_old(

@@ -282,3 +282,38 @@ def test_a_block_two_sequences_share_stays_theirs_when_its_adapter_version_is_dr
     assert cache.release(shared) == shared  # the last holder: the caller frees them
     pool.free(shared, KV)
     assert pool.num_free == free_before + 2 and cache.num_evictable == 0
+
+
+# ---- tenant partitions ----------------------------------------------------------------------
+
+
+def test_a_cached_prefix_is_found_only_within_its_own_partition():
+    pool, cache, _ = _cache()
+    owner = Sequence("r", list(range(8)), GREEDY, cache_partition=b"tenant-a")
+    owner.block_table = pool.allocate(2, KV)
+    owner.num_computed_tokens = 8
+    cache.insert(owner, 0, 2)
+    prompt = [*range(8), 50]
+    for other in (b"tenant-b", b""):
+        assert cache.acquire(Sequence("x", prompt, GREEDY, cache_partition=other)) == []
+    same = Sequence("y", prompt, GREEDY, cache_partition=b"tenant-a")
+    assert cache.acquire(same) == owner.block_table
+
+
+def test_partitions_start_different_hash_chains():
+    from server.memory.prefix_cache import chain_root
+
+    roots = {chain_root(p) for p in (b"", b"a", b"b", b"ab")}
+    assert len(roots) == 4
+
+
+def test_a_request_partition_is_its_key_and_salt_and_no_pair_spells_another():
+    from server.api.engine_client import cache_partition
+
+    assert cache_partition("", None) == b""  # keyless, no salt: the one shared cache
+    parts = [
+        cache_partition(t, s)
+        for t in ("", "admin", "inference")
+        for s in (None, "x", "1:x", "admin", "")
+    ]
+    assert len(set(parts)) == len(parts)

@@ -10,6 +10,7 @@ from server.api.schemas.lorax import MergedAdapters
 from server.engine.sampling_params import MAX_LOGPROBS
 
 MAX_N = 16
+MAX_CACHE_SALT = 256  # characters
 
 
 class _Request(BaseModel):
@@ -47,6 +48,8 @@ class SamplingFields(_Request):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     merged_adapters: MergedAdapters | None = None  # LoRAX's; `model` then names the base
+    # vLLM's: prefix-cache reuse only among requests of the same key and salt (docs/api.md)
+    cache_salt: Annotated[str, Field(min_length=1, max_length=MAX_CACHE_SALT)] | None = None
 
 
 class CompletionRequest(SamplingFields):
