@@ -11,15 +11,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-
 from server.config import ConfigError, EngineConfig
 from server.engine.errors import AdapterBusyError, AdapterVersionGoneError, UnknownAdapterError
 from server.engine.grammar import GrammarCompiler
 from server.engine.logits_processors import LogitsState, accept_token
 from server.engine.model_runner import ModelRunner
 from server.engine.outputs import OutputText, RequestOutput
-from server.engine.sampler import NON_FINITE, Sampler
+from server.engine.prompt_logprobs import check_prompt_logprobs
+from server.engine.sampler import NON_FINITE, Sampler, non_finite_message
 from server.engine.sampling_params import InvalidRequestError, SamplingParams
 from server.engine.scheduler import Scheduler, SchedulerOutput
 from server.engine.sequence import Sequence, SequenceStatus
@@ -31,6 +30,7 @@ from server.engine.setup import (
     pool_tenants,
 )
 from server.engine.stats import StepStats
+from server.engine.step_inputs import StepOutput
 from server.lora.batch import build_lora_batch, group_by_adapter
 from server.lora.layers import enable_lora
 from server.memory.kv_cache import KVCacheManager
@@ -48,11 +48,6 @@ Prompt = str | list[int]
 class _Request:
     seq: Sequence
     text: OutputText
-
-
-def _non_finite_message(seq: Sequence) -> str:
-    source = "the base model" if seq.adapter_name is None else f"adapter {seq.adapter_name!r}"
-    return f"{source} produced non-finite values (inf or NaN) for this request"
 
 
 class LLMEngine:
@@ -176,6 +171,7 @@ class LLMEngine:
             params=params,
             adapter_name=adapter_name,
         )
+        check_prompt_logprobs(seq)
         if adapter_name is not None:
             reg = self.registry.get(adapter_name) if self.registry is not None else None
             if reg is None:
@@ -326,9 +322,9 @@ class LLMEngine:
             chunks = ((s.seq.adapter_id, s.num_new_tokens) for s in sched.scheduled)
             lora = build_lora_batch(chunks, self.adapter_cache)
         start = time.perf_counter()
-        logits = self.runner.execute(sched.scheduled, lora)
+        step = self.runner.execute(sched.scheduled, lora)
         self.scheduler.advance(sched)
-        outputs = self._process(sched, logits)  # waits for the device: sampled tokens
+        outputs = self._process(sched, step)  # waits for the device: sampled tokens
         tokens = sched.num_batched_tokens
         if tokens > len(sched.scheduled):
             # A step with prefill: what recomputing a cached block would cost, per token.
@@ -338,15 +334,17 @@ class LLMEngine:
             self._free_retired_adapters()
         return outputs
 
-    def _process(self, sched: SchedulerOutput, logits: torch.Tensor) -> list[RequestOutput]:
+    def _process(self, sched: SchedulerOutput, step: StepOutput) -> list[RequestOutput]:
         sampling = [s.seq for s in sched.scheduled if s.samples]
-        results = self.sampler(logits, sampling) if sampling else []
+        results = self.sampler(step.logits, sampling, step.prompt) if sampling else []
+        if step.prompt is not None and not sampling:
+            step.prompt.deliver_alone()
         now = time.monotonic()
         outputs = []
         for seq, (token, logprob) in zip(sampling, results, strict=True):
             req = self._requests[seq.request_id]
             if token == NON_FINITE:
-                seq.error = _non_finite_message(seq)
+                seq.error = non_finite_message(seq)
                 logger.warning("request %s failed: %s", seq.request_id, seq.error)
                 reason: str | None = "error"
                 new_ids: list[int] = []
@@ -403,6 +401,8 @@ class LLMEngine:
             finish_reason=seq.finish_reason if finished else None,
             stop_reason=seq.stop_reason,
             logprobs=logprobs,
+            # Whole, first and last: every prompt token is scored before one is sampled.
+            prompt_logprobs=seq.prompt_logprobs if finished or seq.num_output_tokens <= 1 else None,
             adapter_name=seq.adapter_name,
             error=seq.error,
             num_cached_tokens=seq.num_cached_tokens,

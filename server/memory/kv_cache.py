@@ -43,8 +43,9 @@ class KVCacheManager:
             seq.block_table.extend(pages)
 
     def match_prefix(self, seq: Sequence) -> int:
-        """Give a sequence with no cache yet its longest cached prefix; the tokens found."""
-        if self.prefix is None or seq.block_table:
+        """Give a sequence with no cache yet its longest cached prefix; the tokens found.
+        None for a sequence still scoring its prompt: every position must run to be scored."""
+        if self.prefix is None or seq.block_table or seq.needs_prompt_logprobs:
             return 0
         pages = self.prefix.acquire(seq)
         seq.block_table = pages
