@@ -24,6 +24,7 @@ from server.api.schemas.lorax import MergedAdapters
 from server.api.serving_chat import ChatService
 from server.api.serving_lorax import LoraxService
 from server.api.serving_openai import CompletionService
+from server.api.serving_responses import ResponsesService
 from server.config import ServerConfig
 from server.engine.async_engine import AsyncLLMEngine
 from server.engine.errors import AdapterBusyError, UnknownAdapterError
@@ -57,14 +58,17 @@ class Services:
     completions: CompletionService
     chat: ChatService
     lorax: LoraxService
+    responses: ResponsesService  # over the chat service
 
     @classmethod
     def build(cls, state: ServerState, llm: LLMEngine) -> Services:
         model = ServedModel.of(llm)
+        chat = ChatService(state, state, model)
         return cls(
             CompletionService(state, state, model),
-            ChatService(state, state, model),
+            chat,
             LoraxService(state, state, model),
+            ResponsesService(chat),
         )
 
 

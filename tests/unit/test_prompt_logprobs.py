@@ -10,8 +10,8 @@ import torch
 from server.engine.model_runner import ModelRunner
 from server.engine.sampling_params import InvalidRequestError, SamplingParams
 from server.engine.setup import open_registry
-from tests.hf_reference import load_hf
-from tests.peft_reference import save_peft_adapter
+from tests.hf_reference import load_hf, next_token_logprobs
+from tests.peft_reference import load_peft, save_peft_adapter
 from tests.unit.test_no_host_sync import forbid_host_sync
 
 TOL = 1e-4
@@ -21,13 +21,6 @@ LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
 
 def _scoring(k: int = 3, max_tokens: int = 2) -> SamplingParams:
     return SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True, prompt_logprobs=k)
-
-
-def _reference(model, prompt: list[int]) -> torch.Tensor:  # type: ignore[no-untyped-def]
-    """[len(prompt), vocab] log-probabilities of the next token after each prompt position."""
-    with torch.no_grad():
-        logits = model(input_ids=torch.tensor([prompt])).logits[0].float()
-    return logits.log_softmax(dim=-1)
 
 
 def _assert_matches(out, reference: torch.Tensor, prompt: list[int], k: int) -> None:  # type: ignore[no-untyped-def]
@@ -49,7 +42,7 @@ def test_base_model_prompt_logprobs_equal_transformers(tiny_model_dir, make_engi
     engine, hf = make_engine(path), load_hf(path)
     outs = engine.generate(PROMPTS, _scoring())
     for prompt, out in zip(PROMPTS, outs, strict=True):
-        _assert_matches(out, _reference(hf, prompt), prompt, 3)
+        _assert_matches(out, next_token_logprobs(hf, prompt), prompt, 3)
 
 
 def test_adapter_prompt_logprobs_in_a_mixed_chunked_batch_equal_peft(
@@ -57,8 +50,6 @@ def test_adapter_prompt_logprobs_in_a_mixed_chunked_batch_equal_peft(
 ):
     """Two adapters and the base score their prompts in 8-token chunks, beside rows that do not
     ask: the scores equal PEFT's, and the other rows' tokens equal their tokens alone."""
-    from peft import PeftModel
-
     base = tiny_model_dir("llama")
     registry = open_registry(tmp_path / "data", make_engine(base).config)
     dirs = {}
@@ -75,10 +66,10 @@ def test_adapter_prompt_logprobs_in_a_mixed_chunked_batch_equal_peft(
     outs = engine.generate(prompts, params, names)
 
     assert outs[1].prompt_logprobs is None and outs[1].token_ids == alone[0]
-    _assert_matches(outs[2], _reference(load_hf(base), PROMPTS[2]), PROMPTS[2], 0)
+    _assert_matches(outs[2], next_token_logprobs(load_hf(base), PROMPTS[2]), PROMPTS[2], 0)
     for i, k in ((0, 2), (3, 5)):
-        peft = PeftModel.from_pretrained(load_hf(base), str(dirs[names[i]])).eval()
-        _assert_matches(outs[i], _reference(peft, prompts[i]), prompts[i], k)
+        peft = load_peft(base, dirs[names[i]])
+        _assert_matches(outs[i], next_token_logprobs(peft, prompts[i]), prompts[i], k)
 
 
 def test_a_cached_prefix_is_scored_again(tiny_model_dir, make_engine):
@@ -90,7 +81,7 @@ def test_a_cached_prefix_is_scored_again(tiny_model_dir, make_engine):
     engine.generate([prompt], SamplingParams(max_tokens=1, temperature=0))
 
     [out] = engine.generate([prompt], _scoring())
-    _assert_matches(out, _reference(load_hf(path), prompt), prompt, 3)
+    _assert_matches(out, next_token_logprobs(load_hf(path), prompt), prompt, 3)
     assert out.num_cached_tokens == 0
     [again] = engine.generate([prompt], SamplingParams(max_tokens=1, temperature=0))
     assert again.num_cached_tokens > 0
@@ -105,7 +96,7 @@ def test_preempted_requests_keep_every_prompt_score_once(tiny_model_dir, make_en
     assert small.scheduler.num_preemptions > 0
     hf = load_hf(path)
     for prompt, out in zip(prompts, outs, strict=True):
-        _assert_matches(out, _reference(hf, prompt), prompt, 1)
+        _assert_matches(out, next_token_logprobs(hf, prompt), prompt, 1)
 
 
 def test_a_request_asking_too_many_prompt_entries_is_refused(
