@@ -199,6 +199,11 @@ class LoraxService:
     async def stream(self, raw: Request, req: LoraxRequest) -> AsyncIterator[str]:
         """The SSE events; a request that is refused raises here, before the stream starts."""
         p = req.parameters
+        if p.decoder_input_details:  # as TGI: stream events have no prefill details
+            raise BadRequest(
+                "parameters.decoder_input_details is not supported when streaming",
+                "parameters.decoder_input_details",
+            )
         _, stream = await self._start(raw, req, True, True)
 
         async def events() -> AsyncIterator[str]:

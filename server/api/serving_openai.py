@@ -210,7 +210,8 @@ class CompletionService(OpenAIService):
         if req.logprobs is not None:
             if req.echo:
                 assert scorer.prompt_logprobs is not None
-                lp = self.logprobs.echo(prompt_ids, scorer.prompt_logprobs, lps)
+                scored = _top(scorer.prompt_logprobs, req.logprobs)
+                lp = self.logprobs.echo(prompt_ids, scored, lps)
             else:
                 lp = self.logprobs.completion(lps, 0)
         prompt_lp = None

@@ -4,7 +4,6 @@ on completions and chat, and LoRAX's decoder_input_details through the LoRAX cli
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import openai
@@ -20,12 +19,6 @@ TOL = 1e-4
 ADAPTER = adapter_name(1)  # rank 8 on the MLP
 PROMPT = "Return a new list containing the items"
 MESSAGES = [{"role": "user", "content": "The quick brown fox"}]
-
-
-@pytest.fixture
-def sdk(server: LiveServer) -> Iterator[openai.OpenAI]:
-    with openai.OpenAI(base_url=f"{server.url}/v1", api_key=server.api_key, max_retries=0) as c:
-        yield c
 
 
 @pytest.fixture(scope="module")
@@ -164,3 +157,13 @@ def test_generate_details_without_decoder_input_details_leave_prefill_empty(
             json={"inputs": PROMPT, "parameters": {"adapter_id": ADAPTER, "details": True}},
         ).json()
     assert body["details"]["prefill"] == []
+
+
+def test_decoder_input_details_are_not_streamed(server: LiveServer) -> None:
+    with server.client() as http:
+        reply = http.post(
+            "/generate_stream",
+            json={"inputs": PROMPT, "parameters": {"decoder_input_details": True}},
+        )
+    assert reply.status_code == 422
+    assert "decoder_input_details" in reply.json()["error"]

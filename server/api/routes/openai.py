@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
 
 from adapters import RegisteredAdapter
 from adapters.registered import is_virtual
@@ -29,28 +32,26 @@ def _state(request: Request) -> ServerState:
     return request.app.state.server
 
 
-@router.post("/v1/completions", response_model=CompletionResponse, responses=SSE)
-async def completions(body: CompletionRequest, request: Request):  # type: ignore[no-untyped-def]
-    result = await _state(request).services.completions.completions(request, body)
-    if isinstance(result, CompletionResponse):
+def _reply(result: BaseModel | AsyncIterator[str]) -> BaseModel | StreamingResponse:
+    """A whole reply as it is; a stream's server-sent events as a streaming response."""
+    if isinstance(result, BaseModel):
         return result
     return StreamingResponse(result, media_type="text/event-stream")
+
+
+@router.post("/v1/completions", response_model=CompletionResponse, responses=SSE)
+async def completions(body: CompletionRequest, request: Request):  # type: ignore[no-untyped-def]
+    return _reply(await _state(request).services.completions.completions(request, body))
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=SSE)
 async def chat_completions(body: ChatCompletionRequest, request: Request):  # type: ignore[no-untyped-def]
-    result = await _state(request).services.chat.chat(request, body)
-    if isinstance(result, ChatCompletionResponse):
-        return result
-    return StreamingResponse(result, media_type="text/event-stream")
+    return _reply(await _state(request).services.chat.chat(request, body))
 
 
 @router.post("/v1/responses", response_model=ResponseObject, responses=SSE)
 async def responses(body: ResponsesRequest, request: Request):  # type: ignore[no-untyped-def]
-    result = await _state(request).services.responses.create(request, body)
-    if isinstance(result, ResponseObject):
-        return result
-    return StreamingResponse(result, media_type="text/event-stream")
+    return _reply(await _state(request).services.responses.create(request, body))
 
 
 @router.get("/v1/models", response_model=ModelList)
