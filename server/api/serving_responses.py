@@ -46,11 +46,13 @@ from server.api.schemas.responses import (
 from server.api.serving_chat import ChatRun, ChatService
 from server.api.tools import ToolCall as ParsedCall
 from server.engine.outputs import RequestOutput
+from server.engine.sampling_params import InvalidRequestError
 
 # Chat's field names in errors, as a Responses client knows them.
 _FIELDS = {
     "messages": "input",
     "max_completion_tokens": "max_output_tokens",
+    "max_tokens": "max_output_tokens",
     "response_format": "text.format",
 }
 
@@ -71,7 +73,7 @@ class ResponsesService:
         _refuse_unsupported(req)
         try:
             run = await self.chat.start(raw, _chat_request(req))
-        except APIError as exc:
+        except (APIError, InvalidRequestError) as exc:  # both name the field at fault
             exc.param = _FIELDS.get(exc.param or "", exc.param)
             raise
         base = _response(req)

@@ -95,7 +95,7 @@ def tasks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-u
             **config,
         }
         (tmp_path / f"{task}.yaml").write_text(json.dumps(config))  # JSON is YAML
-    return TaskManager(include_path=str(tmp_path))
+    return TaskManager(include_path=str(tmp_path), include_defaults=False)  # no built-in index
 
 
 def _evaluate(model: str, model_args: dict[str, Any], task: str, tasks) -> list[dict]:  # type: ignore[no-untyped-def]

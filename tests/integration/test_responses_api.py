@@ -192,6 +192,7 @@ def test_previous_response_id_is_refused_naming_it(sdk: openai.OpenAI) -> None:
         ({"input": [{"role": "user", "content": [{"type": "input_image"}]}]}, "input"),
         ({"text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format"),
         ({"model": "no-such-model"}, "model"),
+        ({"max_output_tokens": 500}, "max_output_tokens"),  # past the 128-token context
     ],
 )
 def test_what_cannot_be_served_is_a_clear_error(server: LiveServer, body: dict, param: str) -> None:
