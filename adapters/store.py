@@ -1,13 +1,16 @@
-"""Persistent adapter store: files under data_dir/adapters/<name>/, an index in SQLite.
+"""Persistent adapter store: files under data_dir/adapters/<name>/<version>/, an index in SQLite.
 
 This is the local backend, and the default. adapters/shared_store.py keeps adapters in object
 storage or a shared filesystem and uses this class as each replica's cache of them; both
 satisfy AdapterBackend.
 
-An add writes into a temp dir inside the store, validates, fsyncs, renames into place, and
-only then inserts the index row. A crash before the insert leaves a temp or unindexed dir,
-which the next start-up removes; so an adapter is either fully registered or absent.
-A full disk is a DiskFullError (no path in it) and leaves nothing behind either.
+An add writes into a temp dir inside the store, validates, fsyncs, renames it into place as
+the adapter's first version, and only then inserts the index row. A reload puts a new version
+folder beside the current one and switches the row to it in one transaction; the old folder
+goes after the commit (adapters/versions.py). A crash at any point leaves temp dirs, unindexed
+folders or versions no row serves, which the next start-up removes; so an adapter is absent or
+one whole version, the one its row describes. A full disk is a DiskFullError (no path in it)
+and leaves nothing behind either.
 """
 
 from __future__ import annotations
@@ -16,7 +19,6 @@ import builtins
 import hashlib
 import json
 import logging
-import os
 import re
 import shutil
 import sqlite3
@@ -27,13 +29,22 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
-from urllib.parse import quote, unquote
+from urllib.parse import quote
 
 from adapters.config import AdapterSpec
 from adapters.errors import AdapterError, AdapterExistsError, AdapterNotFoundError, short_repr
 from adapters.faults import disk_full_as_error, fault_point
 from adapters.format import ALL_FILES, WEIGHTS_FILE
 from adapters.records import COLUMNS, VALUES, AdapterRecord, record_from_row, record_row
+from adapters.versions import (
+    TEMP_PREFIX,
+    fsync_path,
+    new_version,
+    remove_paths,
+    remove_stale,
+    stale_entries,
+    version_dir,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +53,6 @@ BLOBS_DIR = "adapters"
 SOURCES = ("upload", "path", "training", "preload")
 MAX_NAME_LENGTH = 128
 _NAME = re.compile(r"[A-Za-z0-9._\-/:]+")
-_TEMP_PREFIX = ".tmp-"  # adapter names cannot start with ".", so temp dirs never collide
 _HASH_CHUNK = 1 << 20
 
 _SCHEMA = """
@@ -56,7 +66,8 @@ CREATE TABLE IF NOT EXISTS adapters (
     target_modules TEXT NOT NULL,
     rope_scaling_factor REAL NOT NULL,
     source TEXT NOT NULL,
-    spec_json TEXT NOT NULL
+    spec_json TEXT NOT NULL,
+    version TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS adapters_by_created_at ON adapters (created_at, name);
 """
@@ -125,13 +136,12 @@ class AdapterStore:
     """Adapters on disk plus their SQLite index; safe to share between threads."""
 
     shared = False
+    files_on_demand = False  # a cache whose rows come before their files (store_cache.py)
 
-    def __init__(self, data_dir: Path, durable: bool = True, files_on_demand: bool = False) -> None:
+    def __init__(self, data_dir: Path, durable: bool = True) -> None:
         # durable=False skips fsync, for throwaway data dirs (tests, benchmarks).
-        # files_on_demand: a cache whose rows may come before their files (a shared store's).
         self.data_dir = data_dir
         self.durable = durable
-        self.files_on_demand = files_on_demand
         self.blobs = data_dir / BLOBS_DIR
         self.blobs.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
@@ -140,6 +150,9 @@ class AdapterStore:
         self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'OFF'}")
         with self._db:
             self._db.executescript(_SCHEMA)
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(adapters)")}
+            if "version" not in columns:  # an index from before versions: files in name dirs
+                self._db.execute("ALTER TABLE adapters ADD COLUMN version TEXT NOT NULL DEFAULT ''")
         self.recover()
 
     def close(self) -> None:
@@ -148,9 +161,21 @@ class AdapterStore:
             self._db.close()
 
     def path(self, name: str) -> Path:
-        """Directory holding an adapter's files ('/' and ':' in names are percent-encoded)."""
+        """Directory holding the files of the version the adapter's row serves."""
+        with self._lock:
+            version = self._version(name)
+        if version is None:
+            raise AdapterNotFoundError(f"adapter {name!r} does not exist")
+        return version_dir(self._name_dir(name), version)
+
+    def _name_dir(self, name: str) -> Path:
+        """The folder of every version of name ('/' and ':' in names are percent-encoded)."""
         check_adapter_name(name)
         return self.blobs / quote(name, safe="._-")
+
+    def _version(self, name: str) -> str | None:
+        row = self._db.execute("SELECT version FROM adapters WHERE name = ?", (name,)).fetchone()
+        return None if row is None else str(row[0])
 
     def get(self, name: str) -> AdapterRecord | None:
         """The record of one adapter, or None."""
@@ -160,7 +185,7 @@ class AdapterStore:
             ).fetchone()
         return None if row is None else record_from_row(row)
 
-    def list(self) -> list[AdapterRecord]:
+    def list(self) -> builtins.list[AdapterRecord]:
         """Every record, oldest first (ties by name)."""
         with self._lock:
             rows = self._db.execute(
@@ -227,7 +252,7 @@ class AdapterStore:
         if sum(x is not None for x in (files, source_dir, writer)) != 1:
             raise ValueError("pass exactly one of files, source_dir, writer")
         with disk_full_as_error("storing an adapter"):
-            staging = Path(tempfile.mkdtemp(prefix=_TEMP_PREFIX, dir=self.blobs))
+            staging = self.staging_dir()
             try:
                 if files is not None:
                     _write_files(staging, files)
@@ -263,18 +288,18 @@ class AdapterStore:
 
     def delete(self, name: str) -> bool:
         """Remove an adapter's row, then its files; False if neither existed."""
-        final = self.path(name)
+        name_dir = self._name_dir(name)
         with self._lock:
             with self._db:
                 deleted = self._db.execute("DELETE FROM adapters WHERE name = ?", (name,)).rowcount
-            if not deleted and not final.exists():
+            if not deleted and not name_dir.exists():
                 return False
             fault_point("store.delete")
             # Moved aside under the lock so a re-add of the name never meets the old files.
             doomed = None
-            if final.exists():
-                doomed = Path(tempfile.mkdtemp(prefix=_TEMP_PREFIX, dir=self.blobs))
-                final.rename(doomed / "old")
+            if name_dir.exists():
+                doomed = self.staging_dir()
+                name_dir.rename(doomed / "old")
         if doomed is not None:
             shutil.rmtree(doomed, ignore_errors=True)
         logger.info("deleted adapter %s", name)
@@ -288,99 +313,72 @@ class AdapterStore:
         """Never called: refresh() reports no replacements."""
         raise AssertionError("a local store has no replacements to accept")
 
-    def drop_files(self, name: str) -> None:
-        """Remove name's files, keeping its row (a cache whose files come on demand)."""
-        final = self.path(name)
-        with self._lock:
-            if not final.exists():
-                return
-            doomed = Path(tempfile.mkdtemp(prefix=_TEMP_PREFIX, dir=self.blobs))
-            final.rename(doomed / "old")
-        shutil.rmtree(doomed, ignore_errors=True)
-
-    def cache_record(self, record: AdapterRecord) -> None:
-        """Index a record whose files come later (a shared store's manifest)."""
-        with self._lock, self._db:
-            self._db.execute(
-                f"INSERT OR REPLACE INTO adapters ({COLUMNS}) VALUES ({VALUES})",
-                record_row(record),
-            )
-
-    def uncache_record(self, name: str) -> None:
-        """Drop a row, keeping any files (requests may still read them until delete)."""
-        with self._lock, self._db:
-            self._db.execute("DELETE FROM adapters WHERE name = ?", (name,))
-
-    def commit_files(self, staging: Path, name: str) -> Path:
-        """Move a fetched, checked directory into place as name's files (first one wins)."""
-        final = self.path(name)
-        with self._lock:
-            if final.is_dir():
-                shutil.rmtree(staging, ignore_errors=True)
-            else:
-                self._sync_dir_contents(staging)
-                staging.rename(final)
-        return final
-
     def staging_dir(self) -> Path:
         """A fresh temp dir inside the store; a start-up recover() removes it if left behind."""
-        return Path(tempfile.mkdtemp(prefix=_TEMP_PREFIX, dir=self.blobs))
+        return Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=self.blobs))
 
     def recover(self) -> builtins.list[Path]:
-        """Remove temp dirs and unindexed adapter dirs left by a crash; returns what went."""
+        """Remove temp dirs, unindexed adapter dirs and versions no row serves, left by a
+        crash; returns what went. The version a row serves is never removed."""
         with self._lock:
-            names = {row[0] for row in self._db.execute("SELECT name FROM adapters")}
-            removed = []
-            for entry in sorted(self.blobs.iterdir()):
-                leftover = entry.name.startswith(_TEMP_PREFIX) or (
-                    entry.is_dir() and unquote(entry.name) not in names
-                )
-                if leftover:
-                    shutil.rmtree(entry, ignore_errors=True)
-                    removed.append(entry)
-                    logger.warning("removed leftover %s from an interrupted write", entry)
-            for name in sorted(names):
-                if not self.files_on_demand and not self.path(name).is_dir():
+            versions = dict(self._db.execute("SELECT name, version FROM adapters"))
+            removed = remove_stale(self.blobs, versions)
+            for name, version in sorted(versions.items()):
+                files = version_dir(self._name_dir(name), version)
+                if not self.files_on_demand and not files.is_dir():
                     logger.warning("adapter %s is indexed but its files are missing", name)
         return removed
 
     def _commit(self, staging: Path, record: AdapterRecord) -> None:
-        final = self.path(record.name)
+        """Put staging in place as the first version of a new name, then insert its row."""
+        name_dir = self._name_dir(record.name)
         with self._lock:
             if self.get(record.name) is not None:
                 raise AdapterExistsError(f"adapter {record.name!r} already exists")
-            if final.exists():
-                logger.warning("replacing unindexed leftover %s", final)
-                shutil.rmtree(final)
-            staging.rename(final)
+            if name_dir.exists():
+                logger.warning("replacing unindexed leftover %s", name_dir)
+                shutil.rmtree(name_dir)
+            version = new_version()
+            name_dir.mkdir()
+            staging.rename(name_dir / version)
             try:
                 fault_point("store.before_index")
+                self._fsync(name_dir)
                 self._fsync(self.blobs)
                 with self._db:
                     self._db.execute(
-                        f"INSERT INTO adapters ({COLUMNS}) VALUES ({VALUES})",
-                        record_row(record),
+                        f"INSERT INTO adapters ({COLUMNS}, version) VALUES ({VALUES}, ?)",
+                        (*record_row(record), version),
                     )
             except BaseException:
-                shutil.rmtree(final, ignore_errors=True)
+                shutil.rmtree(name_dir, ignore_errors=True)
                 raise
 
     def _swap(self, staging: Path, record: AdapterRecord) -> None:
-        final = self.path(record.name)
+        """Put staging in place as a new version beside the current one, switch the row to
+        it in one transaction, and only then remove the old version."""
+        name_dir = self._name_dir(record.name)
         with self._lock:
-            if self.get(record.name) is None:
+            if self._version(record.name) is None:
                 raise AdapterNotFoundError(f"adapter {record.name!r} does not exist")
-            doomed = Path(tempfile.mkdtemp(prefix=_TEMP_PREFIX, dir=self.blobs))
-            if final.exists():
-                final.rename(doomed / "old")
-            staging.rename(final)
-            self._fsync(self.blobs)
-            with self._db:
-                self._db.execute(
-                    f"INSERT OR REPLACE INTO adapters ({COLUMNS}) VALUES ({VALUES})",
-                    record_row(record),
-                )
-        shutil.rmtree(doomed, ignore_errors=True)
+            version = new_version()
+            name_dir.mkdir(exist_ok=True)  # a cache's row may have had no files yet
+            staging.rename(name_dir / version)
+            try:
+                fault_point("store.reload.before_index")
+                self._fsync(name_dir)
+                self._fsync(self.blobs)
+                with self._db:
+                    self._db.execute(
+                        f"UPDATE adapters SET ({COLUMNS}, version) = ({VALUES}, ?) WHERE name = ?",
+                        (*record_row(record), version, record.name),
+                    )
+            except BaseException:
+                shutil.rmtree(name_dir / version, ignore_errors=True)
+                raise
+            fault_point("store.reload.after_index")
+            stale = stale_entries(name_dir, version)  # the old version (and any leftover)
+        remove_paths(stale)
 
     def _sync_dir_contents(self, directory: Path) -> None:
         for file in directory.iterdir():
@@ -388,13 +386,8 @@ class AdapterStore:
         self._fsync(directory)
 
     def _fsync(self, path: Path) -> None:
-        if not self.durable:
-            return
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        if self.durable:
+            fsync_path(path)
 
 
 def _write_files(directory: Path, files: Mapping[str, bytes]) -> None:

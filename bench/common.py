@@ -6,6 +6,7 @@ import json
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -49,6 +50,26 @@ class ModelSize:
         )
 
 
+def real_model(spec: str) -> tuple[Path, ModelSize]:
+    """A pretrained checkpoint to benchmark on ('default': SmolLM2-135M-Instruct, else a
+    directory or a .gguf file) and its shape."""
+    from server.model.config import ModelConfig
+    from server.model.resolve import resolve_model
+
+    model_dir = resolve_model(None if spec == "default" else spec, torch.float32)
+    cfg = ModelConfig.from_dir(model_dir)
+    size = ModelSize(
+        layers=cfg.num_layers,
+        hidden=cfg.hidden_size,
+        intermediate=cfg.intermediate_size,
+        heads=cfg.num_heads,
+        kv_heads=cfg.num_kv_heads,
+        vocab=cfg.vocab_size,
+        max_len=cfg.max_position_embeddings,
+    )
+    return model_dir, size
+
+
 def random_model(
     path: Path, size: ModelSize, seed: int = 0, dtype: torch.dtype = torch.float32
 ) -> Path:
@@ -78,13 +99,28 @@ def random_model(
         torch.set_default_dtype(default)
     from pydoc_data.topics import topics
 
-    from server.demo.tokenizer import train_tokenizer
-
-    train_tokenizer(list(topics.values()), size.vocab).save(str(path / "tokenizer.json"))
+    _bpe_tokenizer(list(topics.values()), size.vocab).save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(
         json.dumps({"bos_token": "<s>", "eos_token": "</s>"})
     )
     return path
+
+
+def _bpe_tokenizer(texts: list[str], vocab_size: int) -> Any:
+    """A byte-level BPE tokenizer trained on texts, with <pad>, <s> and </s> as ids 0-2."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    return tok
 
 
 def synthetic_adapter(

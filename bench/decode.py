@@ -1,6 +1,6 @@
 """Decode throughput: loraplex's engine vs transformers `generate`, same model and batch.
 
-    python -m bench.decode --batch 1,8,32 --new-tokens 64
+    python -m bench.decode --batch 1,8,32 --new-tokens 64 [--model default|DIR|FILE.gguf]
 
 Each batch of equal-length prompts generates --new-tokens tokens greedily (EOS ignored). Decode
 tokens/s excludes the prefill: it is measured from the first generated token to the last.
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import ModelSize, random_model
+from bench.common import ModelSize, random_model, real_model
 
 
 def _ints(text: str) -> list[int]:
@@ -25,7 +25,11 @@ def _ints(text: str) -> list[int]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--model", type=Path, default=None, help="HF directory; default: random 8x512")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="'default' (SmolLM2-135M-Instruct), a directory or a .gguf; default: random 8x512",
+    )
     p.add_argument("--batch", type=_ints, default=[1, 8, 32])
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=64)
@@ -86,8 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
-    size = ModelSize()
-    model_dir = args.model or random_model(args.cache_dir / "model-8x512", size)
+    if args.model:
+        model_dir, _ = real_model(args.model)
+    else:
+        model_dir = random_model(args.cache_dir / "model-8x512", ModelSize())
 
     from transformers import AutoModelForCausalLM
 

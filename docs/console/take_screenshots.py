@@ -1,11 +1,11 @@
-"""Take the console screenshots in this folder: a server over the demo model, a short job
+"""Take the console screenshots in this folder: a server over the default model, a short job
 trained through the fine-tuning page, its adapter beside the base in the playground, and some
 traffic for the overview's charts.
 
     python docs/console/take_screenshots.py [--model DIR] [--out docs/console]
 
-Needs the dev extras (playwright) and Debian's chromium; without --model it uses (or builds,
-about three minutes) the demo model.
+Needs the dev extras (playwright) and Debian's chromium; without --model it uses the default
+model, SmolLM2-135M-Instruct.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import httpx
 from playwright.sync_api import Page, expect, sync_playwright
 
 ADMIN_KEY = "console-admin"
+MODEL_NAME = "SmolLM2-135M-Instruct"
 REPO = Path(__file__).resolve().parents[2]
 CHROMIUM_ARGS = [
     "--no-sandbox",
@@ -57,7 +58,7 @@ def start_server(model: Path, data_dir: Path) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, "-m", "server.cli", "serve", "--model", str(model)]
     cmd += ["--quantize", "none", "--dtype", "float32", "--device", "cpu", "--port", str(port)]
     cmd += ["--data-dir", str(data_dir), "--admin-api-key", ADMIN_KEY, "--log-level", "warning"]
-    cmd += ["--served-model-name", "demo-model"]
+    cmd += ["--served-model-name", MODEL_NAME]
     proc = subprocess.Popen(cmd, cwd=REPO)
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
@@ -90,14 +91,16 @@ def shoot(page: Page, out: Path, name: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, help="model directory (default: the demo model)")
+    parser.add_argument("--model", type=Path, help="model directory (default: SmolLM2-135M)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
     args = parser.parse_args()
     if args.model is None:
         sys.path.insert(0, str(REPO))
-        from server.demo import ensure_demo_model
+        import torch
 
-        args.model = ensure_demo_model(progress=True)
+        from server.model.resolve import resolve_model
+
+        args.model = resolve_model(None, torch.float32)
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         raise SystemExit("needs chromium on PATH (apt-get install chromium)")
@@ -135,7 +138,7 @@ def main() -> None:
             adapter = status.text_content().split("→ ")[1].split(" ")[0]  # type: ignore[union-attr]
 
             for _ in range(3):
-                models = ["demo-model", adapter]
+                models = [MODEL_NAME, adapter]
                 threading.Thread(target=traffic, args=(url, models, stop), daemon=True).start()
             page.click("#ft-try")
             page.fill("#pg-prompt", PROMPT)

@@ -10,6 +10,7 @@ from pathlib import Path
 from fastapi import FastAPI
 
 from server import __version__
+from server.api.csrf import CrossSiteProtection
 from server.api.errors import install_handlers
 from server.api.hosts import AllowedHosts
 from server.api.limits import BodyLimit, ConcurrencyLimit, RequestLimits
@@ -73,6 +74,7 @@ def create_app(state: ServerState) -> FastAPI:
     )
     app.add_middleware(BodyLimit, limits=limits)
     app.add_middleware(ConcurrencyLimit, limits=limits)  # refuses before reading
+    app.add_middleware(CrossSiteProtection, trusted_origins=cfg.csrf_trusted_origins)
     if cfg.allowed_hosts:
         app.add_middleware(AllowedHosts, allowed=cfg.allowed_hosts)  # outermost: first check
     return app

@@ -1,7 +1,8 @@
 """What the inference services (completions, chat, LoRAX generate) need, and nothing more.
 
-A service is built once per server from an EngineClient (admission and generation), a
-ModelResolver (request model names -> adapters) and the ServedModel (tokenizer, grammar
+A service is built once per server from an EngineClient (admission and generation: the
+ServingClient), a ModelResolver (request model names -> adapters: the AdapterService) and the
+ServedModel (tokenizer, grammar
 compiler, limits), never from the whole server state: it cannot reach jobs, the store or
 configuration, and a test can hand it stand-ins.
 """
@@ -9,7 +10,7 @@ configuration, and a test can hand it stand-ins.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from fastapi import Request
@@ -17,12 +18,14 @@ from fastapi import Request
 from server.engine.grammar import GrammarCompiler
 from server.engine.outputs import RequestOutput
 from server.engine.sampling_params import SamplingParams
+from server.model.generation_config import GenerationDefaults
 from server.model.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
     from adapters import RegisteredAdapter
     from server.api.schemas.lorax import MergedAdapters
     from server.engine.llm_engine import LLMEngine, Prompt
+    from server.serving.templates import ChatTemplates
 
 
 class EngineClient(Protocol):
@@ -59,6 +62,11 @@ class ModelResolver(Protocol):
         """A registered adapter's current version."""
         ...
 
+    @property
+    def templates(self) -> ChatTemplates:
+        """Per adapter version: the tokenizer rendering its chats (server.serving.templates)."""
+        ...
+
 
 @dataclass(frozen=True)
 class ServedModel:
@@ -68,7 +76,15 @@ class ServedModel:
     grammars: GrammarCompiler
     max_model_len: int
     vocab_size: int
+    # The model's sampling values for fields a request leaves out (--generation-config).
+    generation_defaults: GenerationDefaults = field(default_factory=GenerationDefaults)
 
     @classmethod
     def of(cls, llm: LLMEngine) -> ServedModel:
-        return cls(llm.tokenizer, llm.grammars, llm.max_model_len, llm.model_config.vocab_size)
+        return cls(
+            llm.tokenizer,
+            llm.grammars,
+            llm.max_model_len,
+            llm.model_config.vocab_size,
+            llm.generation_defaults,
+        )

@@ -24,7 +24,8 @@ from server.api.errors import (
     error_response,
 )
 
-UPLOAD_PATHS = ("/v1/adapters", "/v1/files")
+UPLOAD_PATHS = ("/v1/adapters", "/v1/files")  # POST: an upload
+RELOAD_PREFIX = "/v1/adapters/"  # PUT /v1/adapters/{name}: an in-place reload, an upload too
 # Probes and scrapes are never refused: an overloaded server must still say it is alive.
 UNLIMITED_PATHS = frozenset({"/health", "/ready", "/metrics"})
 
@@ -34,7 +35,7 @@ class RequestLimits:
     """The limits, in the units the middleware uses; built from ServerConfig."""
 
     max_body_bytes: int  # every route but uploads (--max-request-body-mb)
-    max_upload_bytes: int  # POST /v1/adapters and /v1/files (--max-upload-mb)
+    max_upload_bytes: int  # POST /v1/adapters and /v1/files, PUT /v1/adapters/{name}
     body_timeout_s: float  # whole body, from the request's start (--request-body-timeout-s)
     max_concurrent: int  # requests in flight (--max-concurrent-requests)
 
@@ -56,6 +57,13 @@ def _too_slow(limits: RequestLimits) -> APIError:
     )
 
 
+def is_upload(method: str, path: str) -> bool:
+    """Whether a request's body is an upload, held to --max-upload-mb."""
+    if method == "POST":
+        return path.startswith(UPLOAD_PATHS)
+    return method == "PUT" and path.startswith(RELOAD_PREFIX)
+
+
 async def _answer(scope: Scope, receive: Receive, send: Send, error: APIError) -> None:
     await error_response(Request(scope), error)(scope, receive, send)
 
@@ -72,7 +80,7 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        upload = scope["method"] == "POST" and scope["path"].startswith(UPLOAD_PATHS)
+        upload = is_upload(scope["method"], scope["path"])
         max_bytes = self.limits.max_upload_bytes if upload else self.limits.max_body_bytes
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > max_bytes:

@@ -11,7 +11,7 @@ from dataclasses import replace
 from fastapi import Request
 
 from server.api.clients import EngineClient, ModelResolver, ServedModel
-from server.api.errors import APIError, BadRequest
+from server.api.errors import BadRequest
 from server.api.outputs import (
     Finished,
     LogprobFormatter,
@@ -70,6 +70,7 @@ class OpenAIService:
                 f", not the adapter {req.model!r}",
                 "model",
             )
+        self.engine.check_serving()  # a full queue refuses before any merge work
         return await self.models.resolve_merged(req.merged_adapters, "merged_adapters")
 
     async def compile(self, grammar: Grammar | None) -> Grammar | None:
@@ -88,15 +89,22 @@ class OpenAIService:
     ) -> list[SamplingParams]:
         """The engine's SamplingParams for each of a prompt's `count` samples; the first
         sample alone scores the prompt, when asked, unless every sample must."""
-        bias = logit_bias(req.logit_bias, self.prompts.vocab_size)
+        bias = logit_bias(req.logit_bias)
+        # The model's generation_config.json values stand in for the fields left out.
+        defaults = self.model.generation_defaults
+        sent = req.model_fields_set
+        temperature = req.temperature if "temperature" in sent else defaults.temperature
+        top_p = req.top_p if "top_p" in sent else defaults.top_p
+        top_k = req.top_k if "top_k" in sent else defaults.top_k
+        penalty = req.repetition_penalty if "repetition_penalty" in sent else None
         return [
             SamplingParams(
                 max_tokens=max_tokens,
-                temperature=req.temperature,
-                top_p=req.top_p,
-                top_k=req.top_k or 0,
+                temperature=req.temperature if temperature is None else temperature,
+                top_p=req.top_p if top_p is None else top_p,
+                top_k=top_k or 0,
                 seed=None if req.seed is None else (req.seed + j) % 2**63,
-                repetition_penalty=req.repetition_penalty or 1.0,
+                repetition_penalty=penalty or defaults.repetition_penalty or 1.0,
                 presence_penalty=req.presence_penalty,
                 frequency_penalty=req.frequency_penalty,
                 stop=req.stop,
@@ -164,6 +172,8 @@ class CompletionService(OpenAIService):
         # max_tokens 0 scores the prompt only: the engine samples one token (from the last
         # prompt row, which the step computes anyway), and the reply leaves it out.
         max_tokens = 16 if req.max_tokens is None else req.max_tokens
+        if "max_tokens" not in req.model_fields_set:
+            max_tokens = self.model.generation_defaults.max_tokens or max_tokens
         echo_logprobs = req.logprobs if req.echo else None
         scored = max(
             (k for k in (echo_logprobs, req.prompt_logprobs) if k is not None), default=None
@@ -271,7 +281,7 @@ class CompletionService(OpenAIService):
                     id=rid, created=created, model=req.model, choices=[], usage=total
                 )
                 yield sse(body.model_dump_json())
-        except (APIError, Exception) as exc:
+        except Exception as exc:  # an API error or any other: one SSE error event
             yield sse_error(exc)
         yield sse("[DONE]")
 

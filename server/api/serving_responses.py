@@ -45,8 +45,8 @@ from server.api.schemas.responses import (
 )
 from server.api.serving_chat import ChatRun, ChatService
 from server.api.tools import ToolCall as ParsedCall
+from server.engine.errors import InvalidRequestError
 from server.engine.outputs import RequestOutput
-from server.engine.sampling_params import InvalidRequestError
 
 # Chat's field names in errors, as a Responses client knows them.
 _FIELDS = {

@@ -4,6 +4,7 @@ LoRAX), the guided_regex / guided_choice extensions, and logit_bias."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -81,7 +82,8 @@ def lorax_grammar(response_format: dict[str, Any] | None) -> Grammar | None:
     param = "parameters.response_format"
     kind = response_format.get("type")
     if kind == "json_schema":
-        return openai_grammar(response_format)
+        grammar = openai_grammar(response_format)
+        return None if grammar is None else dataclasses.replace(grammar, asked_by=param)
     if kind != "json_object":
         raise BadRequest(
             f"{param}.type must be 'json_object' or 'json_schema', got {kind!r}", param
@@ -95,24 +97,20 @@ def lorax_grammar(response_format: dict[str, Any] | None) -> Grammar | None:
     if schema is None:
         return Grammar("json_object")
     check_schema(schema, f"{param}.schema", param)
-    return Grammar("json_schema", schema)
+    return Grammar("json_schema", schema, asked_by=param)
 
 
-def logit_bias(bias: dict[str, float] | None, vocab_size: int) -> dict[int, float] | None:
-    """OpenAI's logit_bias (token ids as strings, values in [-100, 100]) by token id."""
+def logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
+    """OpenAI's logit_bias (token ids as strings) by token id. Only the wire format is read
+    here: SamplingParams checks the size and the values, the engine the ids' range."""
     if not bias:
         return None
     out: dict[int, float] = {}
     for key, value in bias.items():
         try:
-            token = int(key)
+            out[int(key)] = value
         except ValueError:
             raise BadRequest(
                 f"logit_bias keys must be token ids, got {key[:32]!r}", "logit_bias"
             ) from None
-        if not 0 <= token < vocab_size:
-            raise BadRequest(
-                f"logit_bias keys must be token ids in [0, {vocab_size}), got {token}", "logit_bias"
-            )
-        out[token] = value
     return out

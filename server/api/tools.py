@@ -63,7 +63,7 @@ class ToolRequest:
         """The grammar that output must match: None unless tool_choice forces a call."""
         if self.choice == "named":
             tool = next(t for t in self.tools if t.name == self.named)
-            return Grammar("json_schema", tool.parameters)
+            return Grammar("json_schema", tool.parameters, asked_by="tools")
         if self.choice != "required":
             return None
         calls = [
@@ -77,7 +77,7 @@ class ToolRequest:
         array: dict[str, Any] = {"type": "array", "items": {"anyOf": calls}, "minItems": 1}
         if not self.parallel:
             array["maxItems"] = 1
-        return Grammar("json_schema", array)
+        return Grammar("json_schema", array, asked_by="tools")
 
     def calls_from_constrained(self, text: str) -> list[ToolCall]:
         """The calls in output the grammar produced; none when it was cut short (a stop

@@ -11,13 +11,14 @@ from __future__ import annotations
 import json
 import re
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
 import xgrammar as xgr
 
-from server.engine.sampling_params import InvalidRequestError
+from server.engine.errors import InvalidRequestError
+from server.engine.regex_bounds import check_count, check_regex_bounds
 from server.model.tokenizer import Tokenizer
 
 GrammarKind = Literal["json_object", "json_schema", "regex", "choice"]
@@ -70,6 +71,7 @@ _ANNOTATIONS = frozenset(
     }
 )
 _SCHEMA_MAPS = ("properties", "$defs", "definitions")  # name -> schema
+_COUNTS = ("minLength", "maxLength", "minItems", "maxItems")
 _TYPES = frozenset({"object", "array", "string", "integer", "number", "boolean", "null"})
 
 
@@ -82,10 +84,14 @@ class Grammar:
     spec: Any = None
     # The form xgrammar compiled (set by GrammarCompiler.compile; not part of equality).
     compiled: Any = field(default=None, compare=False, repr=False)
+    # The request field that asked for it, where not its kind's own (tools, LoRAX's).
+    asked_by: str | None = field(default=None, compare=False)
 
     @property
     def param(self) -> str:
         """The request field that asked for it."""
+        if self.asked_by is not None:
+            return self.asked_by
         return "response_format" if self.kind.startswith("json") else f"guided_{self.kind}"
 
     def __post_init__(self) -> None:
@@ -152,6 +158,8 @@ def check_schema(
                 )
         elif key == "pattern":
             _check_regex(value, f"{path}.pattern", param)
+        elif key in _COUNTS:
+            check_count(value, f"{path}.{key}", param)
     _check_required(schema, path, param)
 
 
@@ -172,9 +180,10 @@ def _check_required(schema: dict, path: str, param: str) -> None:
 def _check_regex(pattern: Any, where: str, param: str) -> None:
     if not isinstance(pattern, str):
         raise InvalidRequestError(f"{where} must be a string", param)
+    check_regex_bounds(pattern, where, param)
     try:
         re.compile(pattern)
-    except re.error as exc:
+    except (re.error, OverflowError, RecursionError) as exc:  # the bounds leave re.error
         raise InvalidRequestError(f"{where} is not a valid regex: {exc}", param) from exc
     # xgrammar skips what it cannot match exactly (lookarounds, backreferences) with a warning;
     # output would then not match the pattern.
@@ -281,7 +290,7 @@ class GrammarCompiler:
             raise InvalidRequestError(
                 f"{grammar.param} cannot be compiled: {detail}", grammar.param
             ) from exc
-        return Grammar(grammar.kind, grammar.spec, compiled)
+        return replace(grammar, compiled=compiled)
 
     def matcher(self, grammar: Grammar) -> xgr.GrammarMatcher:
         """A fresh matcher for one sequence (compiling the grammar first if needed)."""

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from server.engine.sampling_params import MAX_PROMPT_LOGPROB_ENTRIES, InvalidRequestError
+from server.engine.errors import InvalidRequestError
+from server.engine.sampling_params import MAX_PROMPT_LOGPROB_ENTRIES
 from server.engine.sequence import Sequence, TokenLogprob
 
 if TYPE_CHECKING:

@@ -191,7 +191,10 @@ class Sampler:
         ).to(dev)
         temperature, top_p = floats.unbind(1)
         top_k, seeds, positions, greedy = ints.unbind(1)
-        scaled = logits / temperature[:, None]
+        # Shifted by each row's max first, in float32: (logit - max) / T is <= 0, so no
+        # temperature > 0 overflows to inf (whose softmax is NaN), whatever the logits' dtype.
+        logits32 = logits.float()
+        scaled = (logits32 - logits32.amax(dim=-1, keepdim=True)) / temperature[:, None]
         if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
             _filter_top_k_top_p(scaled, top_k, top_p)
         probs = scaled.softmax(dim=-1)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from server.engine.errors import InvalidRequestError
+
 if TYPE_CHECKING:
     from server.engine.grammar import Grammar
 
@@ -19,20 +21,16 @@ MAX_STOP_CHARS = 256  # per stop string
 MAX_STOP_TOKEN_IDS = 64
 MAX_LOGIT_BIAS = 1024  # entries; each is one indexed add per step
 MAX_BIAS = 100.0  # OpenAI's bound: -100 bans a token, +100 all but forces it
-
-
-class InvalidRequestError(ValueError):
-    """A request the engine refuses before queuing it; `param` names the offending field."""
-
-    def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.param = param
+# Temperatures below this are greedy (vLLM's rule): 1e-45 is 1.4e-45 in float32, and logits
+# divided by it overflow; near 1e-5 sampling already differs from argmax only between logits
+# closer than about 1e-4.
+MIN_TEMPERATURE = 1e-5
 
 
 @dataclass
 class SamplingParams:
-    """Per-request sampling. temperature 0 is greedy; top_k <= 0 and top_p 1 disable those."""
+    """Per-request sampling. temperature 0 (or below MIN_TEMPERATURE) is greedy; top_k <= 0
+    and top_p 1 disable those."""
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -116,6 +114,12 @@ class SamplingParams:
                 "logit_bias",
             )
             for token, bias in self.logit_bias.items():
+                # The upper bound, the vocabulary, is the engine's to check (LogitsState.build).
+                _check(
+                    isinstance(token, int) and token >= 0,
+                    f"logit_bias keys must be token ids, got {token!r}",
+                    "logit_bias",
+                )
                 _check(
                     -MAX_BIAS <= bias <= MAX_BIAS,
                     f"logit_bias values must be in [-100, 100], got {bias} for token {token}",
@@ -142,7 +146,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        """Temperature 0, or one below MIN_TEMPERATURE: taken as greedy."""
+        return self.temperature < MIN_TEMPERATURE
 
     @property
     def has_penalties(self) -> bool:

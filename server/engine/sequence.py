@@ -95,10 +95,6 @@ class Sequence:
         scored = self.prompt_logprobs
         return scored is not None and len(scored) < self.num_prompt_tokens
 
-    @property
-    def is_finished(self) -> bool:
-        return self.status is SequenceStatus.FINISHED
-
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -12,14 +13,22 @@ from typing import TYPE_CHECKING
 import torch
 
 from server.config import DEFAULT_CPU_POOL_MB, ConfigError, EngineConfig
+from server.engine.backends import KernelBackend
 from server.engine.memory_budget import activation_bytes, split_memory
+from server.lora.batch import LoRAOps
 from server.lora.residency import DeviceAdapterCache
 from server.memory.page_pool import PageGeometry, PagePool
 from server.memory.prefix_cache import PrefixCache
 from server.memory.reclaim import EvictionClock, EvictionSource, PoolReclaimer
 from server.model.config import ModelConfig
+from server.model.generation_config import (
+    GenerationConfig,
+    GenerationDefaults,
+    generation_defaults,
+)
 from server.model.llama import LlamaForCausalLM
 from server.model.loader import load_model, module_bytes
+from server.model.precision import auto_quantize, device_memory_bytes
 from server.model.quant import quantize_nf4
 from server.model.tokenizer import Tokenizer, TokenizerError
 
@@ -30,28 +39,58 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def generation_eos_ids(model_dir: Path) -> tuple[int, ...]:
-    """EOS ids from generation_config.json (Llama 3 lists several)."""
-    path = model_dir / "generation_config.json"
-    if not path.is_file():
-        return ()
-    value = json.loads(path.read_text()).get("eos_token_id")
-    if value is None:
-        return ()
-    return tuple(value) if isinstance(value, list) else (int(value),)
+def checkpoint_text_files(
+    config: EngineConfig, cfg: ModelConfig
+) -> tuple[Tokenizer, GenerationDefaults]:
+    """The tokenizer (with the chat template in force) and the request defaults, logged."""
+    assert config.model is not None
+    model_dir = Path(config.model)
+    generation = GenerationConfig.from_dir(model_dir)
+    tokenizer = Tokenizer(
+        model_dir,
+        extra_eos_token_ids=cfg.eos_token_ids + generation.eos_token_ids,
+        chat_template=config.chat_template,
+    )
+    defaults = generation_defaults(config.generation_config, model_dir)
+    logger.info(
+        "chat template: %s; tokens ending generation: %s; request defaults (--generation-config "
+        "%s): %s",
+        tokenizer.chat_template_origin or "none (chat routes are refused)",
+        sorted(tokenizer.eos_token_ids),
+        config.generation_config,
+        defaults.as_dict() or "none",
+    )
+    return tokenizer, defaults
 
 
-def build_model(config: EngineConfig, model_dir: Path) -> LlamaForCausalLM:
-    """Load the checkpoint, quantize it if asked, and put it on the device."""
+def with_quantize_chosen(config: EngineConfig) -> EngineConfig:
+    """config with `--quantize auto` replaced by what it means for this model and device."""
+    if config.quantize != "auto":
+        return config
+    assert config.model is not None
+    cfg = ModelConfig.from_dir(config.model)
+    memory = device_memory_bytes(config.torch_device)
+    chosen = auto_quantize(cfg.num_params, config.torch_dtype, memory)
+    logger.info(
+        "--quantize auto: %s (%.2fB parameters in %s, %.0f GiB of %s memory)",
+        chosen,
+        cfg.num_params / 1e9,
+        config.torch_dtype,
+        memory / 2**30,
+        config.torch_device.type,
+    )
+    return dataclasses.replace(config, quantize=chosen)
+
+
+def build_model(config: EngineConfig, model_dir: Path, kernels: KernelBackend) -> LlamaForCausalLM:
+    """Load the checkpoint, quantize it if asked, put it on the device and bind the kernels."""
     start = time.perf_counter()
+    config = with_quantize_chosen(config)
     model = load_model(model_dir, config.torch_dtype)
     if config.quantize == "nf4":
         quantize_nf4(model, config.torch_dtype, config.torch_device)
     model.to(config.torch_device)
-    if config.quantize == "nf4" and kernel_backend(config) == "triton":
-        from server.kernels.nf4_linear import use_nf4_kernel
-
-        use_nf4_kernel(model)  # bitsandbytes quantized it; our kernel multiplies
+    kernels.adapt(model)
     cfg = model.config
     logger.info(
         "loaded %s from %s in %.1fs: %d layers, %.1fM parameters, weights %.1f MiB (%s, %s, %s)",
@@ -66,27 +105,6 @@ def build_model(config: EngineConfig, model_dir: Path) -> LlamaForCausalLM:
         config.torch_device,
     )
     return model
-
-
-def lora_backend(device: torch.device, choice: str = "auto", feature: str = "batched LoRA") -> str:
-    """Triton kernels on CUDA when Triton is installed, the torch path otherwise."""
-    if choice != "auto":
-        return choice
-    if device.type != "cuda":
-        return "torch"
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        logger.warning("Triton is not installed; %s falls back to the torch path", feature)
-        return "torch"
-    return "triton"
-
-
-def kernel_backend(config: EngineConfig) -> str:
-    """Where the NF4 matmul and paged attention run: "triton" kernels or the "torch" path."""
-    return lora_backend(
-        config.torch_device, config.kernel_backend, "NF4 matmul and paged attention"
-    )
 
 
 def open_registry(
@@ -182,7 +200,7 @@ def pool_tenants(
     pool: PagePool,
     cfg: ModelConfig,
     registry: AdapterRegistry | None,
-    device: torch.device,
+    lora: LoRAOps,
 ) -> PoolTenants:
     """The adapter residency (when adapters are served) and the prefix cache (unless turned
     off), both evicted by one PoolReclaimer (server.memory.reclaim)."""
@@ -196,7 +214,7 @@ def pool_tenants(
             cfg,
             config.max_loras,
             config.max_lora_rank,
-            lora_backend(device, config.lora_backend),
+            lora,
             clock=clock,
         )
         sources.append(adapters)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import re
 import secrets
 from functools import cached_property
@@ -22,6 +23,13 @@ from adapters.chat_template import (
     compile_chat_template,
     render_bounded,
 )
+from server.model.chat_template_source import (
+    ChatTemplateSourceError,
+    base_chat_template,
+    read_tokenizer_config,
+)
+
+logger = logging.getLogger(__name__)
 
 # Normalizers and pre-tokenizers that never drop characters: each input character still
 # reaches the model (see Tokenizer.max_chars_per_token).
@@ -37,34 +45,50 @@ class TemplateTooSlowError(TokenizerError):
     """A chat template ran past its time bound (adapters.chat_template.RENDER_SECONDS)."""
 
 
-def _token_text(value: Any) -> str | None:
+def _token_text(config: dict[str, Any], key: str) -> str | None:
     # tokenizer_config.json stores special tokens as strings or serialized AddedToken dicts.
+    value = config.get(key)
     if isinstance(value, dict):
-        return value.get("content")
-    return value
+        value = value.get("content")
+    if value is None or isinstance(value, str):
+        return value
+    raise TokenizerError(f"tokenizer_config.json field {key!r} must be a token's text")
 
 
 class Tokenizer:
     """The checkpoint's tokenizer.json plus what tokenizer_config.json says about it."""
 
-    def __init__(self, model_dir: str | Path, extra_eos_token_ids: tuple[int, ...] = ()) -> None:
+    def __init__(
+        self,
+        model_dir: str | Path,
+        extra_eos_token_ids: tuple[int, ...] = (),
+        chat_template: str | Path | None = None,
+    ) -> None:
+        """Read model_dir's tokenizer files; chat_template: a template file that overrides
+        the checkpoint's own (see server.model.chat_template_source for the order)."""
         model_dir = Path(model_dir)
         path = model_dir / "tokenizer.json"
         if not path.is_file():
             raise TokenizerError(f"model directory {model_dir} has no tokenizer.json")
         self._tok = HFTokenizer.from_file(str(path))
-        config_path = model_dir / "tokenizer_config.json"
-        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
-        self.bos_token = _token_text(config.get("bos_token"))
-        self.eos_token = _token_text(config.get("eos_token"))
+        try:
+            config = read_tokenizer_config(model_dir)
+            template = base_chat_template(model_dir, chat_template)
+        except ChatTemplateSourceError as exc:
+            raise TokenizerError(str(exc)) from exc
+        self.bos_token = _token_text(config, "bos_token")
+        self.eos_token = _token_text(config, "eos_token")
         self.bos_token_id = self._id_of(self.bos_token)
         eos = {self._id_of(self.eos_token), *extra_eos_token_ids}
         self.eos_token_ids: frozenset[int] = frozenset(i for i in eos if i is not None)
-        self.chat_template: str | None = config.get("chat_template")
+        self.chat_template: str | None = None if template is None else template.source
+        self.chat_template_origin = None if template is None else template.origin
         self.special_token_ids = frozenset(
             i for i, t in self._tok.get_added_tokens_decoder().items() if t.special
         )
         self._template: jinja2.Template | None = None
+        if template is not None:
+            self._template = _compile_base_template(template.source, template.origin)
 
     def with_chat_template(
         self, source: str, bos_token: str | None, eos_token: str | None
@@ -256,6 +280,15 @@ class Tokenizer:
             spans.append((pos, end))
             pos = end
         return spans if indices or layout == text else None
+
+
+def _compile_base_template(source: str, origin: str) -> jinja2.Template:
+    try:
+        return compile_chat_template(source)
+    except jinja2.TemplateSyntaxError as exc:
+        raise TokenizerError(f"{origin}: chat template line {exc.lineno}: {exc.message}") from exc
+    except (jinja2.TemplateError, RecursionError) as exc:
+        raise TokenizerError(f"{origin}: chat template does not compile: {exc}") from exc
 
 
 def _keeps_characters(spec: dict | None, keeping: frozenset[str]) -> bool:

@@ -16,7 +16,6 @@ import logging
 import signal
 import sys
 import threading
-from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -31,7 +30,10 @@ logger = logging.getLogger(__name__)
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the finetune flags to parser (the `loraplex finetune` subcommand)."""
-    parser.add_argument("--model", help="Hugging Face model directory (default: the demo model)")
+    parser.add_argument(
+        "--model",
+        help="Hugging Face model directory or .gguf file (default: SmolLM2-135M-Instruct)",
+    )
     parser.add_argument("--data", required=True, help="training JSONL file")
     parser.add_argument("--validation-data", help="validation JSONL (default: hold out a part)")
     parser.add_argument("--method", choices=METHODS, default="qlora")
@@ -106,6 +108,9 @@ def _fmt(value: Any) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Run a fine-tuning job from parsed arguments; returns the process exit code."""
+    import torch
+
+    from server.model.resolve import resolve_model
     from server.training.trainer import Trainer  # torch and bitsandbytes load only when used
 
     stop = threading.Event()
@@ -119,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
     progress = _Progress(enabled=not args.no_progress)
     try:
         hp = hparams_for(args.method, parse_hparams(args.hparam))
-        model_dir = Path(args.model) if args.model else _demo_model()
+        model_dir = resolve_model(args.model, torch.float32)
         trainer = Trainer(
             model_dir,
             args.output,
@@ -160,12 +165,6 @@ def run(args: argparse.Namespace) -> int:
     if result.rope_scaling_factor != 1.0:
         print(f"rope_scaling_factor: {result.rope_scaling_factor:g}")
     return 0
-
-
-def _demo_model() -> Path:
-    from server.demo import ensure_demo_model
-
-    return ensure_demo_model()
 
 
 def run_finetune(argv: list[str] | None = None) -> int:

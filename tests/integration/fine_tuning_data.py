@@ -30,23 +30,6 @@ def ordering_task(n: int, seed: int) -> list[dict[str, str]]:
     return rows
 
 
-def repeated_passages(texts: list[str], encode, decode, n: int, seed: int) -> list[dict]:  # type: ignore[no-untyped-def]
-    """Long inputs (~2x the demo's 256-token context): a 240-token passage, then again.
-
-    Predicting the second copy needs attention back past the original context length.
-    """
-    rng = random.Random(seed)
-    rows = []
-    while len(rows) < n:
-        ids = encode(rng.choice(texts))
-        if len(ids) <= 260:
-            continue
-        start = rng.randrange(0, len(ids) - 250)
-        span = decode(ids[start : start + 240])
-        rows.append({"text": f"{span}\n\n{span}"})
-    return rows
-
-
 def upload(client: httpx.Client, name: str, data: bytes, purpose: str = "fine-tune") -> str:
     response = client.post("/v1/files", files={"file": (name, data)}, data={"purpose": purpose})
     assert response.status_code == 200, response.text

@@ -1,20 +1,23 @@
 """In-place reload over HTTP: PUT /v1/adapters/{name} and vLLM's load_inplace swap an adapter's
 weights under its name while requests run; old requests keep the old weights token for token,
-new requests get the new ones."""
+new requests get the new ones. A reload's body is held to the upload limit, as an upload's."""
 
 from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from server.engine.sampling_params import SamplingParams
-from tests.integration.conftest import Oracle
+from tests.integration.conftest import ENGINE_FLAGS, MODEL_NAME, Oracle, serve_flags
 from tests.integration.live_server import LiveServer
 from tests.integration.test_adapters_api import PROMPT, complete, upload, upload_files
+from tests.peft_reference import save_peft_adapter
 
 NUM_TOKENS = 24
 
@@ -120,3 +123,49 @@ def test_load_inplace_replaces_a_path_loaded_adapter(
         assert http.get("/v1/adapters/inplace").json()["version"] == 2
     reply = complete(server, "inplace", max_tokens=NUM_TOKENS, ignore_eos=True)
     assert reply.json()["choices"][0]["text"] == second != first
+
+
+# ---- body limits ---------------------------------------------------------------------------
+
+BIG_RANK = 528  # all-linear on the tiny model: a 4.3 MB adapter, past --max-request-body-mb 4
+UPLOAD_LIMIT_MB = 5
+
+
+@pytest.fixture(scope="module")
+def big_adapter(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("big") / "big"
+    save_peft_adapter(
+        model_dir, path, seed=5, r=BIG_RANK, lora_alpha=16, target_modules="all-linear"
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def upload_server(
+    model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LiveServer]:
+    """Default body limit (4 MB), uploads up to UPLOAD_LIMIT_MB, room for the big rank."""
+    flags = {**ENGINE_FLAGS, "max_lora_rank": BIG_RANK}
+    args = serve_flags(**flags, max_upload_mb=UPLOAD_LIMIT_MB, served_model_name=MODEL_NAME)
+    live = LiveServer(model_dir, tmp_path_factory.mktemp("uploads") / "data", args).start()
+    yield live
+    live.stop()
+
+
+def test_a_reload_gets_the_upload_limit_as_an_upload_does(
+    upload_server: LiveServer, big_adapter: Path, spare_adapters: Path
+) -> None:
+    size = sum(len(data) for _, (_, data) in upload_files(big_adapter))
+    assert 4 * 2**20 < size < UPLOAD_LIMIT_MB * 2**20
+    assert upload(upload_server, "big", spare_adapters / "spare-0").status_code == 201
+    response = reload(upload_server, "big", big_adapter)
+    assert response.status_code == 200, response.text
+    assert (response.json()["rank"], response.json()["version"]) == (BIG_RANK, 2)
+
+
+def test_a_reload_past_the_upload_limit_is_413_naming_it(upload_server: LiveServer) -> None:
+    body = [("files", ("adapter_model.safetensors", b"\0" * (UPLOAD_LIMIT_MB + 1) * 2**20))]
+    with upload_server.client(admin=True) as http:
+        response = http.put("/v1/adapters/anything", files=body)
+    assert response.status_code == 413, response.text
+    assert f"--max-upload-mb ({UPLOAD_LIMIT_MB} MB)" in response.json()["error"]["message"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from server.cli import build_parser
+from server.options import server_config
 
 
 def test_serve_flags_default_to_their_loraplex_environment_variables(
@@ -40,3 +41,13 @@ def test_the_metrics_port_and_allowed_hosts_come_from_flags_or_the_environment(
     assert (args.metrics_port, args.allowed_hosts) == (9100, ["localhost", "127.0.0.1"])
     args = build_parser().parse_args(["serve", "--allowed-hosts", "*.example.com"])
     assert args.allowed_hosts == ["*.example.com"]
+
+
+def test_trusted_origins_are_comma_separated_in_the_flag_and_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    origins = ("https://tool.example:8443", "http://localhost:3000")
+    monkeypatch.setenv("LORAPLEX_CSRF_TRUSTED_ORIGINS", ",".join(origins))
+    assert server_config(build_parser().parse_args(["serve"])).csrf_trusted_origins == origins
+    args = build_parser().parse_args(["serve", "--csrf-trusted-origins", "https://a.b, http://c:1"])
+    assert server_config(args).csrf_trusted_origins == ("https://a.b", "http://c:1")

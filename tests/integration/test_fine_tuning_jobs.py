@@ -3,6 +3,8 @@ serving that keeps answering while a job trains."""
 
 from __future__ import annotations
 
+import concurrent.futures
+import random
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -133,3 +135,68 @@ def test_serving_keeps_answering_while_a_job_trains(server):
         admin.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel")
     assert still_running == "running"
     assert max(latencies) < 30
+
+
+def test_a_longlora_job_extends_the_context_and_serves_in_one_batch_with_a_qlora_adapter(
+    server,
+):  # type: ignore[no-untyped-def]
+    """LongLoRA over HTTP (the tiny model: a real one's context is too long for CI's CPUs)."""
+    words = [
+        "the",
+        "quick",
+        "brown",
+        "fox",
+        "jumps",
+        "over",
+        "lazy",
+        "dog",
+        "return",
+        "list",
+        "items",
+        "sorted",
+        "order",
+    ]
+    rng = random.Random(0)
+    rows = [{"text": " ".join(rng.choices(words, k=300))} for _ in range(8)]
+    with server.client(admin=True) as admin:
+        long_file = upload(admin, "long.jsonl", jsonl(rows))
+        response = admin.post(
+            "/v1/fine_tuning/jobs",
+            json={
+                "model": server.model_dir.name,
+                "training_file": long_file,
+                "suffix": "long",
+                "method": {
+                    "type": "longlora",
+                    "hyperparameters": {**SMALL, "max_steps": 4, "checkpoint_steps": 0},
+                },
+            },
+        )
+        assert response.status_code == 200, response.text
+        long_job = wait_for_job(admin, response.json()["id"])
+    short_job = _create(server, {"max_steps": 4, "checkpoint_steps": 0}, suffix="short")
+    with server.client(admin=True) as admin:
+        short_job = wait_for_job(admin, short_job["id"])
+    assert long_job["status"] == short_job["status"] == "succeeded"
+    with server.client() as client:
+        info = client.get(f"/v1/adapters/{long_job['fine_tuned_model']}").json()
+    assert info["rope_scaling_factor"] == 2.0
+    assert "model.embed_tokens" in info["saved_modules"]
+    long_prompt = " ".join(rng.choices(words, k=40))
+    requests = [
+        (long_job["fine_tuned_model"], long_prompt),
+        (short_job["fine_tuned_model"], "Order: 3 8 1 5\nAnswer:"),
+    ]
+
+    def complete(model_prompt: tuple[str, str]) -> str:
+        model, prompt = model_prompt
+        with server.client() as client:
+            body = {"model": model, "prompt": prompt, "max_tokens": 8, "temperature": 0}
+            response = client.post("/v1/completions", json=body)
+        assert response.status_code == 200, response.text
+        return response.json()["choices"][0]["text"]
+
+    alone = [complete(r) for r in requests]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(complete, requests * 2))
+    assert together == alone * 2

@@ -194,6 +194,32 @@ def test_top_k_one_sampling_equals_greedy(sdk: openai.OpenAI, oracle: Oracle) ->
     assert out.choices[0].text == oracle.complete(model, PROMPT, max_tokens=10)
 
 
+@pytest.mark.parametrize("temperature", [1e-45, 1e-30, 5e-6])
+def test_a_temperature_too_small_to_sample_with_is_greedy(
+    server: LiveServer, sdk: openai.OpenAI, oracle: Oracle, temperature: float
+) -> None:
+    # 1e-45 is 1.4e-45 in float32: logits divided by it overflowed, and NaN probabilities
+    # drew token 0 (`<s>`) every step, an empty text.
+    model = adapter_name(8)
+    greedy = oracle.complete(model, PROMPT, max_tokens=10, ignore_eos=True)
+    assert greedy
+    out = sdk.completions.create(
+        model=model,
+        prompt=PROMPT,
+        max_tokens=10,
+        temperature=temperature,
+        seed=3,
+        extra_body={"ignore_eos": True},
+    )
+    assert out.choices[0].text == greedy
+    parameters = {"do_sample": True, "temperature": temperature, "max_new_tokens": 10}
+    parameters |= {"adapter_id": model, "ignore_eos_token": True}
+    with server.client() as http:
+        reply = http.post("/generate", json={"inputs": PROMPT, "parameters": parameters})
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["generated_text"] == greedy
+
+
 def test_repetition_penalty_is_applied_as_the_engine_applies_it(
     sdk: openai.OpenAI, oracle: Oracle
 ) -> None:

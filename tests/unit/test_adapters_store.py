@@ -11,6 +11,7 @@ import pytest
 
 from adapters import AdapterError, AdapterExistsError, AdapterSpec, AdapterStore, read_adapter_spec
 from adapters.format import WEIGHTS_FILE
+from adapters.records import COLUMNS, VALUES, record_row
 from adapters.store import DB_FILE
 from tests.unit.adapter_fixtures import MAX_RANK, tiny_base, tiny_files
 
@@ -74,7 +75,7 @@ def test_failed_validation_leaves_nothing(store: AdapterStore) -> None:
 def test_failure_after_rename_leaves_nothing(store: AdapterStore, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     def crash_on_store_dir(path: Path) -> None:
         if path == store.blobs:
-            assert store.path("a").exists()  # renamed into place, not yet indexed
+            assert (store.blobs / "a").exists()  # renamed into place, not yet indexed
             raise OSError("disk gone")
 
     monkeypatch.setattr(store, "_fsync", crash_on_store_dir)
@@ -132,9 +133,9 @@ def test_list_is_ordered_by_creation_then_name(store: AdapterStore) -> None:
 
 def test_slashes_in_names_map_to_one_directory_inside_the_store(store: AdapterStore) -> None:
     store.add("org/team:v1", "upload", validate, files=tiny_files())
-    path = store.path("org/team:v1")
-    assert path.parent == store.blobs
-    assert path.name == "org%2Fteam%3Av1"
+    version = store.path("org/team:v1")  # one folder per version, inside the name's
+    assert version.parent.parent == store.blobs
+    assert version.parent.name == "org%2Fteam%3Av1"
 
 
 @pytest.mark.parametrize(
@@ -185,3 +186,33 @@ def test_concurrent_adds_of_one_name_store_it_once(store: AdapterStore) -> None:
         t.join()
     assert sorted(outcomes) == ["added"] + ["exists"] * 5
     assert leftovers(store) == ["same"]
+
+
+def test_a_reload_keeps_one_version_folder_and_never_reuses_its_name(store: AdapterStore) -> None:
+    store.add("a", "upload", validate, files=tiny_files(rank=2))
+    first = store.path("a")
+    store.replace("a", "upload", validate, files=tiny_files(rank=3))
+    second = store.path("a")
+    assert second != first and second.parent == first.parent
+    assert [p.name for p in first.parent.iterdir()] == [second.name]
+    assert (second / WEIGHTS_FILE).read_bytes() == tiny_files(rank=3)[WEIGHTS_FILE]
+
+
+def test_a_data_dir_from_before_versions_serves_and_reloads(tmp_path: Path) -> None:
+    # The earlier layout: no version column, an adapter's files in its own folder.
+    record = AdapterStore(tmp_path / "scratch").add("a", "upload", validate, files=tiny_files())
+    with sqlite3.connect(tmp_path / DB_FILE) as db:
+        db.execute(f"CREATE TABLE adapters ({COLUMNS}, PRIMARY KEY (name))")
+        db.execute(f"INSERT INTO adapters ({COLUMNS}) VALUES ({VALUES})", record_row(record))
+    legacy = tmp_path / "adapters" / "a"
+    legacy.mkdir(parents=True)
+    for file, data in tiny_files().items():
+        (legacy / file).write_bytes(data)
+    (legacy / "0123456789abcdef").mkdir()  # a first reload's version, killed before its row
+    store = AdapterStore(tmp_path)
+    assert store.get("a") == record and store.path("a") == legacy
+    assert sorted(p.name for p in legacy.iterdir()) == sorted(tiny_files())
+    store.replace("a", "upload", validate, files=tiny_files(rank=3))
+    assert [p.name for p in legacy.iterdir()] == [store.path("a").name]
+    store.close()
+    assert AdapterStore(tmp_path).get("a").rank == 3  # type: ignore[union-attr]

@@ -14,8 +14,9 @@ from server.api.app import create_app
 from server.api.hosts import host_allowed, host_name
 from server.api.metrics_port import metrics_app
 from server.api.state import ServerState
-from server.config import ConfigError, EngineConfig, ServerConfig
+from server.config import ConfigError, ServerConfig
 from server.engine.llm_engine import LLMEngine
+from server.engine.snapshot import EngineFacts, EngineSnapshot, PoolUse
 from server.metrics import Metrics
 
 MODEL_PATH = "/srv/models/base-7b"
@@ -31,34 +32,38 @@ def _state(**config: Any) -> ServerState:
     return ServerState(ServerConfig(**config), _never_loads, "base-7b", Metrics("base-7b"))
 
 
-class _NoAdapters(list):
-    def list(self) -> list:
-        return []
-
-
 def _with_engine(state: ServerState) -> ServerState:
     """Just enough of a loaded engine for /info and /v1/models."""
-    pool = SimpleNamespace(
-        num_pages=4,
-        page_bytes=8,
-        geometry=SimpleNamespace(block_size=16),
-        used_by_kind={"kv": 1, "adapter": 0},
-        num_free=3,
-    )
-    llm = SimpleNamespace(
-        model_config=SimpleNamespace(
-            architecture="LlamaForCausalLM", num_layers=2, hidden_size=64, num_params=1000
-        ),
-        config=EngineConfig(model=MODEL_PATH, quantize="none", dtype="float32", device="cpu"),
-        pool=pool,
+    facts = EngineFacts(
+        model_path=MODEL_PATH,
+        architecture="LlamaForCausalLM",
+        num_layers=2,
+        hidden_size=64,
+        num_parameters=1000,
+        quantize="none",
+        dtype="float32",
         device="cpu",
         max_model_len=128,
-        adapter_cache=None,
-        registry=_NoAdapters(),
-        kv=SimpleNamespace(num_cached_idle=0),
-        prefix_cache=None,
+        max_num_seqs=64,
+        max_lora_rank=64,
+        max_loras=32,
+        host_cache_mb=2048,
+        lora_backend=None,
+        kernel_backend="torch",
+        num_pages=4,
+        page_bytes=8,
+        block_size=16,
+        cache_dtype="float32",
+        prefix_caching=False,
     )
-    state.engine = SimpleNamespace(engine=llm, running=True)  # type: ignore[assignment]
+    pool = PoolUse(kv=1, kv_cached=0, adapter=0, free=3, kv_usage=0.25)
+    now = EngineSnapshot(facts, 0, 0, pool, None, None, (), ())
+
+    async def snapshot() -> EngineSnapshot:
+        return now
+
+    state.engine = SimpleNamespace(facts=facts, snapshot=snapshot, running=True)  # type: ignore[assignment]
+    state._adapters = SimpleNamespace(list=lambda: [])  # type: ignore[assignment]
     return state
 
 
@@ -190,3 +195,64 @@ def test_the_metrics_listener_serves_metrics_without_a_key_and_nothing_else() ->
     assert "loraplex_num_requests_running" in response.text
     assert http.get("/v1/models").status_code == 404
     assert http.get("/info").status_code == 404
+
+
+# ---- cross-site writes (server/api/csrf.py; in a real browser: test_cross_site.py) ----------
+
+EVIL = "http://evil.example"
+UPLOAD = {"files": ("adapter_config.json", b"{}")}
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"origin": EVIL, "sec-fetch-site": "cross-site"},
+        {"origin": "http://testserver:9999", "sec-fetch-site": "same-site"},  # another port
+        {"sec-fetch-site": "cross-site"},  # a navigation with no Origin
+        {"origin": EVIL},  # a browser without Sec-Fetch-Site
+        {"origin": "null"},  # a sandboxed page or a file
+    ],
+)
+@pytest.mark.parametrize("keys", [{}, {"api_key": API, "admin_api_key": ADMIN}])
+def test_a_cross_site_write_is_refused_before_any_route(
+    headers: dict[str, str], keys: dict[str, str]
+) -> None:
+    http = _client(_state(**keys), ADMIN if keys else None)
+    for response in (
+        http.post("/v1/adapters", data={"name": "x"}, files=UPLOAD, headers=headers),
+        http.post("/v1/files", data={"purpose": "fine-tune"}, files=UPLOAD, headers=headers),
+        http.delete("/v1/adapters/x", headers=headers),
+    ):
+        assert response.status_code == 403, response.text
+        error = response.json()["error"]
+        assert error["code"] == "cross_site_request"
+        assert "--csrf-trusted-origins" in error["message"]
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},  # curl, the SDKs, the LoRAX client: no browser headers at all
+        {"origin": "http://testserver", "sec-fetch-site": "same-origin"},  # the console
+        {"sec-fetch-site": "none"},  # typed by the user
+        {"origin": "http://TestServer/"},  # same origin, a browser without Sec-Fetch-Site
+    ],
+)
+def test_same_origin_and_non_browser_writes_reach_the_route(headers: dict[str, str]) -> None:
+    response = _client(_state()).post("/v1/adapters", files=UPLOAD, headers=headers)
+    assert response.status_code == 503  # the route: no model loaded here
+
+
+def test_a_trusted_origin_may_write_and_reads_are_never_refused() -> None:
+    http = _client(_state(csrf_trusted_origins=(f"{EVIL}/",)))
+    headers = {"origin": EVIL, "sec-fetch-site": "cross-site"}
+    assert http.post("/v1/adapters", files=UPLOAD, headers=headers).status_code == 503
+    other = {"origin": "https://other.example", "sec-fetch-site": "cross-site"}
+    assert http.get("/v1/models", headers=other).status_code == 503
+    assert http.post("/v1/adapters", files=UPLOAD, headers=other).status_code == 403
+
+
+@pytest.mark.parametrize("entry", ["evil.example", "ftp://evil.example", "http://a.b/path", ""])
+def test_a_trusted_origin_that_is_not_an_origin_is_a_config_error(entry: str) -> None:
+    with pytest.raises(ConfigError, match="--csrf-trusted-origins"):
+        ServerConfig(csrf_trusted_origins=(entry,))

@@ -7,8 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from server.engine.errors import InvalidRequestError
 from server.engine.model_runner import ModelRunner
-from server.engine.sampling_params import InvalidRequestError, SamplingParams
+from server.engine.sampling_params import SamplingParams
 from server.engine.setup import open_registry
 from tests.hf_reference import load_hf, next_token_logprobs
 from tests.peft_reference import load_peft, save_peft_adapter
@@ -106,9 +107,9 @@ def test_a_request_asking_too_many_prompt_entries_is_refused(
     monkeypatch.setattr("server.engine.prompt_logprobs.MAX_PROMPT_LOGPROB_ENTRIES", 100)
     engine = make_engine(tiny_model_dir("llama"))
     prompt = list(range(3, 14))  # 10 scored positions
-    engine.make_sequence(prompt, _scoring(9))  # 100 entries
+    engine.requests.make(prompt, _scoring(9))  # 100 entries
     with pytest.raises(InvalidRequestError, match="at most 100") as info:
-        engine.make_sequence(prompt, _scoring(10))
+        engine.requests.make(prompt, _scoring(10))
     assert info.value.param == "prompt_logprobs"
 
 

@@ -1,13 +1,14 @@
 """The vectorized sampler: counter-based draws, incremental penalty counts, the logits-processor
-hook, and one copy to the host per call."""
+hook, one copy to the host per call, and no NaN from any temperature or finite logits."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from server.engine.logits_processors import LogitsState
 from server.engine.sampler import Sampler, exponential_noise, sample
-from server.engine.sampling_params import SamplingParams
+from server.engine.sampling_params import MIN_TEMPERATURE, SamplingParams
 from server.engine.sequence import Sequence
 
 VOCAB = 50
@@ -95,3 +96,40 @@ def test_one_copy_to_the_host_per_call(monkeypatch):
     assert copies == ["cpu"]
     assert len(results[0][1].top) == 2 and results[2][1].top == []
     assert results[1][1] is None
+
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def test_temperatures_below_the_minimum_are_greedy() -> None:
+    for temperature in (0.0, 1e-45, MIN_TEMPERATURE / 2):
+        assert SamplingParams(temperature=temperature).greedy
+    assert not SamplingParams(temperature=MIN_TEMPERATURE).greedy
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("temperature", [1e-45, 1e-30, MIN_TEMPERATURE / 2])
+def test_a_tiny_temperature_draws_the_argmax_in_any_logits_dtype(
+    dtype: torch.dtype, temperature: float
+) -> None:
+    gen = torch.Generator().manual_seed(0)
+    logits = (torch.randn(8, VOCAB, generator=gen) * 4).to(dtype)
+    seqs = [_seq(str(i), SamplingParams(temperature=temperature), seed=i) for i in range(8)]
+    tokens = [t for t, _ in sample(logits.clone(), seqs)]
+    assert tokens == logits.argmax(dim=-1).tolist()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("temperature", [MIN_TEMPERATURE, 1e-3, 0.5, 2.0])
+def test_no_temperature_makes_nan_of_the_largest_finite_logits(
+    dtype: torch.dtype, temperature: float
+) -> None:
+    # Divided by the temperature unshifted, these overflowed to inf: a NaN distribution, and
+    # token 0 drawn whatever the logits.
+    top = torch.finfo(dtype).max
+    logits = torch.tensor([[-top, top / 2, top, 0.0] + [-top] * (VOCAB - 4)], dtype=dtype)
+    params = SamplingParams(temperature=temperature, seed=1)
+    for top_k in (0, 3):
+        params.top_k = top_k
+        [(token, _)] = sample(logits.clone(), [_seq("a", params, seed=1)])
+        assert token == 2

@@ -10,7 +10,6 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
 from adapters import RegisteredAdapter
-from adapters.registered import is_virtual
 from server.api.auth import has_admin_rights, require_api_key
 from server.api.errors import NotFound
 from server.api.schemas.openai import (
@@ -58,7 +57,7 @@ async def responses(body: ResponsesRequest, request: Request):  # type: ignore[n
 async def models(request: Request) -> ModelList:
     state = _state(request)
     cards = [_base_card(request, state)]
-    cards += [_adapter_card(state, reg) for reg in state.registry.list()]
+    cards += [_adapter_card(state, reg) for reg in state.adapters.list()]
     return ModelList(data=cards)
 
 
@@ -68,18 +67,21 @@ async def model(model_id: str, request: Request) -> ModelCard:
     state = _state(request)
     if model_id == state.model_name:
         return _base_card(request, state)
-    reg = None if is_virtual(model_id) else state.registry.get(model_id)
+    reg = state.adapters.get(model_id)  # None for a merge's internal name, too
     if reg is None:
         raise NotFound(f"the model {model_id!r} does not exist", "model")
     return _adapter_card(state, reg)
 
 
 def _base_card(request: Request, state: ServerState) -> ModelCard:
-    llm = state.llm
+    facts = state.async_engine.facts
     # vLLM's root is the model's path: a server path, so for admin rights only.
-    root = str(llm.config.model) if has_admin_rights(request) else state.model_name
+    root = facts.model_path if has_admin_rights(request) else state.model_name
     return ModelCard(
-        id=state.model_name, created=int(state.started), root=root, max_model_len=llm.max_model_len
+        id=state.model_name,
+        created=int(state.started),
+        root=root,
+        max_model_len=facts.max_model_len,
     )
 
 
@@ -89,5 +91,5 @@ def _adapter_card(state: ServerState, reg: RegisteredAdapter) -> ModelCard:
         created=int(reg.record.created_at),
         root=reg.name,
         parent=state.model_name,
-        max_model_len=state.llm.max_model_len,
+        max_model_len=state.async_engine.facts.max_model_len,
     )
