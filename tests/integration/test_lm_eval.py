@@ -3,13 +3,14 @@ whose per-choice log-likelihoods equal those of lm-eval's own `hf` backend with 
 same adapter (float32), and a generate task whose outputs equal the engine's own.
 
 Offline: the tasks and their data are local files (tests/data/lm_eval), nothing comes from a
-hub. The model is a parameter (EVAL_MODELS), so a real checkpoint can join the tiny one.
+hub. The model is a parameter (EVAL_MODELS): the tiny random Llama, and the real default model
+SmolLM2-135M-Instruct, whose generate task is checked against lm-eval's hf backend as well.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ import pytest
 from server.engine.sampling_params import SamplingParams
 from tests.integration.conftest import Oracle, adapter_name
 from tests.integration.live_server import REPO_ROOT, LiveServer
+from tests.peft_reference import save_peft_adapter
 
 lm_eval = pytest.importorskip("lm_eval")
 
@@ -26,6 +28,8 @@ DATA = REPO_ROOT / "tests" / "data" / "lm_eval"
 TOL = 1e-4
 MC_TASK = "loraplex_multiple_choice"
 GEN_TASK = "loraplex_generate"
+# The adapter on SmolLM2: attention and MLP, so the scores depend on every kind of LoRA layer.
+SMOLLM2_LORA = dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"])
 
 
 @dataclass
@@ -52,7 +56,26 @@ def _tiny(request: pytest.FixtureRequest) -> EvalModel:
     )
 
 
-EVAL_MODELS: dict[str, Callable[[pytest.FixtureRequest], EvalModel]] = {"tiny-llama": _tiny}
+@pytest.fixture(scope="module")
+def smollm2_eval(
+    smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[EvalModel]:
+    """The real default model, SmolLM2-135M-Instruct (float32), served with one PEFT adapter."""
+    root = tmp_path_factory.mktemp("smollm2-eval")
+    adapter_dir = save_peft_adapter(
+        smollm2_dir, root / "adapters" / "eval-r8", seed=3, **SMOLLM2_LORA
+    )
+    args = ["--max-model-len", "512", "--max-lora-rank", "8"]
+    args += ["--preload-adapters", str(adapter_dir.parent)]
+    live = LiveServer(smollm2_dir, root / "data", args).start()
+    yield EvalModel(live, smollm2_dir, adapter_dir.name, adapter_dir)
+    live.stop()
+
+
+EVAL_MODELS: dict[str, Callable[[pytest.FixtureRequest], EvalModel]] = {
+    "tiny-llama": _tiny,
+    "smollm2": lambda request: request.getfixturevalue("smollm2_eval"),
+}
 
 
 @pytest.fixture(params=list(EVAL_MODELS))
@@ -120,23 +143,23 @@ def _through_server(m: EvalModel, monkeypatch: pytest.MonkeyPatch) -> dict[str, 
     }
 
 
+def _with_peft(m: EvalModel) -> dict[str, Any]:
+    """lm-eval's hf backend's model_args for the same adapter, float32 on the CPU."""
+    return {
+        "pretrained": str(m.model_dir),
+        "peft": str(m.adapter_dir),
+        "dtype": "float32",
+        "device": "cpu",
+    }
+
+
 def test_multiple_choice_loglikelihoods_equal_lm_evals_hf_backend_with_peft(
     eval_model: EvalModel, tasks, monkeypatch: pytest.MonkeyPatch
 ) -> None:  # type: ignore[no-untyped-def]
     served = _evaluate(
         "local-completions", _through_server(eval_model, monkeypatch), MC_TASK, tasks
     )
-    reference = _evaluate(
-        "hf",
-        {
-            "pretrained": str(eval_model.model_dir),
-            "peft": str(eval_model.adapter_dir),
-            "dtype": "float32",
-            "device": "cpu",
-        },
-        MC_TASK,
-        tasks,
-    )
+    reference = _evaluate("hf", _with_peft(eval_model), MC_TASK, tasks)
     assert len(served) == len(reference) > 0
     for ours, theirs in zip(served, reference, strict=True):
         assert len(ours["resps"]) == len(theirs["resps"]) == len(ours["doc"]["choices"])
@@ -154,7 +177,9 @@ def test_a_generate_task_runs_through_the_server(
         "local-completions", _through_server(eval_model, monkeypatch), GEN_TASK, tasks
     )
     assert len(served) == 4
-    if eval_model.oracle is None:
+    if eval_model.oracle is None:  # the real model: lm-eval's own hf backend, greedy, with peft
+        reference = _evaluate("hf", _with_peft(eval_model), GEN_TASK, tasks)
+        assert [s["resps"] for s in served] == [s["resps"] for s in reference]
         return
     engine = eval_model.oracle.engine
     params = SamplingParams(max_tokens=6, temperature=0, stop=["\n"])
