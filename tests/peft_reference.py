@@ -35,8 +35,8 @@ def save_peft_adapter(base_dir: Path, out: Path, seed: int = 0, rope_scaling_fac
     return out
 
 
-def peft_greedy(base_dir: Path, adapter_dir: Path, prompt: list[int], max_new_tokens: int):  # type: ignore[no-untyped-def]
-    """Greedy tokens of the base with this one adapter, as PEFT computes them."""
+def load_peft(base_dir: Path, adapter_dir: Path):  # type: ignore[no-untyped-def]
+    """The base with this one adapter, as PEFT runs it (float32, eval mode)."""
     from peft import PeftModel
 
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
@@ -44,8 +44,12 @@ def peft_greedy(base_dir: Path, adapter_dir: Path, prompt: list[int], max_new_to
     factor = config.get("rope_scaling_factor")
     if factor:
         base = _with_linear_rope(base_dir, factor)
-    model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
-    return hf_greedy(model, prompt, max_new_tokens)
+    return PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+
+
+def peft_greedy(base_dir: Path, adapter_dir: Path, prompt: list[int], max_new_tokens: int):  # type: ignore[no-untyped-def]
+    """Greedy tokens of the base with this one adapter, as PEFT computes them."""
+    return hf_greedy(load_peft(base_dir, adapter_dir), prompt, max_new_tokens)
 
 
 def _with_linear_rope(base_dir: Path, factor: float) -> Any:

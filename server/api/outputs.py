@@ -1,17 +1,20 @@
 """What the completion and chat services share: SSE framing, collecting a request's outputs,
-best_of selection, usage, and logprobs in OpenAI's two shapes."""
+best_of selection, usage, and logprobs in OpenAI's two shapes (and vLLM's prompt_logprobs)."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
+from itertools import accumulate
 
 from server.api.errors import translate
 from server.api.schemas.openai import (
     ChatLogprobs,
     ChatTokenLogprob,
     CompletionLogprobs,
+    PromptLogprob,
+    PromptLogprobs,
     PromptTokensDetails,
     TopLogprob,
     Usage,
@@ -41,6 +44,10 @@ class Finished:
     logprobs: list[TokenLogprob] = field(default_factory=list)
 
     @property
+    def prompt_logprobs(self) -> list[TokenLogprob | None] | None:
+        return self.output.prompt_logprobs
+
+    @property
     def cumulative_logprob(self) -> float:
         return sum(lp.logprob for lp in self.logprobs)
 
@@ -66,13 +73,16 @@ def best_of(results: list[Finished], best: int, n: int) -> list[Finished]:
     return chosen
 
 
-def usage(finals: Iterable[RequestOutput], samples_per_prompt: int) -> Usage:
-    """Prompt tokens once per prompt (not per sample); every generated token counts."""
+def usage(
+    finals: Iterable[RequestOutput], samples_per_prompt: int, scoring_only: bool = False
+) -> Usage:
+    """Prompt tokens once per prompt (not per sample); every generated token counts, none
+    when the request only scores its prompts (the one token sampled is not shown)."""
     outs = list(finals)
     samples = max(samples_per_prompt, 1)
     prompt = sum(o.num_prompt_tokens for o in outs) // samples
     cached = sum(o.num_cached_tokens for o in outs) // samples
-    completion = sum(o.num_output_tokens for o in outs)
+    completion = 0 if scoring_only else sum(o.num_output_tokens for o in outs)
     return Usage(
         prompt_tokens=prompt,
         completion_tokens=completion,
@@ -103,6 +113,40 @@ class LogprobFormatter:
             top_logprobs=[self._top_by_text(lp) for lp in lps],
             text_offset=offsets,
         )
+
+    def echo(
+        self, prompt_ids: list[int], scored: list[TokenLogprob | None], lps: list[TokenLogprob]
+    ) -> CompletionLogprobs:
+        """An echoed prompt's tokens (the first with no logprob) followed by the generated
+        ones, offsets running on through both."""
+        tokens = [self.text(t) for t in prompt_ids]
+        offsets = list(accumulate((len(t) for t in tokens[:-1]), initial=0))
+        generated = self.completion(lps, offsets[-1] + len(tokens[-1]))
+        return CompletionLogprobs(
+            tokens=tokens + generated.tokens,
+            token_logprobs=[None if lp is None else lp.logprob for lp in scored]
+            + generated.token_logprobs,
+            top_logprobs=[None if lp is None else self._top_by_text(lp) for lp in scored]
+            + generated.top_logprobs,
+            text_offset=offsets + generated.text_offset,
+        )
+
+    def prompt(self, scored: list[TokenLogprob | None]) -> PromptLogprobs:
+        """vLLM's prompt_logprobs: per prompt token (None for the first), the token and its
+        alternatives by id, each with its logprob, rank and text."""
+        out: PromptLogprobs = []
+        for lp in scored:
+            if lp is None:
+                out.append(None)
+                continue
+            entry = {str(lp.token_id): self._prompt_entry(lp.token_id, lp.logprob, lp.rank)}
+            for rank, (token_id, logprob) in enumerate(lp.top, start=1):
+                entry.setdefault(str(token_id), self._prompt_entry(token_id, logprob, rank))
+            out.append(entry)
+        return out
+
+    def _prompt_entry(self, token_id: int, logprob: float, rank: int | None) -> PromptLogprob:
+        return PromptLogprob(logprob=logprob, rank=rank, decoded_token=self.text(token_id))
 
     def _top_by_text(self, lp: TokenLogprob) -> dict[str, float]:
         # Tokens that decode alone to the same text (partial UTF-8 bytes all read as U+FFFD)

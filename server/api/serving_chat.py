@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
@@ -42,6 +43,27 @@ from server.api.tools import ToolCall as ParsedCall
 from server.engine.outputs import RequestOutput
 from server.engine.sampling_params import SamplingParams
 from server.model.tokenizer import TemplateTooSlowError, Tokenizer
+
+
+@dataclass
+class ChatRun:
+    """A chat request queued in the engine, and what its outputs are parsed with."""
+
+    req: ChatCompletionRequest
+    family: Family
+    tools: ToolRequest
+    stream: AsyncIterator[tuple[int, RequestOutput]]
+
+
+@dataclass
+class ChatDelta:
+    """One choice's news: content that may be sent now and, once it ends, its tool calls."""
+
+    index: int
+    text: str
+    calls: list[ParsedCall]
+    finish_reason: str | None  # "tool_calls" when it ended in calls
+    output: RequestOutput
 
 
 def _tool_calls(calls: list[ParsedCall]) -> list[ToolCall]:
@@ -90,21 +112,41 @@ class ChatService(OpenAIService):
             messages.append(history_message(message))
         return messages
 
-    def _calls(
-        self, family: Family, tools: ToolRequest, out: RequestOutput
-    ) -> tuple[str | None, list[ParsedCall]]:
+    def parse(self, run: ChatRun, out: RequestOutput) -> tuple[str | None, list[ParsedCall]]:
         """The message content and tool calls in a finished output."""
+        tools = run.tools
         calls = tools.calls_from_constrained(out.text) if tools.constrained else []
         if calls:
             return None, calls
         if tools.parses_free_text:
-            content, calls = parse_tool_calls(family, out.text, tools.tools)
+            content, calls = parse_tool_calls(run.family, out.text, tools.tools)
             return content, calls if tools.parallel else calls[:1]
         return out.text, []
 
     async def chat(
         self, raw: Request, req: ChatCompletionRequest
     ) -> ChatCompletionResponse | AsyncIterator[str]:
+        run = await self.start(raw, req)
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+        if req.stream:
+            return self._stream(run, rid, created)
+        results = await collect(run.stream, req.n)
+        prompt_lp = None
+        if req.prompt_logprobs is not None:
+            assert results[0].prompt_logprobs is not None
+            prompt_lp = self.logprobs.prompt(results[0].prompt_logprobs)
+        return ChatCompletionResponse(
+            id=rid,
+            created=created,
+            model=req.model,
+            choices=[self._choice(run, i, r) for i, r in enumerate(results)],
+            usage=usage((r.output for r in results), req.n),
+            prompt_logprobs=prompt_lp,
+        )
+
+    async def start(self, raw: Request, req: ChatCompletionRequest) -> ChatRun:
+        """Check, render and queue a chat request; its outputs are parsed with what returns."""
         self.check_request(req)
         tools = parse_tool_request(req.tools, req.tool_choice, req.parallel_tool_calls)
         grammar = openai_grammar(req.response_format, req.guided_regex, req.guided_choice)
@@ -150,43 +192,47 @@ class ChatService(OpenAIService):
         keep_special = tools.parses_free_text and any(
             marker in template for marker in ("[TOOL_CALLS]", "<|python_tag|>")
         )
-        params = self.params(req, req.n, max_tokens, top, grammar, False if keep_special else None)
+        params = self.params(
+            req,
+            req.n,
+            max_tokens,
+            top,
+            grammar,
+            False if keep_special else None,
+            req.prompt_logprobs,
+        )
         stop_at_template_eos(tok, params)
-        rid = f"chatcmpl-{uuid.uuid4().hex}"
-        created = int(time.time())
         stream = self.engine.generate(
             raw, [prompt] * req.n, params, adapter, version, req.cache_salt
         )
-        stream = self.holding(req, adapter, stream)
-        if req.stream:
-            return self._stream(req, family, tools, rid, created, stream)
-        results = await collect(stream, req.n)
-        return ChatCompletionResponse(
-            id=rid,
-            created=created,
-            model=req.model,
-            choices=[self._choice(req, family, tools, i, r) for i, r in enumerate(results)],
-            usage=usage((r.output for r in results), req.n),
-        )
+        return ChatRun(req, family, tools, self.holding(req, adapter, stream))
 
-    def _choice(
-        self,
-        req: ChatCompletionRequest,
-        family: Family,
-        tools: ToolRequest,
-        index: int,
-        result: Finished,
-    ) -> ChatChoice:
+    async def deltas(self, run: ChatRun) -> AsyncIterator[ChatDelta]:
+        """Each choice's new content as it comes; text that is (or may become) a tool call is
+        held back until its output ends, then given as calls (or as text after all)."""
+        held = [ToolStream(run.family, run.tools) for _ in range(run.req.n)]
+        async for i, out in run.stream:
+            text = held[i].feed(out.new_text)
+            finish = out.finish_reason
+            calls: list[ParsedCall] = []
+            if out.finished:
+                rest, calls = held[i].finish(out.finish_reason)
+                text += rest
+                finish = "tool_calls" if calls else finish
+            yield ChatDelta(i, text, calls, finish, out)
+
+    def _choice(self, run: ChatRun, index: int, result: Finished) -> ChatChoice:
         out = result.output
-        content, calls = self._calls(family, tools, out)
+        content, calls = self.parse(run, out)
         return ChatChoice(
             index=index,
             message=AssistantMessage(content=content, tool_calls=_tool_calls(calls) or None),
-            logprobs=self.logprobs.chat(result.logprobs) if req.logprobs else None,
+            logprobs=self.logprobs.chat(result.logprobs) if run.req.logprobs else None,
             finish_reason="tool_calls" if calls else out.finish_reason,
         )
 
-    async def _stream(self, req, family, tools, rid, created, stream) -> AsyncIterator[str]:  # type: ignore[no-untyped-def]
+    async def _stream(self, run: ChatRun, rid: str, created: int) -> AsyncIterator[str]:
+        req = run.req
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
         def chunk(choice: ChatChunkChoice) -> str:
@@ -194,34 +240,31 @@ class ChatService(OpenAIService):
             # With include_usage every chunk carries "usage": null, and the last one the totals.
             return sse(body.model_dump_json(exclude=None if include_usage else {"usage"}))
 
-        # Tool-call text is held back until the output ends, then sent as tool_calls deltas.
-        held = [ToolStream(family, tools) for _ in range(req.n)]
         finals: list[RequestOutput] = []
         try:
             for i in range(req.n):
                 yield chunk(
                     ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
                 )
-            async for i, out in stream:
+            async for d in self.deltas(run):
+                out = d.output
                 lp = self.logprobs.chat(out.logprobs) if req.logprobs else None
-                text = held[i].feed(out.new_text)
-                finish = out.finish_reason
-                calls: list[ParsedCall] = []
                 if out.finished:
-                    rest, calls = held[i].finish(out.finish_reason)
-                    text += rest
-                    finish = "tool_calls" if calls else finish
                     finals.append(out)
-                if calls:  # any text first, then the calls with the finish reason
-                    if text or lp is not None:
-                        delta = DeltaMessage(content=text or None)
-                        yield chunk(ChatChunkChoice(index=i, delta=delta, logprobs=lp))
-                    delta = DeltaMessage(tool_calls=_delta_tool_calls(calls))
-                    yield chunk(ChatChunkChoice(index=i, delta=delta, finish_reason=finish))
-                elif text or out.finished or lp is not None:
-                    delta = DeltaMessage(content=text or None)
+                if d.calls:  # any text first, then the calls with the finish reason
+                    if d.text or lp is not None:
+                        delta = DeltaMessage(content=d.text or None)
+                        yield chunk(ChatChunkChoice(index=d.index, delta=delta, logprobs=lp))
+                    delta = DeltaMessage(tool_calls=_delta_tool_calls(d.calls))
                     yield chunk(
-                        ChatChunkChoice(index=i, delta=delta, logprobs=lp, finish_reason=finish)
+                        ChatChunkChoice(index=d.index, delta=delta, finish_reason=d.finish_reason)
+                    )
+                elif d.text or out.finished or lp is not None:
+                    delta = DeltaMessage(content=d.text or None)
+                    yield chunk(
+                        ChatChunkChoice(
+                            index=d.index, delta=delta, logprobs=lp, finish_reason=d.finish_reason
+                        )
                     )
             if include_usage:
                 body = ChatCompletionChunk(

@@ -58,6 +58,8 @@ def _params(p: LoraxParameters, details: bool, grammar: Grammar | None) -> Sampl
         stop=p.stop or [],
         ignore_eos=p.ignore_eos_token,
         logprobs=0 if details or (p.best_of or 1) > 1 else None,
+        # TGI's prefill details: every prompt token's logprob but the first's
+        prompt_logprobs=0 if details and p.decoder_input_details else None,
         grammar=grammar,
     )
 
@@ -131,9 +133,16 @@ class LoraxService:
             raise BadRequest("inputs is empty", "inputs")
         if grammar is not None:
             grammar = await compile_grammar(self.model.grammars, grammar, fairness_tenant(raw))
-        # Each of best_of samples draws from its own seed (seed, seed + 1, ...).
+        # Each of best_of samples draws from its own seed (seed, seed + 1, ...); the first
+        # alone scores the prompt, when asked.
         samples = [
-            replace(params, grammar=grammar, seed=_sample_seed(p.seed, j)) for j in range(best)
+            replace(
+                params,
+                grammar=grammar,
+                seed=_sample_seed(p.seed, j),
+                prompt_logprobs=params.prompt_logprobs if j == 0 else None,
+            )
+            for j in range(best)
         ]
         stream = self.engine.generate(raw, [prompt] * best, samples, adapter)
         if p.merged_adapters is not None and adapter is not None:
@@ -151,7 +160,14 @@ class LoraxService:
             return LoraxResponse(generated_text=text)
         prefill: list[LoraxToken] = []
         if p.decoder_input_details:  # a decode per prompt token: long for a long prompt
-            prefill = await off_loop(lambda: [self._token(t, None) for t in prompt])
+            scored = results[0].prompt_logprobs
+            assert scored is not None
+            prefill = await off_loop(
+                lambda: [
+                    self._token(t, None if lp is None else lp.logprob)
+                    for t, lp in zip(prompt, scored, strict=True)
+                ]
+            )
         others = None
         if len(results) > 1:  # TGI's best_of_sequences: every candidate not chosen
             others = [
@@ -189,6 +205,11 @@ class LoraxService:
     async def stream(self, raw: Request, req: LoraxRequest) -> AsyncIterator[str]:
         """The SSE events; a request that is refused raises here, before the stream starts."""
         p = req.parameters
+        if p.decoder_input_details:  # as TGI: stream events have no prefill details
+            raise BadRequest(
+                "parameters.decoder_input_details is not supported when streaming",
+                "parameters.decoder_input_details",
+            )
         _, stream = await self._start(raw, req, True, True)
 
         async def events() -> AsyncIterator[str]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 from fastapi import Request
 
@@ -34,6 +35,7 @@ from server.engine.grammar import Grammar
 from server.engine.llm_engine import Prompt
 from server.engine.outputs import RequestOutput
 from server.engine.sampling_params import SamplingParams
+from server.engine.sequence import TokenLogprob
 
 __all__ = ["CompletionService", "OpenAIService", "sse"]
 
@@ -57,6 +59,8 @@ class OpenAIService:
             check_token_ids(req.stop_token_ids, self.prompts.vocab_size, "stop_token_ids")
         if req.stream_options is not None and not req.stream:
             raise BadRequest("stream_options is only allowed when stream is true", "stream_options")
+        if req.prompt_logprobs is not None and req.stream:
+            raise BadRequest("prompt_logprobs cannot be streamed", "prompt_logprobs")
 
     async def adapter(self, req: SamplingFields) -> str | None:
         """The adapter serving the request: the one `model` names, or a merge of
@@ -93,8 +97,11 @@ class OpenAIService:
         logprobs: int | None,
         grammar: Grammar | None,
         skip_special_tokens: bool | None = None,
+        prompt_logprobs: int | None = None,
+        score_every_sample: bool = False,
     ) -> list[SamplingParams]:
-        """The engine's SamplingParams for each of a prompt's `count` samples."""
+        """The engine's SamplingParams for each of a prompt's `count` samples; the first
+        sample alone scores the prompt, when asked, unless every sample must."""
         bias = logit_bias(req.logit_bias)
         # The model's generation_config.json values stand in for the fields left out.
         defaults = self.model.generation_defaults
@@ -123,6 +130,7 @@ class OpenAIService:
                 logit_bias=bias,
                 min_tokens=req.min_tokens,
                 grammar=grammar,
+                prompt_logprobs=prompt_logprobs if j == 0 or score_every_sample else None,
             )
             for j in range(count)
         ]
@@ -166,8 +174,6 @@ class CompletionService(OpenAIService):
     ) -> CompletionResponse | AsyncIterator[str]:
         if req.suffix is not None:
             raise BadRequest("suffix is not supported", "suffix")
-        if req.echo and req.logprobs is not None:
-            raise BadRequest("echo with logprobs is not supported", "echo")
         self.check_request(req)
         samples = self._samples(req)
         adapter = await self.adapter(req)
@@ -176,11 +182,19 @@ class CompletionService(OpenAIService):
         engine_logprobs = 0 if samples > req.n and req.logprobs is None else req.logprobs
         prompts, prompt_ids = await self._prompts(req, samples)
         grammar = await self.compile(raw, grammar)
-        max_tokens = req.max_tokens or 16
+        # max_tokens 0 scores the prompt only: the engine samples one token (from the last
+        # prompt row, which the step computes anyway), and the reply leaves it out.
+        max_tokens = 16 if req.max_tokens is None else req.max_tokens
         if "max_tokens" not in req.model_fields_set:
             max_tokens = self.model.generation_defaults.max_tokens or max_tokens
-        params = self.params(req, samples, max_tokens, engine_logprobs, grammar)
-        flat = [p for p in prompts for _ in range(samples)]
+        echo_logprobs = req.logprobs if req.echo else None
+        scored = max(
+            (k for k in (echo_logprobs, req.prompt_logprobs) if k is not None), default=None
+        )
+        # A stream echoes each sample's prompt with its scores as that sample starts.
+        params = self.params(
+            req, samples, max(max_tokens, 1), engine_logprobs, grammar, None, scored, req.stream
+        )
         flat_ids = [ids for ids in prompt_ids for _ in range(samples)]
         rid = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
@@ -188,61 +202,106 @@ class CompletionService(OpenAIService):
             raw, flat_ids, params * len(prompts), adapter, cache_salt=req.cache_salt
         )
         stream = self.holding(req, adapter, stream)
+        echoes = [self._echo(p) if req.echo else "" for p in prompts]
         if req.stream:
-            return self._stream(req, rid, created, flat, stream)
-        results = await collect(stream, len(flat))
+            return self._stream(req, rid, created, echoes, prompt_ids, samples, stream)
+        results = await collect(stream, len(flat_ids))
         kept = best_of(results, samples, req.n) if samples > req.n else results
-        choices = [self._choice(req, i, r, prompts[i // req.n]) for i, r in enumerate(kept)]
+        choices = [
+            self._choice(
+                req, i, r, echoes[i // req.n], prompt_ids[i // req.n], results[i // req.n * samples]
+            )
+            for i, r in enumerate(kept)
+        ]
+        total = usage((r.output for r in results), samples, max_tokens == 0)
         return CompletionResponse(
-            id=rid,
-            created=created,
-            model=req.model,
-            choices=choices,
-            usage=usage((r.output for r in results), samples),
+            id=rid, created=created, model=req.model, choices=choices, usage=total
         )
 
     def _choice(
-        self, req: CompletionRequest, index: int, result: Finished, prompt: Prompt
+        self,
+        req: CompletionRequest,
+        index: int,
+        result: Finished,
+        echo: str,
+        prompt_ids: list[int],
+        scorer: Finished,
     ) -> CompletionChoice:
+        """One choice; `scorer` is the sample of its prompt that scored the prompt."""
         out = result.output
-        text = self._echo(prompt) + out.text if req.echo else out.text
-        lp = self.logprobs.completion(result.logprobs, 0) if req.logprobs is not None else None
+        scoring_only = req.max_tokens == 0
+        text = echo + ("" if scoring_only else out.text)
+        lps = [] if scoring_only else result.logprobs
+        lp = None
+        if req.logprobs is not None:
+            if req.echo:
+                assert scorer.prompt_logprobs is not None
+                scored = _top(scorer.prompt_logprobs, req.logprobs)
+                lp = self.logprobs.echo(prompt_ids, scored, lps)
+            else:
+                lp = self.logprobs.completion(lps, 0)
+        prompt_lp = None
+        if req.prompt_logprobs is not None:
+            assert scorer.prompt_logprobs is not None
+            prompt_lp = self.logprobs.prompt(_top(scorer.prompt_logprobs, req.prompt_logprobs))
         return CompletionChoice(
-            index=index, text=text, logprobs=lp, finish_reason=out.finish_reason
+            index=index,
+            text=text,
+            logprobs=lp,
+            finish_reason=out.finish_reason,
+            prompt_logprobs=prompt_lp,
         )
 
     def _echo(self, prompt: Prompt) -> str:
         return prompt if isinstance(prompt, str) else self.tok.decode(prompt)
 
-    async def _stream(self, req, rid, created, prompts, stream) -> AsyncIterator[str]:  # type: ignore[no-untyped-def]
+    async def _stream(
+        self, req, rid, created, echoes, prompt_ids, samples, stream
+    ) -> AsyncIterator[str]:  # type: ignore[no-untyped-def]
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        omitted = {"choices": {"__all__": {"prompt_logprobs"}}}  # never streamed
 
         def chunk(index: int, text: str, lp, finish: str | None) -> str:  # type: ignore[no-untyped-def]
             choice = CompletionChoice(index=index, text=text, logprobs=lp, finish_reason=finish)
             body = CompletionResponse(id=rid, created=created, model=req.model, choices=[choice])
             # With include_usage every chunk carries "usage": null, and the last one the totals.
-            return sse(body.model_dump_json(exclude=None if include_usage else {"usage"}))
+            exclude = omitted if include_usage else {**omitted, "usage": True}
+            return sse(body.model_dump_json(exclude=exclude))
 
+        scoring_only = req.max_tokens == 0
         finals: list[RequestOutput] = []
-        offsets = [0] * len(prompts)
+        offsets = [0] * len(echoes) * samples
+        echoed = [not req.echo] * len(offsets)
         try:
-            if req.echo:
-                for i, p in enumerate(prompts):
-                    yield chunk(i, self._echo(p), None, None)
             async for i, out in stream:
+                if not echoed[i]:  # the prompt first, with its scores when asked
+                    echoed[i] = True
+                    lp = None
+                    if req.logprobs is not None:
+                        assert out.prompt_logprobs is not None
+                        lp = self.logprobs.echo(prompt_ids[i // samples], out.prompt_logprobs, [])
+                        offsets[i] = lp.text_offset[-1] + len(lp.tokens[-1])
+                    yield chunk(i, echoes[i // samples], lp, None)
                 lp = None
-                if req.logprobs is not None:
+                if req.logprobs is not None and not scoring_only:
                     lp = self.logprobs.completion(out.logprobs, offsets[i])
                     offsets[i] += sum(len(t) for t in lp.tokens)
-                if out.new_text or out.finished or lp is not None:
-                    yield chunk(i, out.new_text, lp, out.finish_reason)
+                text = "" if scoring_only else out.new_text
+                if text or out.finished or lp is not None:
+                    yield chunk(i, text, lp, out.finish_reason)
                 if out.finished:
                     finals.append(out)
             if include_usage:
+                total = usage(finals, req.n, scoring_only)
                 body = CompletionResponse(
-                    id=rid, created=created, model=req.model, choices=[], usage=usage(finals, req.n)
+                    id=rid, created=created, model=req.model, choices=[], usage=total
                 )
                 yield sse(body.model_dump_json())
         except Exception as exc:  # an API error or any other: one SSE error event
             yield sse_error(exc)
         yield sse("[DONE]")
+
+
+def _top(scored: list[TokenLogprob | None], k: int) -> list[TokenLogprob | None]:
+    """Prompt scores with at most k alternatives each (the engine scored the most asked)."""
+    return [None if lp is None else replace(lp, top=lp.top[:k]) for lp in scored]

@@ -21,6 +21,7 @@ from server.api.fairness import TenantBudget
 from server.api.serving_chat import ChatService
 from server.api.serving_lorax import LoraxService
 from server.api.serving_openai import CompletionService
+from server.api.serving_responses import ResponsesService
 from server.config import ServerConfig
 from server.engine.async_engine import AsyncLLMEngine
 from server.engine.llm_engine import LLMEngine
@@ -50,14 +51,17 @@ class Services:
     completions: CompletionService
     chat: ChatService
     lorax: LoraxService
+    responses: ResponsesService  # over the chat service
 
     @classmethod
     def build(cls, client: ServingClient, adapters: AdapterService, llm: LLMEngine) -> Services:
         model = ServedModel.of(llm)
+        chat = ChatService(client, adapters, model)
         return cls(
             CompletionService(client, adapters, model),
-            ChatService(client, adapters, model),
+            chat,
             LoraxService(client, adapters, model),
+            ResponsesService(chat),
         )
 
 

@@ -176,5 +176,5 @@ class DecodeGraphs:
         graph = torch.cuda.CUDAGraph()
         step = self._static_step(bucket)  # fresh LoRA gathers, recorded into the graph
         with torch.cuda.graph(graph, pool=self._mempool):
-            self._logits[bucket] = self.runner.run(step)
+            self._logits[bucket] = self.runner.run(step).logits
         self._graphs[bucket] = graph

@@ -9,8 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-
 from server.config import ConfigError, EngineConfig
 from server.engine.backends import Backends
 from server.engine.errors import (
@@ -24,7 +22,7 @@ from server.engine.logits_processors import accept_token
 from server.engine.model_runner import ModelRunner
 from server.engine.outputs import OutputText, RequestOutput
 from server.engine.requests import Prompt, RequestFactory
-from server.engine.sampler import NON_FINITE, Sampler
+from server.engine.sampler import NON_FINITE, Sampler, non_finite_message
 from server.engine.sampling_params import SamplingParams
 from server.engine.scheduler import Scheduler, SchedulerOutput
 from server.engine.sequence import Sequence
@@ -36,6 +34,7 @@ from server.engine.setup import (
     with_quantize_chosen,
 )
 from server.engine.stats import StepStats
+from server.engine.step_inputs import StepOutput
 from server.lora.batch import group_by_adapter
 from server.lora.layers import enable_lora
 from server.memory.kv_cache import KVCacheManager
@@ -51,11 +50,6 @@ STALL_WAIT_S = 0.001  # offline generate: a pause while only adapter reads can p
 class _Request:
     seq: Sequence
     text: OutputText
-
-
-def _non_finite_message(seq: Sequence) -> str:
-    source = "the base model" if seq.adapter_name is None else f"adapter {seq.adapter_name!r}"
-    return f"{source} produced non-finite values (inf or NaN) for this request"
 
 
 class LLMEngine:
@@ -270,9 +264,9 @@ class LLMEngine:
             token_counts = ((s.seq.adapter_id, s.num_new_tokens) for s in sched.scheduled)
             lora = self.adapter_cache.lora_batch(token_counts)
         start = time.perf_counter()
-        logits = self.runner.execute(sched.scheduled, lora)
+        step = self.runner.execute(sched.scheduled, lora)
         self.scheduler.advance(sched)
-        outputs = self._process(sched, logits)  # waits for the device: sampled tokens
+        outputs = self._process(sched, step)  # waits for the device: sampled tokens
         tokens = sched.num_batched_tokens
         if tokens > len(sched.scheduled):
             # A step with prefill: what recomputing a cached block would cost, per token.
@@ -303,15 +297,17 @@ class LLMEngine:
         self.sampler.release(seq)
         self._stats.record_finish(seq, now)
 
-    def _process(self, sched: SchedulerOutput, logits: torch.Tensor) -> list[RequestOutput]:
+    def _process(self, sched: SchedulerOutput, step: StepOutput) -> list[RequestOutput]:
         sampling = [s.seq for s in sched.scheduled if s.samples]
-        results = self.sampler(logits, sampling) if sampling else []
+        results = self.sampler(step.logits, sampling, step.prompt) if sampling else []
+        if step.prompt is not None and not sampling:
+            step.prompt.deliver_alone()
         now = time.monotonic()
         outputs = []
         for seq, (token, logprob) in zip(sampling, results, strict=True):
             req = self._requests[seq.request_id]
             if token == NON_FINITE:
-                seq.error = _non_finite_message(seq)
+                seq.error = non_finite_message(seq)
                 logger.warning("request %s failed: %s", seq.request_id, seq.error)
                 reason: str | None = "error"
                 new_ids: list[int] = []
@@ -365,6 +361,8 @@ class LLMEngine:
             finish_reason=seq.finish_reason if finished else None,
             stop_reason=seq.stop_reason,
             logprobs=logprobs,
+            # Whole, first and last: every prompt token is scored before one is sampled.
+            prompt_logprobs=seq.prompt_logprobs if finished or seq.num_output_tokens <= 1 else None,
             adapter_name=seq.adapter_name,
             error=seq.error,
             num_cached_tokens=seq.num_cached_tokens,

@@ -1,5 +1,6 @@
 """ModelRunner: everything on the device. Builds a step's typed inputs in preallocated
-buffers, runs the model under the step's ForwardContext, returns the sampled rows' logits.
+buffers, runs the model under the step's ForwardContext, returns the sampled rows' logits (and
+the prompt scores of sequences that ask for prompt logprobs).
 
 The torch attention path's padded groups (masks sized by the step's longest sequence) are
 built per step; that path serves the CPU. The kernel path reads only fixed buffers.
@@ -12,8 +13,14 @@ from typing import Protocol
 import torch
 
 from server.engine.backends import KernelBackend
+from server.engine.prompt_logprobs import (
+    PromptRows,
+    PromptScores,
+    plan_prompt_rows,
+    score_prompt_rows,
+)
 from server.engine.scheduler import ScheduledSeq
-from server.engine.step_inputs import StepBuffers, StepInputs
+from server.engine.step_inputs import StepBuffers, StepInputs, StepOutput
 from server.lora.batch import LoRABatch
 from server.memory.page_pool import PagePool
 from server.model.context import (
@@ -56,25 +63,34 @@ class ModelRunner:
         self.kernels = kernels  # which attention layout a step needs
         max_blocks = -(-max_model_len // self.block_size)
         self.buffers = StepBuffers(max_num_batched_tokens, max_num_seqs, max_blocks, device)
+        # Prompt rows scored per lm_head call: ~12 bytes per vocabulary entry per row (logits,
+        # log-softmax, comparisons), inside the sampler's activation reserve of 48 bytes per
+        # entry for each of max_num_seqs rows (server/engine/memory_budget.py).
+        self.prompt_chunk_rows = 4 * max_num_seqs
         self.graphs: StepReplayer | None = None  # decode CUDA graphs (CUDA, kernel path)
         for layer, attn in enumerate(model.attention_layers()):
             attn.k_cache, attn.v_cache = pool.kv_views(layer)
 
     @torch.inference_mode()
-    def execute(self, batch: list[ScheduledSeq], lora: LoRABatch | None = None) -> torch.Tensor:
-        """Run one step over `batch`; returns logits [S, vocab] for the sequences that sample,
-        in batch order. Nothing between preparing the inputs and returning the logits waits
-        for the device."""
+    def execute(self, batch: list[ScheduledSeq], lora: LoRABatch | None = None) -> StepOutput:
+        """Run one step over `batch`: logits [S, vocab] for the sequences that sample, in batch
+        order, and the prompt scores of those asking. Nothing between preparing the inputs and
+        returning waits for the device."""
         step = self.prepare(batch, lora)
-        if self.graphs is not None and self.graphs.can_replay(step):
-            return self.graphs.replay(step)
+        if step.prompt is None and self.graphs is not None and self.graphs.can_replay(step):
+            return StepOutput(self.graphs.replay(step))
         return self.run(step)
 
-    def run(self, step: StepInputs) -> torch.Tensor:
-        """The forward over prepared inputs -> logits [S, vocab] float32."""
+    def run(self, step: StepInputs) -> StepOutput:
+        """The forward over prepared inputs -> logits [S, vocab] float32 (+ prompt scores)."""
         with forward_context(step.context):
             hidden = self.model(step.input_ids, step.positions)
-        return self.model.compute_logits(hidden[step.sample_idx])
+        logits = self.model.compute_logits(hidden[step.sample_idx])
+        if step.prompt is None:
+            return StepOutput(logits)
+        assert step.prompt_plan is not None
+        values = score_prompt_rows(self.model, hidden, step.prompt, self.prompt_chunk_rows)
+        return StepOutput(logits, PromptScores(step.prompt_plan, values))
 
     def prepare(self, batch: list[ScheduledSeq], lora: LoRABatch | None = None) -> StepInputs:
         """Build the step's metadata on the host and copy it into the step buffers."""
@@ -127,12 +143,19 @@ class ModelRunner:
             tokens[StepBuffers.SLOT_PAGES], tokens[StepBuffers.SLOT_OFFSETS], groups, seqs
         )
         decode_only = all(s.num_new_tokens == 1 for s in batch)
+        plan = plan_prompt_rows(batch)
+        prompt = None
+        if plan is not None:
+            idx, targets = buf.fill_prompt_rows(plan.flat_idx, plan.targets)
+            prompt = PromptRows(idx, targets, plan.k)
         return StepInputs(
             input_ids=tokens[StepBuffers.INPUT_IDS],
             positions=tokens[StepBuffers.POSITIONS],
             sample_idx=sample_idx,
             context=ForwardContext(attn=meta, lora=lora, rope_scale=rope_scale),
             num_decode_only=len(batch) if decode_only else None,
+            prompt=prompt,
+            prompt_plan=plan,
         )
 
     def _seq_layout(

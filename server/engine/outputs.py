@@ -22,6 +22,8 @@ class RequestOutput:
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     stop_reason: str | int | None = None  # the stop string or stop token that ended it
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    # Every prompt token's (the first has none), on the request's first output, when asked.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
     adapter_name: str | None = None
     error: str | None = None  # why the engine ended it, when finish_reason is "error"
     num_cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache

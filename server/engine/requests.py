@@ -18,6 +18,7 @@ import torch
 from server.engine.errors import AdapterVersionGoneError, InvalidRequestError, UnknownAdapterError
 from server.engine.grammar import GrammarCompiler
 from server.engine.logits_processors import LogitsState
+from server.engine.prompt_logprobs import check_prompt_logprobs
 from server.engine.sampling_params import SamplingParams
 from server.engine.sequence import Sequence
 from server.model.tokenizer import Tokenizer
@@ -105,6 +106,7 @@ class RequestFactory:
             cache_partition=cache_partition,
             tenant=tenant,
         )
+        check_prompt_logprobs(seq)
         if adapter_name is not None:
             reg = self.registry.get(adapter_name) if self.registry is not None else None
             if reg is None:

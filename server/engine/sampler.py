@@ -14,10 +14,18 @@ from __future__ import annotations
 import torch
 
 from server.engine.logits_processors import apply_logits_processors
+from server.engine.prompt_logprobs import PromptScores, to_host_with
 from server.engine.sequence import Sequence, TokenLogprob
 
 # Sampled in place of a token for a row whose logits are not all finite (the request failed).
 NON_FINITE = -1
+
+
+def non_finite_message(seq: Sequence) -> str:
+    """Why a request whose row was NON_FINITE failed, naming its adapter."""
+    source = "the base model" if seq.adapter_name is None else f"adapter {seq.adapter_name!r}"
+    return f"{source} produced non-finite values (inf or NaN) for this request"
+
 
 # A per-row logits processor (structured output, logit bias): called with the sequence and its
 # row of logits ([vocab] float32, a view), which it may change in place (set -inf to forbid).
@@ -105,10 +113,11 @@ class Sampler:
 
     @torch.inference_mode()
     def __call__(
-        self, logits: torch.Tensor, seqs: list[Sequence]
+        self, logits: torch.Tensor, seqs: list[Sequence], prompt: PromptScores | None = None
     ) -> list[tuple[int, TokenLogprob | None]]:
         """logits: [S, vocab] float32, one row per sequence (changed in place) -> (token id,
-        logprob info) per row; the token is NON_FINITE for a row holding an inf or a NaN."""
+        logprob info) per row; the token is NON_FINITE for a row holding an inf or a NaN.
+        The step's prompt scores, if any, ride in the same device-to-host copy."""
         params = [s.params for s in seqs]
         # Checked before penalties and filters, which put -inf into healthy rows.
         finite = logits.isfinite().all(dim=-1)  # [S]
@@ -132,8 +141,8 @@ class Sampler:
 
         if raw_logprobs is None:
             # The verdict rides in the tokens' one device-to-host copy.
-            return [(t, None) for t in tokens.cpu().tolist()]
-        return self._with_logprobs(tokens, raw_logprobs, max_logprobs, seqs)
+            return [(int(t), None) for t in to_host_with(tokens, prompt)]
+        return self._with_logprobs(tokens, raw_logprobs, max_logprobs, seqs, prompt)
 
     # ---- the steps of a draw ----------------------------------------------------------------
 
@@ -206,7 +215,11 @@ class Sampler:
 
     @staticmethod
     def _with_logprobs(
-        tokens: torch.Tensor, raw: torch.Tensor, max_logprobs: int, seqs: list[Sequence]
+        tokens: torch.Tensor,
+        raw: torch.Tensor,
+        max_logprobs: int,
+        seqs: list[Sequence],
+        prompt: PromptScores | None,
     ) -> list[tuple[int, TokenLogprob | None]]:
         """Tokens plus logprob info, packed in one float64 tensor for one copy to the host."""
         chosen = raw.gather(1, tokens.clamp(min=0)[:, None])  # [S, 1]
@@ -214,7 +227,7 @@ class Sampler:
         if max_logprobs > 0:
             vals, ids = raw.topk(max_logprobs, dim=-1)  # [S, k]
             parts += [ids.double(), vals.double()]
-        host = torch.cat(parts, dim=1).cpu().tolist()
+        host = to_host_with(torch.cat(parts, dim=1), prompt)
         results: list[tuple[int, TokenLogprob | None]] = []
         for seq, row in zip(seqs, host, strict=True):
             token = int(row[0])

@@ -11,6 +11,10 @@ if TYPE_CHECKING:
     from server.engine.grammar import Grammar
 
 MAX_LOGPROBS = 20
+# Prompt logprobs: what one request may ask, counted as prompt positions x (1 + alternatives).
+# Each entry becomes a decoded token in the reply, built on the event loop; this keeps one
+# request's reply to a few MB (a 4096-token prompt with 20 alternatives fits, 8192 does not).
+MAX_PROMPT_LOGPROB_ENTRIES = 2**17
 # The step thread checks every stop string and stop token after every token: bounded work.
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256  # per stop string
@@ -40,6 +44,7 @@ class SamplingParams:
     stop_token_ids: Any = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None
+    prompt_logprobs: int | None = None  # score the prompt's tokens, with this many alternatives
     skip_special_tokens: bool = True
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit
     min_tokens: int = 0  # EOS and stop_token_ids are banned until this many were made
@@ -85,6 +90,12 @@ class SamplingParams:
                 0 <= self.logprobs <= MAX_LOGPROBS,
                 f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}",
                 "logprobs",
+            )
+        if self.prompt_logprobs is not None:
+            _check(
+                0 <= self.prompt_logprobs <= MAX_LOGPROBS,
+                f"prompt_logprobs must be in [0, {MAX_LOGPROBS}], got {self.prompt_logprobs}",
+                "prompt_logprobs",
             )
         if self.seed is not None:
             _check(

@@ -153,8 +153,9 @@ class Scheduler:
                 i += 1  # its weights are being read: never on the step thread
                 continue
             # Cached blocks found now are held from here: the checks below see them as the
-            # sequence's own, no longer as reclaimable room.
-            hit = self.kv.match_prefix(seq)
+            # sequence's own, no longer as reclaimable room. A prompt still being scored skips
+            # the cache: every position must run through the model to get its logprob.
+            hit = 0 if seq.needs_prompt_logprobs else self.kv.match_prefix(seq)
             n = min(seq.num_uncomputed_tokens, budget)
             if not self.kv.can_allocate(seq, n, reserve=self.watermark_pages):
                 self.kv.unmatch(seq)

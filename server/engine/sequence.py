@@ -27,6 +27,7 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: list[tuple[int, float]]
+    rank: int | None = None  # the token's rank in the vocabulary (1 = likeliest), when known
 
 
 @dataclass
@@ -61,6 +62,9 @@ class Sequence:
     error: str | None = None  # set with finish_reason "error"
     seed: int = 0  # the sampler's noise is a function of (seed, position, token)
     logits: LogitsState | None = None  # bias, min_tokens, grammar; None when none apply
+    # One entry per prompt token scored so far, when the request asks (params.prompt_logprobs);
+    # the first token has none, as OpenAI and vLLM report it.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
     num_preemptions: int = 0
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
@@ -69,6 +73,8 @@ class Sequence:
     def __post_init__(self) -> None:
         if not self.token_ids:
             self.token_ids = list(self.prompt_token_ids)
+        if self.params.prompt_logprobs is not None and self.prompt_logprobs is None:
+            self.prompt_logprobs = [None]
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -89,6 +95,12 @@ class Sequence:
     @property
     def num_uncomputed_tokens(self) -> int:
         return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Asked for prompt logprobs and some prompt token is not scored yet."""
+        scored = self.prompt_logprobs
+        return scored is not None and len(scored) < self.num_prompt_tokens
 
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)

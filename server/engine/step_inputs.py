@@ -1,4 +1,4 @@
-"""A step's inputs, typed, and the device buffers they live in.
+"""A step's inputs, typed, the device buffers they live in, and what the forward returns.
 
 Every per-step tensor the forward reads through the kernel path (token ids, positions, KV slot
 mapping, per-sequence lengths, block tables, RoPE factors, rows to sample) is a view of a buffer
@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from server.engine.prompt_logprobs import PromptPlan, PromptRows, PromptScores
 from server.model.context import ForwardContext
 
 
@@ -25,6 +26,16 @@ class StepInputs:
     sample_idx: torch.Tensor  # [S] int64: rows of the hidden states that sample, batch order
     context: ForwardContext
     num_decode_only: int | None = None  # batch size when every sequence decodes one token
+    prompt: PromptRows | None = None  # rows scoring prompt tokens (prompt logprobs)
+    prompt_plan: PromptPlan | None = None  # whose those rows are (host side)
+
+
+@dataclass
+class StepOutput:
+    """What a step's forward leaves on the device for the sampler and the output path."""
+
+    logits: torch.Tensor  # [S, vocab] float32, the sampling rows in batch order
+    prompt: PromptScores | None = None  # prompt logprobs scored this step
 
 
 class StepBuffers:
@@ -51,6 +62,7 @@ class StepBuffers:
         self.tokens, self._tokens_host = pair(4, max_tokens, dtype=torch.int64)
         self.rope_scale, self._rope_host = pair(max_tokens, dtype=torch.float32)
         self.sample_idx, self._sample_host = pair(max_seqs, dtype=torch.int64)
+        self.prompt_rows, self._prompt_host = pair(2, max_tokens, dtype=torch.int64)
         self.seqs, self._seqs_host = pair(3, max_seqs, dtype=torch.int32)
         self.block_tables, self._tables_host = pair(max_seqs, max_blocks, dtype=torch.int32)
 
@@ -83,6 +95,19 @@ class StepBuffers:
         out = self.sample_idx[:n]
         out.copy_(self._sample_host[:n], non_blocking=True)
         return out
+
+    def fill_prompt_rows(
+        self, idx: list[int], targets: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows scoring prompt tokens and the tokens they score ([P] each) -> device views."""
+        n = len(idx)
+        assert n <= self.max_tokens
+        host = self._prompt_host[:, :n]
+        host[0].copy_(torch.tensor(idx, dtype=torch.int64))
+        host[1].copy_(torch.tensor(targets, dtype=torch.int64))
+        out = self.prompt_rows[:, :n]
+        out.copy_(host, non_blocking=True)
+        return out[0], out[1]
 
     def fill_seqs(
         self, rows: list[torch.Tensor], tables: torch.Tensor

@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import openai
 import pytest
 
 from server.config import EngineConfig
@@ -130,6 +131,13 @@ def server(
     live = LiveServer(model_dir, tmp_path_factory.mktemp("main") / "data", args).start()
     yield live
     live.stop()
+
+
+@pytest.fixture
+def sdk(server: LiveServer) -> Iterator[openai.OpenAI]:
+    """The openai SDK on the main server, with the inference key and no retries."""
+    with openai.OpenAI(base_url=f"{server.url}/v1", api_key=server.api_key, max_retries=0) as c:
+        yield c
 
 
 class Oracle:

@@ -41,6 +41,8 @@ ROUTES: dict[tuple[str, str], str] = {
     ("POST", "/v1/completions"): INFERENCE,
     ("POST", "/v1/chat/completions"): INFERENCE,
     ("GET", "/v1/models"): INFERENCE,
+    ("GET", "/v1/models/{model_id}"): INFERENCE,
+    ("POST", "/v1/responses"): INFERENCE,
     ("POST", "/generate"): INFERENCE,
     ("POST", "/generate_stream"): INFERENCE,
     ("POST", "/"): INFERENCE,

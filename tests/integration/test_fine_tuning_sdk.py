@@ -65,6 +65,11 @@ def test_openai_sdk_uploads_trains_and_serves(admin, tmp_path):
     # Four checkpoints were written; the two the trainer kept are listed, newest first.
     steps = [c.step_number for c in admin.fine_tuning.jobs.checkpoints.list(job.id, limit=1)]
     assert steps == [4, 3]
+    # The fine-tuned model and its checkpoints are models like any other: retrieved as listed.
+    listed = {m.id: m for m in admin.models.list()}
+    newest = admin.fine_tuning.jobs.checkpoints.list(job.id).data[0].fine_tuned_model_checkpoint
+    for name in (job.fine_tuned_model, newest):
+        assert admin.models.retrieve(name) == listed[name]
 
     out = admin.completions.create(model=job.fine_tuned_model, prompt="Order: 2 1", max_tokens=4)
     assert out.model == job.fine_tuned_model

@@ -16,6 +16,7 @@ from server.api.serving_openai import CompletionService
 from server.engine.grammar import GrammarCompiler
 from server.engine.outputs import RequestOutput
 from server.engine.sampling_params import SamplingParams
+from server.engine.sequence import TokenLogprob
 from server.model.tokenizer import Tokenizer
 
 
@@ -54,10 +55,20 @@ class Engine:
                         num_prompt_tokens=len(ids),
                         finish_reason="length",
                         num_cached_tokens=1,
+                        prompt_logprobs=_scores(ids)
+                        if params[i].prompt_logprobs is not None
+                        else None,
                     ),
                 )
 
         return outputs()
+
+
+def _scores(ids: list[int]) -> list[TokenLogprob | None]:
+    """Stand-in prompt scores: token j scores -j."""
+    return [None] + [
+        TokenLogprob(t, -float(j), [(t, -float(j))], 1) for j, t in enumerate(ids[1:], 1)
+    ]
 
 
 class Models:
@@ -104,3 +115,28 @@ def test_the_resolver_and_the_models_limits_decide_what_is_refused(service) -> N
     with pytest.raises(BadRequest, match="maximum context length is 64"):
         asyncio.run(svc.completions(None, too_long))  # type: ignore[arg-type]
     assert engine.calls == []
+
+
+def test_scoring_asks_the_engine_once_per_prompt_and_shows_no_generated_token(service) -> None:  # type: ignore[no-untyped-def]
+    """echo + logprobs with max_tokens 0: the first sample of each prompt scores it (with the
+    most alternatives any field asks), the engine samples one token, the reply shows none."""
+    svc, engine = service
+    req = CompletionRequest(
+        model="base",
+        prompt=[[1, 5, 6], [1, 7]],
+        max_tokens=0,
+        n=2,
+        echo=True,
+        logprobs=1,
+        prompt_logprobs=3,
+    )
+    out = asyncio.run(svc.completions(None, req))  # type: ignore[arg-type]
+    _, params, _ = engine.calls[0]
+    assert [p.prompt_logprobs for p in params] == [3, None, 3, None]
+    assert all(p.max_tokens == 1 for p in params)
+    first, _, second, _ = out.choices
+    assert first.text == svc.tok.decode([1, 5, 6]) and first.finish_reason == "length"
+    assert first.logprobs.token_logprobs == [None, -1.0, -2.0]
+    assert second.logprobs.token_logprobs == [None, -1.0]
+    assert second.prompt_logprobs[1]["7"].logprob == -1.0
+    assert out.usage.completion_tokens == 0 and out.usage.total_tokens == out.usage.prompt_tokens

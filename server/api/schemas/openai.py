@@ -50,11 +50,14 @@ class SamplingFields(_Request):
     merged_adapters: MergedAdapters | None = None  # LoRAX's; `model` then names the base
     # vLLM's: prefix-cache reuse only among requests of the same key and salt (docs/api.md)
     cache_salt: Annotated[str, Field(min_length=1, max_length=MAX_CACHE_SALT)] | None = None
+    # vLLM's: score every prompt token, with this many alternatives each (not streamed)
+    prompt_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
 
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: Annotated[int, Field(ge=1)] | None = 16
+    # 0 scores the prompt only (with echo and logprobs), as vLLM and OpenAI's legacy API allow
+    max_tokens: Annotated[int, Field(ge=0)] | None = 16
     logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     echo: bool = False
     best_of: Annotated[int, Field(ge=1, le=MAX_N)] | None = None
@@ -117,11 +120,23 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int]
 
 
+class PromptLogprob(BaseModel):
+    """One token's entry in vLLM's prompt_logprobs (keyed by token id)."""
+
+    logprob: float
+    rank: int | None = None  # 1 = likeliest in the vocabulary
+    decoded_token: str
+
+
+PromptLogprobs = list[dict[str, PromptLogprob] | None]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -167,6 +182,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    prompt_logprobs: PromptLogprobs | None = None  # vLLM's: when the request asks
 
 
 class DeltaFunctionCall(BaseModel):
