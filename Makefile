@@ -9,7 +9,7 @@ PORT ?= 8000
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: serve test lint format bench clean
+.PHONY: serve test lint format bench clean gpu-check
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,13 @@ lint: $(VENV)/.dev-installed
 
 format: $(VENV)/.dev-installed
 	$(BIN)/ruff format server adapters bench tests
+
+# One GPU check (tests/gpu, the kernel suites, a smoke serve) writing every log and figure to
+# $(OUT). Installs nothing: run it where the GPU wheels are installed (README, "GPU check").
+OUT ?= gpu-check
+GPU_CHECK_ARGS ?=
+gpu-check:
+	$(PYTHON) -m bench.gpu_check $(OUT) $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -360,9 +360,7 @@ class AdapterRegistry:
                 reg = self._by_id.get(adapter_id)
                 if reg is None:
                     raise AdapterNotFoundError(f"adapter id {adapter_id} is not registered")
-                cached = self._retired.get(adapter_id) or self._virtual_weights.get(adapter_id)
-                if cached is None:
-                    cached = self._cache.get(adapter_id)
+                cached = self._cached(adapter_id)
                 if cached is not None:
                     return cached
                 pending = self._loading.get(adapter_id)
@@ -415,8 +413,17 @@ class AdapterRegistry:
             )
 
     def warm(self, adapter_id: int) -> None:
-        """Load an adapter into the host cache if absent (for background prefetch)."""
+        """Load an adapter into the host cache if absent (blocking)."""
         self.weights(adapter_id)
+
+    def cached_weights(self, adapter_id: int) -> AdapterWeights | None:
+        """The adapter's weights if they are in host memory now, else None: never a read."""
+        with self._lock:
+            return self._cached(adapter_id)
+
+    def _cached(self, adapter_id: int) -> AdapterWeights | None:  # under self._lock
+        held = self._retired.get(adapter_id) or self._virtual_weights.get(adapter_id)
+        return held if held is not None else self._cache.get(adapter_id)
 
     @property
     def stats(self) -> HostCacheStats:

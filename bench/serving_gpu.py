@@ -37,7 +37,7 @@ RANK = 16
 
 
 def _ints(text: str) -> list[int]:
-    return [int(v) for v in text.split(",")]
+    return [int(v) for v in text.split(",") if v]  # "" is none (e.g. --peft-at "")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -18,31 +19,73 @@ class ConfigError(ValueError):
     """A setting that cannot work, named with the flag that sets it."""
 
 
+def option(
+    default: Any, help: str, *, choices: tuple[str, ...] | None = None, sep: str | None = None
+) -> Any:
+    """A config field that is also a command-line flag (`--field-name`, its default read from
+    LORAPLEX_FIELD_NAME): server.options builds the flag from this help and the field's type.
+    `sep`: a tuple field given as one string split at sep (values that hold the path
+    separator, which otherwise splits the variable, e.g. URLs)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "sep": sep})
+
+
 @dataclass
 class EngineConfig:
-    model: str | None = None  # a local Hugging Face directory (the CLI converts GGUF files)
-    quantize: str = "auto"  # auto: NF4 only where memory is the constraint (model/precision.py)
-    dtype: str = "auto"
-    device: str = "auto"
-    max_model_len: int | None = None  # default: the model's max_position_embeddings
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
-    block_size: int = 16  # minimum tokens per KV block; grown so a page fits an adapter matrix
-    pool_mb: int | None = None  # default: the GPU's share left after reserves, 1 GiB on CPU
-    # Share of the GPU's memory the server may use: weights + activation reserve + pool.
-    gpu_memory_utilization: float = 0.9
-    training_memory_mb: int = 0  # reserved on the GPU for a fine-tuning worker
-    enforce_eager: bool = False  # no CUDA graphs for decode steps
-    enable_prefix_caching: bool = True  # reuse cached KV blocks of shared prompt prefixes
-    num_pages: int | None = None  # exact pool size in pages; overrides --pool-mb (tests, bench)
-    max_lora_rank: int = 64
-    max_loras: int = 32  # adapters resident on the device at once
-    lora_backend: str = "auto"  # triton on CUDA, torch on CPU
-    kernel_backend: str = "auto"  # NF4 matmul and paged attention: triton on CUDA, torch on CPU
-    host_cache_mb: int = 2048
-    seed: int = 0
-    chat_template: str | None = None  # a jinja file overriding the checkpoint's template
-    generation_config: str = "auto"  # auto: the model's sampling defaults; vllm: none; a folder
+    """The engine's settings; each field with help is a `serve` flag (server.options)."""
+
+    # A local Hugging Face directory: the CLI resolves --model (a GGUF file, the default
+    # model) to one.
+    model: str | None = option(
+        None,
+        "Hugging Face model directory, .gguf file or folder holding one; "
+        "default: SmolLM2-135M-Instruct (docs/operations.md)",
+    )
+    # auto: NF4 only where memory is the constraint (model/precision.py).
+    quantize: str = option(
+        "auto",
+        "base weight format; auto: nf4 when the unquantized weights exceed 1/8 of the "
+        "device's memory, else none",
+        choices=QUANTIZE_CHOICES,
+    )
+    dtype: str = option("auto", "compute dtype", choices=DTYPE_CHOICES)
+    device: str = option("auto", "device", choices=DEVICE_CHOICES)
+    # Default: the model's max_position_embeddings.
+    max_model_len: int | None = option(None, "longest prompt + output, in tokens")
+    max_num_seqs: int = option(64, "sequences per batch")
+    max_num_batched_tokens: int = option(2048, "tokens per step")
+    # Grown so a page fits the largest matrix of a --max-lora-rank adapter.
+    block_size: int = option(16, "minimum tokens per KV block")
+    # Default: the GPU's share left after reserves, 1 GiB on CPU.
+    pool_mb: int | None = option(None, "device page pool size (KV cache + adapters)")
+    num_pages: int | None = option(None, "exact page pool size in pages (overrides --pool-mb)")
+    gpu_memory_utilization: float = option(
+        0.9, "share of the GPU for weights, the largest step's activations and the page pool"
+    )
+    training_memory_mb: int = option(
+        0,
+        "GPU memory kept out of the page pool for fine-tuning, and the most one job may use "
+        "(0: none kept; a job may use what serving leaves free)",
+    )
+    enforce_eager: bool = option(False, "no CUDA graphs for decode steps")
+    enable_prefix_caching: bool = option(
+        True, "reuse the KV of prompt prefixes already computed under the same adapter"
+    )
+    max_lora_rank: int = option(64, "largest adapter rank accepted")
+    max_loras: int = option(32, "adapters resident on the device at once")
+    # Auto: triton on CUDA, torch on CPU.
+    lora_backend: str = option("auto", "batched LoRA implementation", choices=LORA_BACKEND_CHOICES)
+    kernel_backend: str = option(
+        "auto", "NF4 matmul and paged attention implementation", choices=KERNEL_BACKEND_CHOICES
+    )
+    host_cache_mb: int = option(2048, "host memory for cached adapter weights")
+    seed: int = option(0, "seed for requests that give none")
+    chat_template: str | None = option(
+        None, "jinja file used instead of the model's own chat template"
+    )
+    generation_config: str = option(
+        "auto",
+        "request defaults: auto (the model's generation_config.json), vllm (none), or a folder",
+    )
 
     def __post_init__(self) -> None:
         _choice("--quantize", self.quantize, QUANTIZE_CHOICES)
@@ -97,36 +140,55 @@ def _choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
 
 @dataclass
 class ServerConfig:
-    """HTTP-side settings; the engine's are in EngineConfig."""
+    """HTTP-side settings; the engine's are in EngineConfig. Each field with help is a flag."""
 
-    host: str = "127.0.0.1"
-    port: int = 8000
-    data_dir: str = "./data"
-    served_model_name: str | None = None  # default: the model directory's name
-    api_key: str | None = None  # inference routes
-    admin_api_key: str | None = None  # training data, job internals and mutations
-    metrics_port: int | None = None  # a second port serving only /metrics, without keys
-    metrics_max_adapters: int = 100  # adapters with series of their own (requests, residency)
-    metrics_vllm_names: bool = False  # also export router-read metrics under vLLM's names
-    allowed_hosts: tuple[str, ...] = ()  # Host header names accepted; empty: any
-    csrf_trusted_origins: tuple[str, ...] = ()  # other origins whose pages may write here
-    preload_adapters: tuple[str, ...] = ()  # directories of adapters, or folders of them
-    adapter_roots: tuple[str, ...] = ()  # where /v1/load_lora_adapter may read from
-    adapter_store: str | None = None  # a shared store's fsspec URL; None: data_dir's own
-    adapter_store_poll_s: float = 2.0  # how often a shared store is re-listed
-    s3_endpoint_url: str | None = None  # for s3:// stores and URIs; default: AWS_ENDPOINT_URL
-    max_upload_mb: int = 512
-    max_request_body_mb: int = 4  # every other route's body
-    request_body_timeout_s: float = 60.0  # a whole body must arrive within this
-    max_concurrent_requests: int = 512  # in flight before 503 (probes excepted)
-    max_waiting: int = 1024  # queued requests before 429
-    log_level: str = "info"
-    max_concurrent_jobs: int = 1  # fine-tuning jobs training at once
-    training_threads: int | None = None  # CPU threads per job; default half the cores
-    max_queued_jobs: int = 64  # fine-tuning jobs waiting to train before 429
-    training_memory_mb: int | None = None  # device memory one job may use; None: what is free
-    max_file_mb: int = 512  # one uploaded file (the body is also held to max_upload_mb)
-    data_quota_mb: int | None = None  # files + adapters + job outputs in data_dir; None: no quota
+    host: str = option("127.0.0.1", "interface to listen on")
+    port: int = option(8000, "port")
+    data_dir: str = option("./data", "adapter store, files and jobs (SQLite + blobs)")
+    # Default: the model directory's name.
+    served_model_name: str | None = option(None, "name of the base model in the API")
+    api_key: str | None = option(None, "key for inference routes (docs/api.md, Authentication)")
+    admin_api_key: str | None = option(None, "key for training data, jobs and mutations; opens all")
+    metrics_port: int | None = option(None, "also serve /metrics here, without keys")
+    metrics_max_adapters: int = option(
+        100, "adapters with per-adapter series of their own; 0: none (docs/operations.md)"
+    )
+    metrics_vllm_names: bool = option(
+        False, "also export the metrics routers read under vLLM's `vllm:` names"
+    )
+    allowed_hosts: tuple[str, ...] = option((), "Host header names accepted (default: any)")
+    # Commas, not the path separator other lists use: every origin holds a ':'.
+    csrf_trusted_origins: tuple[str, ...] = option(
+        (),
+        "comma-separated origins (https://tool.example:8443) whose pages may send writes here",
+        sep=",",
+    )
+    preload_adapters: tuple[str, ...] = option((), "adapter directories (or folders of them)")
+    adapter_roots: tuple[str, ...] = option(
+        (), "directories, s3://bucket/prefix and hf://org entries /v1/load_lora_adapter may read"
+    )
+    # None: data_dir's own.
+    adapter_store: str | None = option(
+        None, "shared adapter store: file:///path or s3://bucket/prefix"
+    )
+    adapter_store_poll_s: float = option(2.0, "how often a shared store is re-listed")
+    s3_endpoint_url: str | None = option(None, "S3-compatible endpoint (default: AWS_ENDPOINT_URL)")
+    max_upload_mb: int = option(512, "largest upload (or PUT reload) accepted")
+    max_request_body_mb: int = option(4, "largest body of any other request")
+    request_body_timeout_s: float = option(60.0, "time a whole request body may take")
+    max_concurrent_requests: int = option(
+        512, "requests in flight before 503 (/health, /ready, /metrics excepted)"
+    )
+    max_waiting: int = option(1024, "queued requests before 429")
+    log_level: str = option("info", "logging level")
+    max_concurrent_jobs: int = option(1, "fine-tuning jobs that train at once")
+    # Default: half the cores.
+    training_threads: int | None = option(None, "CPU threads per training job")
+    max_queued_jobs: int = option(64, "fine-tuning jobs waiting to train before 429")
+    # Not a flag of its own: EngineConfig.training_memory_mb, on the job side (None for 0).
+    training_memory_mb: int | None = None
+    max_file_mb: int = option(512, "largest file accepted by /v1/files")
+    data_quota_mb: int | None = option(None, "files + adapters + job outputs in --data-dir")
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:

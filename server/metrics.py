@@ -1,4 +1,5 @@
-"""Prometheus metrics under the `loraplex_` prefix, fed from the engine's step statistics.
+"""Prometheus metrics under the `loraplex_` prefix, fed from what the engine pushes after each
+step (StepStats and an EngineSnapshot) and, at each scrape, a fresh snapshot.
 
 Names follow vLLM's where one exists, so dashboards and LoRA-affinity gateways can reuse their
 queries; `loraplex_lora_requests_info` mirrors vLLM's `lora_requests_info` and
@@ -11,6 +12,7 @@ adapters must not mean thousands of series in every scrape.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
@@ -26,19 +28,17 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.registry import Collector
 
+from server.engine.snapshot import LEVELS, EngineFacts, EngineSnapshot
 from server.metrics_vllm import VllmNames
 
 if TYPE_CHECKING:
-    from server.engine.llm_engine import LLMEngine
-    from server.engine.outputs import RequestOutput
-    from server.memory.prefix_cache import PrefixCacheStats
+    from server.engine.stats import StepStats
     from server.training.stats import TrainingStats
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
 TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 LOAD_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 OTHER_ADAPTERS = "__other__"  # the adapter label of requests past the max_adapters bound
-LEVELS = ("gpu", "cpu", "disk")  # residency, most to least ready; exported in this order
 RESIDENCY_MAX_AGE_S = 1.0  # residency is walked again at least this often while scraped
 
 
@@ -139,9 +139,11 @@ class Metrics:
         self._last_prefix = {"queries": 0, "hits": 0, "reclaimed": 0}
         self._counted_adapters: set[str] = set()  # names with a request series of their own
         self._residency: dict[str, str] = {}  # adapter -> level, as exported
-        self._residency_moved: tuple[int, ...] | None = None  # residency_signature at the walk
+        self._residency_moved: tuple[int, ...] | None = None  # AdapterCounts.moves at the walk
         self._residency_at = 0.0  # monotonic time of the last walk
         self._cache_info_set = False
+        # The step thread's hook and the event loop's scrapes both update the state above.
+        self._lock = threading.Lock()
         if vllm_names:
             own = [v for v in vars(self).values() if isinstance(v, MetricWrapperBase)]
             r.register(VllmNames(own))
@@ -158,46 +160,67 @@ class Metrics:
         """Report fine-tuning jobs from `stats()`, read at each scrape (once per registry)."""
         self.registry.register(TrainingCollector(self.model_name, stats))
 
-    def observe_step(self, engine: LLMEngine, outputs: list[RequestOutput]) -> None:
-        """Engine-thread hook: fold in what the last step did and the state it left."""
+    def observe_step(self, stats: StepStats, state: EngineSnapshot) -> None:
+        """Step-thread hook: fold in what the last step did and the state it left."""
         m = self.model_name
-        stats = engine.take_stats()
-        self.prompt_tokens.labels(m).inc(stats.num_prompt_tokens)
-        self.generation_tokens.labels(m).inc(stats.num_generation_tokens)
-        self.preemptions.labels(m).inc(stats.num_preemptions)
-        for hist, values in (
-            (self.ttft, stats.time_to_first_token),
-            (self.itl, stats.inter_token_latency),
-            (self.e2e, stats.e2e_latency),
-            (self.queue, stats.queue_time),
-            (self.prompt_len, stats.prompt_lengths),
-            (self.gen_len, stats.generation_lengths),
-            (self.adapter_load_latency, stats.adapter_load_seconds),
-        ):
-            for v in values:
-                hist.labels(m).observe(v)
-        for reason, n in stats.finished.items():
-            self.request_success.labels(m, reason).inc(n)
-        for name, n in stats.adapter_requests.items():
-            self.adapter_requests.labels(m, self._adapter_label(name)).inc(n)
-        self.observe_state(engine)
+        with self._lock:
+            self.prompt_tokens.labels(m).inc(stats.num_prompt_tokens)
+            self.generation_tokens.labels(m).inc(stats.num_generation_tokens)
+            self.preemptions.labels(m).inc(stats.num_preemptions)
+            for hist, values in (
+                (self.ttft, stats.time_to_first_token),
+                (self.itl, stats.inter_token_latency),
+                (self.e2e, stats.e2e_latency),
+                (self.queue, stats.queue_time),
+                (self.prompt_len, stats.prompt_lengths),
+                (self.gen_len, stats.generation_lengths),
+                (self.adapter_load_latency, stats.adapter_load_seconds),
+            ):
+                for v in values:
+                    hist.labels(m).observe(v)
+            for reason, n in stats.finished.items():
+                self.request_success.labels(m, reason).inc(n)
+            for name, n in stats.adapter_requests.items():
+                self.adapter_requests.labels(m, self._adapter_label(name)).inc(n)
+            self._observe_state(state)
 
-    def observe_state(self, engine: LLMEngine) -> None:
-        """Engine-thread: set the gauges from the engine's state now."""
+    def wants_levels(self, state: EngineSnapshot) -> bool:
+        """Whether a scrape should walk every adapter's residency: too slow for each step with
+        thousands registered, and endpoint pickers scrape many times a second, so the walk is
+        skipped while nothing moved (for at most RESIDENCY_MAX_AGE_S)."""
+        moved = state.adapters.moves if state.adapters is not None else ()
+        with self._lock:
+            stale = time.monotonic() - self._residency_at >= RESIDENCY_MAX_AGE_S
+            return moved != self._residency_moved or stale
+
+    def observe_scrape(self, state: EngineSnapshot, levels: dict[str, str] | None) -> None:
+        """At a scrape: the gauges from a fresh snapshot, and each adapter's residency level
+        when walked (wants_levels)."""
+        with self._lock:
+            self._observe_state(state)
+            if levels is not None:
+                self._set_residency(levels)
+                self._residency_moved = state.adapters.moves if state.adapters else ()
+                self._residency_at = time.monotonic()
+
+    def _observe_state(self, state: EngineSnapshot) -> None:
         m = self.model_name
-        sched, pool = engine.scheduler, engine.pool
-        self.running.labels(m).set(len(sched.running))
-        self.waiting.labels(m).set(len(sched.waiting))
-        self.kv_usage.labels(m).set(engine.kv.usage)
-        cached_idle = engine.kv.num_cached_idle
-        self.pool_pages.labels(m, "kv").set(pool.used_by_kind["kv"] - cached_idle)
-        self.pool_pages.labels(m, "kv_cached").set(cached_idle)
-        self.pool_pages.labels(m, "adapter").set(pool.used_by_kind["adapter"])
-        self.pool_pages.labels(m, "free").set(pool.num_free)
-        prefix = engine.prefix_cache
+        self.running.labels(m).set(state.num_running)
+        self.waiting.labels(m).set(state.num_waiting)
+        pool = state.pool
+        self.kv_usage.labels(m).set(pool.kv_usage)
+        self.pool_pages.labels(m, "kv").set(pool.kv)
+        self.pool_pages.labels(m, "kv_cached").set(pool.kv_cached)
+        self.pool_pages.labels(m, "adapter").set(pool.adapter)
+        self.pool_pages.labels(m, "free").set(pool.free)
+        prefix = state.prefix
         if prefix is not None:
-            self.prefix_blocks.labels(m).set(prefix.num_cached_blocks)
-            counts = prefix_counts(prefix.stats)
+            self.prefix_blocks.labels(m).set(prefix.cached_blocks)
+            counts = {
+                "queries": prefix.queried_tokens,
+                "hits": prefix.hit_tokens,
+                "reclaimed": prefix.reclaimed_blocks,
+            }
             for key, metric in (
                 ("queries", self.prefix_queries),
                 ("hits", self.prefix_hits),
@@ -206,19 +229,18 @@ class Metrics:
                 metric.labels(m).inc(counts[key] - self._last_prefix[key])
             self._last_prefix = counts
         if not self._cache_info_set:
-            self.cache_info.labels(m, *cache_info(engine)).set(1)
+            self.cache_info.labels(m, *cache_info(state.facts)).set(1)
             self._cache_info_set = True
-        cache, registry = engine.adapter_cache, engine.registry
-        if cache is None or registry is None:
+        adapters = state.adapters
+        if adapters is None:
             return
-        host = registry.stats
-        self.adapters_registered.labels(m).set(len(registry))
-        self.adapters_host.labels(m).set(host.num_host_resident)
-        self.adapters_device.labels(m).set(cache.num_resident)
+        self.adapters_registered.labels(m).set(adapters.registered)
+        self.adapters_host.labels(m).set(adapters.host_resident)
+        self.adapters_device.labels(m).set(adapters.device_resident)
         counts = {
-            "loads": cache.stats.loads,
-            "evictions": cache.stats.evictions,
-            "disk": host.host_loads,
+            "loads": adapters.loads,
+            "evictions": adapters.evictions,
+            "disk": adapters.disk_loads,
         }
         for key, metric in (
             ("loads", self.adapter_loads),
@@ -227,24 +249,17 @@ class Metrics:
         ):
             metric.labels(m).inc(counts[key] - self._last_counts[key])
         self._last_counts = counts
-        running = sorted({s.adapter_name for s in sched.running if s.adapter_name})
-        waiting = sorted({s.adapter_name for s in sched.waiting if s.adapter_name})
-        labels = (m, str(cache.max_loras), ",".join(running), ",".join(waiting))
+        labels = (
+            m,
+            str(state.facts.max_loras),
+            ",".join(state.running_adapters),
+            ",".join(state.waiting_adapters),
+        )
         if labels != self._lora_info_labels:
             if self._lora_info_labels is not None:
                 self.lora_info.remove(*self._lora_info_labels)
             self._lora_info_labels = labels
         self.lora_info.labels(*labels).set(time.time())
-
-    def observe_scrape(self, engine: LLMEngine) -> None:
-        """Engine-thread, at each scrape: the gauges, and residency. Residency walks every
-        adapter: too slow for each step with thousands registered, and endpoint pickers scrape
-        many times a second, so the walk is skipped while nothing moved (for at most a second)."""
-        self.observe_state(engine)
-        now, moved = time.monotonic(), residency_signature(engine)
-        if moved != self._residency_moved or now - self._residency_at >= RESIDENCY_MAX_AGE_S:
-            self._set_residency(adapter_levels(engine))
-            self._residency_moved, self._residency_at = moved, now
 
     def _set_residency(self, levels: dict[str, str]) -> None:
         """One series per adapter at its level, gpu first, at most max_adapters of them."""
@@ -259,14 +274,6 @@ class Metrics:
         self._residency = wanted
 
 
-def prefix_counts(stats: PrefixCacheStats) -> dict[str, int]:
-    return {
-        "queries": stats.queried_tokens,
-        "hits": stats.hit_tokens,
-        "reclaimed": stats.reclaimed_blocks + stats.dropped_blocks,
-    }
-
-
 CACHE_INFO_LABELS = (
     "block_size",
     "num_gpu_blocks",
@@ -278,55 +285,21 @@ CACHE_INFO_LABELS = (
 )
 
 
-def cache_info(engine: LLMEngine) -> tuple[str, ...]:
+def cache_info(facts: EngineFacts) -> tuple[str, ...]:
     """CACHE_INFO_LABELS' values. vLLM's names: a pool page holds one KV block (or adapter rows),
     so every page counts as a block; `num_gpu_blocks` is the pool's size on any device."""
-    pool, config = engine.pool, engine.config
     return tuple(
         str(v)
         for v in (
-            pool.geometry.block_size,
-            pool.num_pages,
-            pool.page_bytes,
-            str(pool.buffer.dtype).removeprefix("torch."),
-            config.max_loras,
-            config.max_lora_rank,
-            config.host_cache_mb,
+            facts.block_size,
+            facts.num_pages,
+            facts.page_bytes,
+            facts.cache_dtype,
+            facts.max_loras,
+            facts.max_lora_rank,
+            facts.host_cache_mb,
         )
     )
-
-
-def residency_signature(engine: LLMEngine) -> tuple[int, ...]:
-    """Counters that move whenever an adapter changes level (or the registry its size)."""
-    cache, registry = engine.adapter_cache, engine.registry
-    if cache is None or registry is None:
-        return ()
-    host = registry.stats
-    return (
-        cache.stats.loads,
-        cache.stats.evictions,
-        host.host_loads,
-        host.host_evictions,
-        len(registry),
-    )
-
-
-def adapter_levels(engine: LLMEngine) -> dict[str, str]:
-    """Every registered adapter's residency: `gpu` (in the device pool), `cpu` (weights in the
-    host cache) or `disk` (only in the store). Read through the engine's public attributes."""
-    cache, registry = engine.adapter_cache, engine.registry
-    if cache is None or registry is None:
-        return {}
-    on_device = set(cache.resident_ids())
-    levels = {}
-    for reg in registry.list():
-        if reg.adapter_id in on_device:
-            levels[reg.name] = "gpu"
-        elif registry.is_host_resident(reg.adapter_id):
-            levels[reg.name] = "cpu"
-        else:
-            levels[reg.name] = "disk"
-    return levels
 
 
 class TrainingCollector(Collector):

@@ -1,7 +1,8 @@
 """What the inference services (completions, chat, LoRAX generate) need, and nothing more.
 
-A service is built once per server from an EngineClient (admission and generation), a
-ModelResolver (request model names -> adapters) and the ServedModel (tokenizer, grammar
+A service is built once per server from an EngineClient (admission and generation: the
+ServingClient), a ModelResolver (request model names -> adapters: the AdapterService) and the
+ServedModel (tokenizer, grammar
 compiler, limits), never from the whole server state: it cannot reach jobs, the store or
 configuration, and a test can hand it stand-ins.
 """
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
     from adapters import RegisteredAdapter
     from server.api.schemas.lorax import MergedAdapters
     from server.engine.llm_engine import LLMEngine, Prompt
+    from server.serving.templates import ChatTemplates
 
 
 class EngineClient(Protocol):
@@ -58,6 +60,11 @@ class ModelResolver(Protocol):
 
     def adapter(self, name: str) -> RegisteredAdapter | None:
         """A registered adapter's current version."""
+        ...
+
+    @property
+    def templates(self) -> ChatTemplates:
+        """Per adapter version: the tokenizer rendering its chats (server.serving.templates)."""
         ...
 
 

@@ -19,8 +19,12 @@ from starlette.requests import ClientDisconnect
 from adapters import AdapterError, AdapterExistsError, AdapterNotFoundError
 from adapters.faults import DiskFullError
 from server.engine.async_engine import EngineDeadError, EngineStepError, RequestFailedError
-from server.engine.errors import AdapterBusyError, AdapterVersionGoneError, UnknownAdapterError
-from server.engine.sampling_params import InvalidRequestError
+from server.engine.errors import (
+    AdapterBusyError,
+    AdapterVersionGoneError,
+    InvalidRequestError,
+    UnknownAdapterError,
+)
 from server.redact import without_paths
 
 logger = logging.getLogger(__name__)

@@ -3,17 +3,15 @@
 
 from __future__ import annotations
 
-import threading
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import Request
 
 from adapters.chat_template import RENDER_SECONDS
-from server.api.errors import APIError, BadRequest
+from server.api.errors import BadRequest
 from server.api.outputs import Finished, collect, sse, sse_error, usage
 from server.api.prompts import off_loop
 from server.api.schemas.openai import (
@@ -44,9 +42,6 @@ from server.api.tools import ToolCall as ParsedCall
 from server.engine.outputs import RequestOutput
 from server.engine.sampling_params import SamplingParams
 from server.model.tokenizer import TemplateTooSlowError, Tokenizer
-
-# Adapters' templates kept compiled (a view of the tokenizer each, sharing its vocabulary).
-MAX_CACHED_TEMPLATES = 256
 
 
 def _tool_calls(calls: list[ParsedCall]) -> list[ToolCall]:
@@ -79,38 +74,6 @@ def stop_at_template_eos(tok: Tokenizer, params: list[SamplingParams]) -> None:
 
 
 class ChatService(OpenAIService):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._templates: OrderedDict[int, Tokenizer] = OrderedDict()
-        self._templates_lock = threading.Lock()
-        # Adapter versions whose template ran past its time bound: refused from then on, so
-        # one broken template costs the shared tokenizer threads one bounded episode, not one
-        # per request.
-        self._slow_templates: set[int] = set()
-
-    def chat_tokenizer(self, adapter: str | None) -> tuple[Tokenizer, int | None]:
-        """The tokenizer whose chat template renders this adapter's chats (the adapter's own
-        template when it ships one, else the base's) and the adapter version it belongs to.
-        Keyed by adapter_id, so an in-place reload (a new id) brings its new template; the
-        request is then pinned to that version, so template and weights always match."""
-        reg = None if adapter is None else self.models.adapter(adapter)
-        if reg is None:
-            return self.tok, None
-        if reg.spec.chat_template is None:
-            return self.tok, reg.adapter_id
-        with self._templates_lock:
-            view = self._templates.get(reg.adapter_id)
-            if view is not None:
-                self._templates.move_to_end(reg.adapter_id)
-                return view, reg.adapter_id
-        t = reg.spec.chat_template
-        view = self.tok.with_chat_template(t.source, t.bos_token, t.eos_token)
-        with self._templates_lock:
-            self._templates[reg.adapter_id] = view
-            if len(self._templates) > MAX_CACHED_TEMPLATES:
-                self._templates.popitem(last=False)
-        return view, reg.adapter_id
-
     def _messages(self, req: ChatCompletionRequest) -> list[dict[str, Any]]:
         messages = []
         for m in req.messages:
@@ -156,9 +119,11 @@ class ChatService(OpenAIService):
         adapter = await self.adapter(req)
         self.engine.check_serving(req.n)  # before any tokenizing
         template_tools = req.tools if tools.tools and tools.choice != "none" else None
-        tok, version = await off_loop(self.chat_tokenizer, adapter)
+        templates = self.models.templates
+        reg = None if adapter is None else self.models.adapter(adapter)
+        tok, version = await off_loop(templates.for_adapter, reg)
         own_template = tok is not self.tok and version is not None
-        if own_template and version in self._slow_templates:
+        if own_template and templates.is_refused(version):
             raise BadRequest(
                 f"adapter {adapter!r}'s chat template ran for more than {RENDER_SECONDS:g} s on "
                 "an earlier request; its chats are refused until the adapter is reloaded",
@@ -172,7 +137,7 @@ class ChatService(OpenAIService):
         except BadRequest as exc:
             if own_template and isinstance(exc.__cause__, TemplateTooSlowError):
                 assert version is not None
-                self._slow_templates.add(version)
+                templates.refuse(version)
             raise
         grammar = await self.compile(grammar)
         max_tokens = req.max_completion_tokens or req.max_tokens
@@ -260,6 +225,6 @@ class ChatService(OpenAIService):
                     id=rid, created=created, model=req.model, choices=[], usage=usage(finals, req.n)
                 )
                 yield sse(body.model_dump_json())
-        except (APIError, Exception) as exc:
+        except Exception as exc:  # an API error or any other: one SSE error event
             yield sse_error(exc)
         yield sse("[DONE]")

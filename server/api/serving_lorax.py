@@ -108,6 +108,7 @@ class LoraxService:
                 "parameters.adapter_id and parameters.merged_adapters cannot both be set",
                 "parameters.merged_adapters",
             )
+        self.engine.check_serving()  # a full queue refuses before any merge work
         return await self.models.resolve_merged(p.merged_adapters, "parameters.merged_adapters")
 
     async def _start(self, raw: Request, req: LoraxRequest, details: bool, stream: bool):  # type: ignore[no-untyped-def]

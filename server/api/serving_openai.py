@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from fastapi import Request
 
 from server.api.clients import EngineClient, ModelResolver, ServedModel
-from server.api.errors import APIError, BadRequest
+from server.api.errors import BadRequest
 from server.api.outputs import (
     Finished,
     LogprobFormatter,
@@ -66,6 +66,7 @@ class OpenAIService:
                 f", not the adapter {req.model!r}",
                 "model",
             )
+        self.engine.check_serving()  # a full queue refuses before any merge work
         return await self.models.resolve_merged(req.merged_adapters, "merged_adapters")
 
     async def compile(self, grammar: Grammar | None) -> Grammar | None:
@@ -81,7 +82,7 @@ class OpenAIService:
         skip_special_tokens: bool | None = None,
     ) -> list[SamplingParams]:
         """The engine's SamplingParams for each of a prompt's `count` samples."""
-        bias = logit_bias(req.logit_bias, self.prompts.vocab_size)
+        bias = logit_bias(req.logit_bias)
         # The model's generation_config.json values stand in for the fields left out.
         defaults = self.model.generation_defaults
         sent = req.model_fields_set
@@ -226,6 +227,6 @@ class CompletionService(OpenAIService):
                     id=rid, created=created, model=req.model, choices=[], usage=usage(finals, req.n)
                 )
                 yield sse(body.model_dump_json())
-        except (APIError, Exception) as exc:
+        except Exception as exc:  # an API error or any other: one SSE error event
             yield sse_error(exc)
         yield sse("[DONE]")

@@ -100,21 +100,17 @@ def lorax_grammar(response_format: dict[str, Any] | None) -> Grammar | None:
     return Grammar("json_schema", schema, asked_by=param)
 
 
-def logit_bias(bias: dict[str, float] | None, vocab_size: int) -> dict[int, float] | None:
-    """OpenAI's logit_bias (token ids as strings, values in [-100, 100]) by token id."""
+def logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
+    """OpenAI's logit_bias (token ids as strings) by token id. Only the wire format is read
+    here: SamplingParams checks the size and the values, the engine the ids' range."""
     if not bias:
         return None
     out: dict[int, float] = {}
     for key, value in bias.items():
         try:
-            token = int(key)
+            out[int(key)] = value
         except ValueError:
             raise BadRequest(
                 f"logit_bias keys must be token ids, got {key[:32]!r}", "logit_bias"
             ) from None
-        if not 0 <= token < vocab_size:
-            raise BadRequest(
-                f"logit_bias keys must be token ids in [0, {vocab_size}), got {token}", "logit_bias"
-            )
-        out[token] = value
     return out

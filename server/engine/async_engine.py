@@ -2,7 +2,9 @@
 
 The LLMEngine is single-threaded: only the step thread touches it. Callers validate their
 request (tokenize, check parameters) on their own thread, then hand the sequence over through
-a locked inbox; outputs come back to the event loop with call_soon_threadsafe.
+a locked inbox; outputs come back to the event loop with call_soon_threadsafe. Administration
+(removing or retiring an adapter, reading the engine's state) is a small typed API whose calls
+run on the step thread between steps and return copies.
 """
 
 from __future__ import annotations
@@ -14,14 +16,19 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from server.engine.errors import InvalidRequestError
 from server.engine.llm_engine import LLMEngine, Prompt
+from server.engine.observe import adapter_levels, adapter_usage, engine_facts, snapshot
 from server.engine.outputs import RequestOutput
-from server.engine.sampling_params import InvalidRequestError, SamplingParams
+from server.engine.sampling_params import SamplingParams
 from server.engine.sequence import Sequence
+from server.engine.snapshot import AdapterUsage, EngineFacts, EngineSnapshot
+from server.engine.stats import StepStats
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+STALL_WAIT_S = 0.05
 
 
 class EngineDeadError(RuntimeError):
@@ -49,6 +56,8 @@ class _Inbox:
 class AsyncLLMEngine:
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
+        # The engine's settings and sizes: fixed, so readable from any thread.
+        self.facts: EngineFacts = engine_facts(engine)
         self._inbox = _Inbox()
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -56,9 +65,15 @@ class AsyncLLMEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopping = False
+        # The scheduler's waiting count, copied by the step thread after each change (read
+        # under _lock with the inbox, so a request is counted in one of them, never none).
+        self._num_queued = 0
+        if engine.adapter_cache is not None:  # a finished adapter read may unblock a step
+            engine.adapter_cache.loader.on_read = self._wake.set
         self.dead_reason: BaseException | None = None
-        # Called on the step thread after every step (metrics).
-        self.step_hooks: list[Callable[[LLMEngine, list[RequestOutput]], None]] = []
+        # Called on the step thread after every step with what it did and the state it left
+        # (metrics); a hook must not block.
+        self.step_hooks: list[Callable[[StepStats, EngineSnapshot], None]] = []
 
     @property
     def running(self) -> bool:
@@ -70,10 +85,13 @@ class AsyncLLMEngine:
         self._thread.start()
 
     async def stop(self) -> None:
+        """End the step loop, then the adapter loader's thread."""
         self._stopping = True
         self._wake.set()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
+        if self.engine.adapter_cache is not None:
+            self.engine.adapter_cache.shutdown()
 
     async def generate(
         self,
@@ -98,7 +116,7 @@ class AsyncLLMEngine:
         """Validate a request (raises InvalidRequestError) without queuing it."""
         if not self.running:
             raise EngineDeadError(f"the engine is not running: {self.dead_reason or 'stopped'}")
-        return self.engine.make_sequence(prompt, params, request_id, adapter_name, adapter_id)
+        return self.engine.requests.make(prompt, params, request_id, adapter_name, adapter_id)
 
     async def stream(self, seq: Sequence) -> AsyncIterator[RequestOutput]:
         """Queue a prepared sequence and yield its outputs until it finishes."""
@@ -127,11 +145,35 @@ class AsyncLLMEngine:
 
     @property
     def num_waiting(self) -> int:
-        """Requests queued in the engine or on their way to it."""
-        return len(self._inbox.adds) + len(self.engine.scheduler.waiting)
+        """Requests queued in the engine or on their way to it (any thread)."""
+        with self._lock:
+            return len(self._inbox.adds) + self._num_queued
 
-    async def call(self, fn: Callable[[], T]) -> T:
-        """Run fn on the step thread between steps (for changes to engine state)."""
+    # ---- administration: typed calls run on the step thread between steps ----------------
+
+    async def remove_adapter(self, name: str) -> None:
+        """Unregister an adapter and drop its device copy and cached prefixes; raises
+        UnknownAdapterError, or AdapterBusyError while requests use it."""
+        await self._call(lambda: self.engine.remove_adapter(name))
+
+    async def retire_adapter(self, adapter_id: int) -> None:
+        """An in-place reload replaced this version: free it after its last request."""
+        await self._call(lambda: self.engine.retire_adapter(adapter_id))
+
+    async def adapter_usage(self, adapter_ids: list[int]) -> list[AdapterUsage]:
+        """Requests and device residency of each adapter version, in order."""
+        return await self._call(lambda: adapter_usage(self.engine, adapter_ids))
+
+    async def snapshot(self) -> EngineSnapshot:
+        """The engine's state between two steps."""
+        return await self._call(lambda: snapshot(self.engine, self.facts))
+
+    async def adapter_levels(self) -> dict[str, str]:
+        """Every registered adapter's residency: gpu, cpu or disk."""
+        return await self._call(lambda: adapter_levels(self.engine))
+
+    async def _call(self, fn: Callable[[], T]) -> T:
+        """Run fn on the step thread between steps."""
         assert self._loop is not None
         future: asyncio.Future[T] = self._loop.create_future()
         with self._lock:
@@ -150,7 +192,7 @@ class AsyncLLMEngine:
         try:
             while not self._stopping:
                 if self._drain_inbox():
-                    self._run_hooks([])
+                    self._run_hooks()
                 if not self.engine.has_unfinished_requests():
                     self._wake.wait(timeout=0.5)
                     self._wake.clear()
@@ -161,30 +203,45 @@ class AsyncLLMEngine:
                     logger.exception("engine step failed; ending the requests in flight")
                     self._fail_all(EngineStepError(f"engine step failed: {exc}"))
                     continue
-                self._run_hooks(outputs)
+                self._count_queued()
+                self._run_hooks()
                 if outputs:
                     self._deliver(outputs)
+                if self.engine.stalled:
+                    # Requests wait only on adapter reads: sleep until one ends (or an add,
+                    # an abort, a call), not spin.
+                    self._wake.wait(timeout=STALL_WAIT_S)
+                    self._wake.clear()
         except BaseException as exc:  # pragma: no cover - a bug in the loop itself
             logger.exception("engine loop died")
             self.dead_reason = exc
             self._fail_all(EngineDeadError(f"engine loop died: {exc}"))
             raise
 
-    def _run_hooks(self, outputs: list[RequestOutput]) -> None:
+    def _count_queued(self) -> None:
+        with self._lock:
+            self._num_queued = len(self.engine.scheduler.waiting)
+
+    def _run_hooks(self) -> None:
+        if not self.step_hooks:
+            return
+        stats, state = self.engine.take_stats(), snapshot(self.engine, self.facts)
         for hook in self.step_hooks:
             try:
-                hook(self.engine, outputs)
+                hook(stats, state)
             except Exception:
                 logger.exception("step hook failed")
 
     def _drain_inbox(self) -> bool:
         with self._lock:
             inbox, self._inbox = self._inbox, _Inbox()
+            self._num_queued += len(inbox.adds)  # counted as queued while they are added
         for seq in inbox.adds:
             try:
                 self.engine.add_sequence(seq)
             except Exception as exc:
                 self._fail(seq.request_id, exc)
+        self._count_queued()
         aborted = [out for rid in inbox.aborts if (out := self.engine.abort_request(rid))]
         if aborted:
             self._deliver(aborted)

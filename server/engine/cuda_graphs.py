@@ -19,13 +19,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from server.engine.model_runner import ModelRunner
 from server.engine.step_inputs import StepBuffers, StepInputs
 from server.lora.batch import LoRABatch
 from server.memory.page_pool import KV
 from server.model.context import AttentionMetadata, ForwardContext, SeqLayout
 
 if TYPE_CHECKING:
-    from server.engine.model_runner import ModelRunner
     from server.lora.residency import DeviceAdapterCache
 
 logger = logging.getLogger(__name__)
@@ -74,8 +74,8 @@ class DecodeGraphs:
 
     def __init__(self, runner: ModelRunner, residency: DeviceAdapterCache | None) -> None:
         assert runner.device.type == "cuda", "CUDA graphs need a CUDA device"
-        assert runner.kernel_backend == "triton", "graphs need the kernel path's fixed layout"
-        assert residency is None or residency.backend == "triton", "graphs need LoRA kernels"
+        assert runner.kernels.reads_block_tables, "graphs need the kernel path's fixed layout"
+        assert residency is None or residency.lora_ops.graph_safe, "graphs need LoRA kernels"
         self.runner = runner
         self.residency = residency
         self.buckets = batch_buckets(runner.buffers.max_seqs)
@@ -100,13 +100,13 @@ class DecodeGraphs:
 
     def can_replay(self, step: StepInputs) -> bool:
         """Decode-only, within the largest bucket, and no adapter replacing a norm or the
-        embedding (those run per-run Python the graph cannot hold)."""
+        embedding (those run per-segment Python the graph cannot hold)."""
         n = step.num_decode_only
         if n is None or bucket_for(n, self.buckets) is None:
             return False
         lora = step.context.lora
         return lora is None or not any(
-            r.adapter.weights.norms or r.adapter.weights.embed_chunks for r in lora.runs
+            r.weights.norms or r.weights.embed_chunks for r in lora.segments
         )
 
     def replay(self, step: StepInputs) -> torch.Tensor:
@@ -120,8 +120,8 @@ class DecodeGraphs:
         if step.context.rope_scale is None:
             buffers.rope_scale[:bucket].fill_(1.0)
         if self.residency is not None:
-            num_runs = len(step.context.lora.runs) if step.context.lora is not None else 0
-            self.residency.run_buffers.clear_from(num_runs)
+            num_segments = len(step.context.lora.segments) if step.context.lora is not None else 0
+            self.residency.segment_buffers.clear_from(num_segments)
         self._graphs[bucket].replay()
         return self._logits[bucket][:n]
 
@@ -143,7 +143,7 @@ class DecodeGraphs:
         if self.residency is not None:
             r = self.residency
             lora = LoRABatch.for_graph(
-                r.pool.buffer.view(-1), r.tables, r.backend, r.run_buffers, r.max_rank, bucket
+                r.pool.buffer.view(-1), r.tables, r.lora_ops, r.segment_buffers, r.max_rank, bucket
             )
         context = ForwardContext(attn=meta, lora=lora, rope_scale=buf.rope_scale[:bucket])
         return StepInputs(
@@ -166,7 +166,7 @@ class DecodeGraphs:
         buf.sample_idx[:bucket].copy_(torch.arange(bucket, device=buf.device))
         buf.rope_scale[:bucket].fill_(1.0)
         if self.residency is not None:
-            self.residency.run_buffers.clear_from(0)
+            self.residency.segment_buffers.clear_from(0)
 
     @torch.inference_mode()
     def _capture(self, bucket: int) -> None:

@@ -1,8 +1,16 @@
-"""Errors the engine raises about adapters, which the API turns into 404 and 409."""
+"""Errors the engine raises about requests and adapters, which the API turns into 400, 404
+and 409."""
 
 from __future__ import annotations
 
-from server.engine.sampling_params import InvalidRequestError
+
+class InvalidRequestError(ValueError):
+    """A request the engine refuses before queuing it; `param` names the offending field."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
 
 
 class UnknownAdapterError(InvalidRequestError):

@@ -17,8 +17,8 @@ from typing import Any, Literal
 import torch
 import xgrammar as xgr
 
+from server.engine.errors import InvalidRequestError
 from server.engine.regex_bounds import check_count, check_regex_bounds
-from server.engine.sampling_params import InvalidRequestError
 from server.model.tokenizer import Tokenizer
 
 GrammarKind = Literal["json_object", "json_schema", "regex", "choice"]

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import logging
-import random
 import time
-import uuid
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,25 +12,31 @@ from typing import TYPE_CHECKING
 import torch
 
 from server.config import ConfigError, EngineConfig
-from server.engine.errors import AdapterBusyError, AdapterVersionGoneError, UnknownAdapterError
+from server.engine.backends import Backends
+from server.engine.errors import (
+    AdapterBusyError,
+    AdapterVersionGoneError,
+    InvalidRequestError,
+    UnknownAdapterError,
+)
 from server.engine.grammar import GrammarCompiler
-from server.engine.logits_processors import LogitsState, accept_token
+from server.engine.logits_processors import accept_token
 from server.engine.model_runner import ModelRunner
 from server.engine.outputs import OutputText, RequestOutput
+from server.engine.requests import Prompt, RequestFactory
 from server.engine.sampler import NON_FINITE, Sampler
-from server.engine.sampling_params import InvalidRequestError, SamplingParams
+from server.engine.sampling_params import SamplingParams
 from server.engine.scheduler import Scheduler, SchedulerOutput
-from server.engine.sequence import Sequence, SequenceStatus
+from server.engine.sequence import Sequence
 from server.engine.setup import (
     build_model,
     checkpoint_text_files,
-    kernel_backend,
     make_pool,
     pool_tenants,
     with_quantize_chosen,
 )
 from server.engine.stats import StepStats
-from server.lora.batch import build_lora_batch, group_by_adapter
+from server.lora.batch import group_by_adapter
 from server.lora.layers import enable_lora
 from server.memory.kv_cache import KVCacheManager
 
@@ -40,8 +44,7 @@ if TYPE_CHECKING:
     from adapters.registry import AdapterRegistry
 
 logger = logging.getLogger(__name__)
-
-Prompt = str | list[int]
+STALL_WAIT_S = 0.001  # offline generate: a pause while only adapter reads can progress
 
 
 @dataclass
@@ -62,7 +65,8 @@ class LLMEngine:
         self.config = config = with_quantize_chosen(config)
         model_dir = Path(config.model)
         self.device = config.torch_device
-        self.model = build_model(config, model_dir)
+        self.backends = Backends.choose(config)
+        self.model = build_model(config, model_dir, self.backends.kernels)
         self.model_config = cfg = self.model.config
         self.model_name = model_dir.name
         self.tokenizer, self.generation_defaults = checkpoint_text_files(config, cfg)
@@ -85,7 +89,7 @@ class LLMEngine:
         self.registry = registry
         if registry is not None:
             enable_lora(self.model)
-        tenants = pool_tenants(config, self.pool, cfg, registry, self.device)
+        tenants = pool_tenants(config, self.pool, cfg, registry, self.backends.lora)
         self.eviction_clock = tenants.clock
         self.adapter_cache = tenants.adapters
         self.prefix_cache = tenants.prefixes
@@ -98,18 +102,36 @@ class LLMEngine:
             self.model,
             self.pool,
             self.device,
-            kernel_backend(config),
+            self.backends.kernels,
             config.max_num_batched_tokens,
             config.max_num_seqs,
             self.max_model_len,
         )
         self.sampler = Sampler(config.max_num_seqs, self.device)
-        if self.device.type == "cuda":
-            self._warm_up()
+        self.requests = RequestFactory(
+            self.tokenizer,
+            self.grammars,
+            cfg.vocab_size,
+            self.max_model_len,
+            registry,
+            self.kv.max_blocks_per_seq,
+            self.adapter_cache.pages_for if self.adapter_cache is not None else None,
+            self.pool.num_pages,
+            self.device,
+            config.seed,
+        )
         self._requests: dict[str, _Request] = {}
         self._retired_adapters: set[int] = set()  # old versions of reloaded adapters
-        self._seed_rng = random.Random(config.seed)
+        # The last step found work waiting but none it could run (adapters being read).
+        self.stalled = False
         self._stats = StepStats()
+        if self.warms_up:
+            self._warm_up()  # last: it runs requests through everything built above
+
+    @property
+    def warms_up(self) -> bool:
+        """Whether start-up compiles kernels and captures graphs before serving (CUDA)."""
+        return self.device.type == "cuda"
 
     def _warm_up(self) -> None:
         """Before the server is ready: compile the kernel variants of a prefill and a decode
@@ -121,93 +143,17 @@ class LLMEngine:
         self._stats = StepStats()
         if self.config.enforce_eager:
             logger.info("--enforce-eager: decode steps run without CUDA graphs")
-        elif self.runner.kernel_backend != "triton" or (
-            self.adapter_cache is not None and self.adapter_cache.backend != "triton"
-        ):
+        elif not self.backends.decode_graphs(self.adapter_cache is not None):
             logger.info("decode CUDA graphs need the Triton kernel and LoRA backends; eager")
         else:
-            self.runner.capture_graphs(self.adapter_cache)
+            from server.engine.cuda_graphs import DecodeGraphs
+
+            graphs = DecodeGraphs(self.runner, self.adapter_cache)
+            graphs.capture()
+            self.runner.graphs = graphs
         logger.info("warm-up done in %.1fs", time.perf_counter() - start)
 
     # ---- requests -------------------------------------------------------------------------
-
-    def make_sequence(
-        self,
-        prompt: Prompt,
-        params: SamplingParams,
-        request_id: str | None = None,
-        adapter_name: str | None = None,
-        adapter_id: int | None = None,
-    ) -> Sequence:
-        """Validate a request and build its sequence, without queuing it (any thread).
-
-        `adapter_id` pins the adapter's version the caller prepared the prompt for (its chat
-        template): the request runs on that version even if a reload replaced it since, or
-        fails if that version is gone, rather than run another version's weights."""
-        if isinstance(prompt, str):
-            ids = self.tokenizer.encode(prompt)
-        else:
-            ids = list(prompt)
-            vocab = self.model_config.vocab_size
-            bad = [i for i in ids if not isinstance(i, int) or not 0 <= i < vocab]
-            if bad:
-                raise InvalidRequestError(
-                    f"prompt token ids must be integers in [0, {vocab}); got {bad[0]!r}", "prompt"
-                )
-        if not ids:
-            raise InvalidRequestError("prompt is empty", "prompt")
-        if len(ids) >= self.max_model_len:
-            raise InvalidRequestError(
-                f"prompt is {len(ids)} tokens; this model's maximum context length is "
-                f"{self.max_model_len} tokens",
-                "prompt",
-            )
-        if len(ids) + params.max_tokens > self.max_model_len:
-            raise InvalidRequestError(
-                f"this model's maximum context length is {self.max_model_len} tokens; the "
-                f"prompt has {len(ids)} and max_tokens asks for {params.max_tokens} more",
-                "max_tokens",
-            )
-        seq = Sequence(
-            request_id=request_id or uuid.uuid4().hex,
-            prompt_token_ids=ids,
-            params=params,
-            adapter_name=adapter_name,
-        )
-        if adapter_name is not None:
-            reg = self.registry.get(adapter_name) if self.registry is not None else None
-            if reg is None:
-                raise UnknownAdapterError(f"adapter {adapter_name!r} does not exist", "model")
-            if adapter_id is not None:
-                if adapter_id != reg.adapter_id:
-                    reg = self.registry.by_id(adapter_id)
-                    if reg is None or reg.name != adapter_name:
-                        raise AdapterVersionGoneError(adapter_name)
-                seq.adapter_pinned = True
-            seq.adapter_id = reg.adapter_id
-            seq.rope_scale = reg.spec.rope_scaling_factor
-            self._check_fits(seq, len(ids) + params.max_tokens)
-        seq.logits = LogitsState.build(
-            params, self.grammars, self.tokenizer.eos_token_ids, self.device
-        )
-        if not params.greedy:
-            seq.seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(63)
-        return seq
-
-    def _check_fits(self, seq: Sequence, max_tokens_total: int) -> None:
-        """Refuse a request whose KV at its longest plus its adapter's pages exceed the whole
-        pool: it could never run, and waiting for it would hold back its adapter's queue."""
-        if self.adapter_cache is None:
-            return
-        kv_pages = self.kv.max_blocks_per_seq(max_tokens_total)
-        adapter_pages = self.adapter_cache.pages_needed(seq.adapter_id)
-        if kv_pages + adapter_pages > self.pool.num_pages:
-            raise InvalidRequestError(
-                f"prompt plus max_tokens needs {kv_pages} KV pages and adapter "
-                f"{seq.adapter_name!r} {adapter_pages} more, but the page pool has "
-                f"{self.pool.num_pages} in all; lower max_tokens or shorten the prompt",
-                "max_tokens",
-            )
 
     def add_sequence(self, seq: Sequence) -> None:
         if seq.request_id in self._requests:
@@ -237,18 +183,16 @@ class LLMEngine:
         request_id: str | None = None,
         adapter_name: str | None = None,
     ) -> str:
-        seq = self.make_sequence(prompt, params, request_id, adapter_name)
+        seq = self.requests.make(prompt, params, request_id, adapter_name)
         self.add_sequence(seq)
         return seq.request_id
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Stop a request and free what it holds; its final output, or None if unknown."""
-        req = self._requests.pop(request_id, None)
+        req = self._requests.get(request_id)
         if req is None:
             return None
-        self.scheduler.finish(req.seq, "abort")
-        self.sampler.release(req.seq)
-        self._stats.record_finish(req.seq, time.monotonic())
+        self._end(req.seq, "abort", time.monotonic())
         self._free_retired_adapters()
         return self._output(req, [], [], finished=True)
 
@@ -312,8 +256,10 @@ class LLMEngine:
         preemptions = self.scheduler.num_preemptions
         sched = self.scheduler.schedule()
         self._stats.num_preemptions += self.scheduler.num_preemptions - preemptions
+        failed = self._end_unreadable()
+        self.stalled = not sched.scheduled and not sched.preempted
         if not sched.scheduled:
-            return []
+            return failed
         now = time.monotonic()
         for s in sched.scheduled:
             if s.seq.first_scheduled_time is None:
@@ -321,8 +267,8 @@ class LLMEngine:
         lora = None
         if self.adapter_cache is not None:
             group_by_adapter(sched.scheduled, lambda s: s.seq.adapter_id)
-            chunks = ((s.seq.adapter_id, s.num_new_tokens) for s in sched.scheduled)
-            lora = build_lora_batch(chunks, self.adapter_cache)
+            token_counts = ((s.seq.adapter_id, s.num_new_tokens) for s in sched.scheduled)
+            lora = self.adapter_cache.lora_batch(token_counts)
         start = time.perf_counter()
         logits = self.runner.execute(sched.scheduled, lora)
         self.scheduler.advance(sched)
@@ -334,7 +280,28 @@ class LLMEngine:
             self.eviction_clock.prefill_seconds_per_token.add(seconds / tokens)
         if self._retired_adapters:
             self._free_retired_adapters()
+        return failed + outputs
+
+    def _end_unreadable(self) -> list[RequestOutput]:
+        """Requests whose adapter's weights could not be read end alone, with an error."""
+        errors = self.adapter_cache.take_load_errors() if self.adapter_cache is not None else {}
+        if not errors:
+            return []
+        outputs = []
+        for seq in [s for s in self.scheduler.waiting if s.adapter_id in errors]:
+            seq.error = f"adapter {seq.adapter_name!r} could not be read from the adapter store"
+            logger.warning("request %s failed: %s", seq.request_id, errors[seq.adapter_id])
+            req = self._requests[seq.request_id]
+            self._end(seq, "error", time.monotonic())
+            outputs.append(self._output(req, [], [], finished=True))
         return outputs
+
+    def _end(self, seq: Sequence, reason: str, now: float) -> None:
+        """A request is over: free what it holds and count it."""
+        del self._requests[seq.request_id]
+        self.scheduler.finish(seq, reason)
+        self.sampler.release(seq)
+        self._stats.record_finish(seq, now)
 
     def _process(self, sched: SchedulerOutput, logits: torch.Tensor) -> list[RequestOutput]:
         sampling = [s.seq for s in sched.scheduled if s.samples]
@@ -355,10 +322,7 @@ class LLMEngine:
                 reason = self._finish_reason(req, token)
                 new_ids = [token]
             if reason is not None:
-                self.scheduler.finish(seq, reason)
-                self.sampler.release(seq)
-                self._stats.record_finish(seq, now)
-                del self._requests[seq.request_id]
+                self._end(seq, reason, now)
             outputs.append(
                 self._output(req, new_ids, [logprob] if logprob else [], reason is not None)
             )
@@ -425,6 +389,8 @@ class LLMEngine:
         final: dict[str, RequestOutput] = {}
         logprobs: dict[str, list] = {i: [] for i in ids}
         while self.has_unfinished_requests():
+            if self.stalled:
+                time.sleep(STALL_WAIT_S)  # adapters are being read: let the loader run
             for out in self.step():
                 logprobs[out.request_id].extend(out.logprobs)
                 if out.finished:
@@ -432,7 +398,3 @@ class LLMEngine:
         for rid, out in final.items():
             out.logprobs = logprobs[rid]
         return [final[i] for i in ids]
-
-    def sequence_status(self, request_id: str) -> SequenceStatus | None:
-        req = self._requests.get(request_id)
-        return req.seq.status if req else None

@@ -14,17 +14,16 @@ import functools
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import xgrammar as xgr
 
+from server.engine.errors import InvalidRequestError
 from server.engine.grammar import GrammarCompiler, Utf8Guard
-from server.engine.sampling_params import InvalidRequestError
 
 if TYPE_CHECKING:
     from server.engine.sampling_params import SamplingParams
-    from server.engine.sequence import Sequence as EngineSequence
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +77,17 @@ class LogitsState:
         return state
 
 
-def apply_logits_processors(logits: torch.Tensor, seqs: Sequence[EngineSequence]) -> None:
+class Constrained(Protocol):
+    """What the processors read of a sequence (server.engine.sequence.Sequence is one)."""
+
+    request_id: str
+    logits: LogitsState | None
+
+    @property
+    def num_output_tokens(self) -> int: ...
+
+
+def apply_logits_processors(logits: torch.Tensor, seqs: Sequence[Constrained]) -> None:
     """In place. logits: [S, vocab] float32, one row per sequence in seqs."""
     rows = [(row, seq.logits) for row, seq in enumerate(seqs) if seq.logits is not None]
     if not rows:
@@ -149,7 +158,7 @@ def _batch_matcher() -> xgr.BatchGrammarMatcher:
     return xgr.BatchGrammarMatcher(max_threads="auto")
 
 
-def accept_token(seq: EngineSequence, token_id: int) -> None:
+def accept_token(seq: Constrained, token_id: int) -> None:
     """Advance the sequence's grammar past its new token (engine thread, after sampling)."""
     state = seq.logits
     if state is None or state.matcher is None:

@@ -7,10 +7,11 @@ built per step; that path serves the CPU. The kernel path reads only fixed buffe
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
+from server.engine.backends import KernelBackend
 from server.engine.scheduler import ScheduledSeq
 from server.engine.step_inputs import StepBuffers, StepInputs
 from server.lora.batch import LoRABatch
@@ -24,9 +25,14 @@ from server.model.context import (
 )
 from server.model.llama import LlamaForCausalLM
 
-if TYPE_CHECKING:
-    from server.engine.cuda_graphs import DecodeGraphs
-    from server.lora.residency import DeviceAdapterCache
+
+class StepReplayer(Protocol):
+    """Captured steps the runner may replay instead of running the forward (CUDA graphs:
+    server.engine.cuda_graphs.DecodeGraphs, installed by the engine after warm-up)."""
+
+    def can_replay(self, step: StepInputs) -> bool: ...
+
+    def replay(self, step: StepInputs) -> torch.Tensor: ...
 
 
 class ModelRunner:
@@ -37,7 +43,7 @@ class ModelRunner:
         model: LlamaForCausalLM,
         pool: PagePool,
         device: torch.device,
-        kernel_backend: str = "torch",
+        kernels: KernelBackend,
         max_num_batched_tokens: int = 2048,
         max_num_seqs: int = 64,
         max_model_len: int = 2048,
@@ -47,19 +53,12 @@ class ModelRunner:
         self.device = device
         self.block_size = pool.geometry.block_size
         self.sliding_window = model.config.sliding_window
-        # "triton": attention reads the pool through block tables (server.kernels); "torch":
-        # padded SDPA groups over gathered blocks.
-        self.kernel_backend = kernel_backend
+        self.kernels = kernels  # which attention layout a step needs
         max_blocks = -(-max_model_len // self.block_size)
         self.buffers = StepBuffers(max_num_batched_tokens, max_num_seqs, max_blocks, device)
-        self.graphs: DecodeGraphs | None = None  # set by capture_graphs (CUDA, kernel path)
+        self.graphs: StepReplayer | None = None  # decode CUDA graphs (CUDA, kernel path)
         for layer, attn in enumerate(model.attention_layers()):
             attn.k_cache, attn.v_cache = pool.kv_views(layer)
-        if kernel_backend == "triton":
-            from server.kernels.paged_attention import paged_attention_layer
-
-            for attn in model.attention_layers():
-                attn.paged_kernel = paged_attention_layer
 
     @torch.inference_mode()
     def execute(self, batch: list[ScheduledSeq], lora: LoRABatch | None = None) -> torch.Tensor:
@@ -70,14 +69,6 @@ class ModelRunner:
         if self.graphs is not None and self.graphs.can_replay(step):
             return self.graphs.replay(step)
         return self.run(step)
-
-    def capture_graphs(self, residency: DeviceAdapterCache | None) -> None:
-        """Capture decode CUDA graphs at every batch bucket (CUDA and the kernel path only)."""
-        from server.engine.cuda_graphs import DecodeGraphs
-
-        graphs = DecodeGraphs(self, residency)
-        graphs.capture()
-        self.graphs = graphs
 
     def run(self, step: StepInputs) -> torch.Tensor:
         """The forward over prepared inputs -> logits [S, vocab] float32."""
@@ -116,7 +107,7 @@ class ModelRunner:
 
         groups = []
         seqs = None
-        if self.kernel_backend == "triton":
+        if self.kernels.reads_block_tables:
             seqs = self._seq_layout(counts, starts, cu - counts, tables)
         else:
             for decode in (True, False):

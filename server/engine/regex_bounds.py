@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from server.engine.sampling_params import InvalidRequestError
+from server.engine.errors import InvalidRequestError
 
 MAX_REPEAT = 1 << 20  # repetition counts ({m,n}) and schema lengths and item counts
 MAX_GROUP_DEPTH = 64  # groups inside groups

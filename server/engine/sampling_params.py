@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from server.engine.errors import InvalidRequestError
+
 if TYPE_CHECKING:
     from server.engine.grammar import Grammar
 
@@ -19,15 +21,6 @@ MAX_BIAS = 100.0  # OpenAI's bound: -100 bans a token, +100 all but forces it
 # divided by it overflow; near 1e-5 sampling already differs from argmax only between logits
 # closer than about 1e-4.
 MIN_TEMPERATURE = 1e-5
-
-
-class InvalidRequestError(ValueError):
-    """A request the engine refuses before queuing it; `param` names the offending field."""
-
-    def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.param = param
 
 
 @dataclass
@@ -110,6 +103,12 @@ class SamplingParams:
                 "logit_bias",
             )
             for token, bias in self.logit_bias.items():
+                # The upper bound, the vocabulary, is the engine's to check (LogitsState.build).
+                _check(
+                    isinstance(token, int) and token >= 0,
+                    f"logit_bias keys must be token ids, got {token!r}",
+                    "logit_bias",
+                )
                 _check(
                     -MAX_BIAS <= bias <= MAX_BIAS,
                     f"logit_bias values must be in [-100, 100], got {bias} for token {token}",

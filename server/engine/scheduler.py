@@ -25,17 +25,22 @@ logger = logging.getLogger(__name__)
 
 
 class AdapterGate(Protocol):
-    """What the scheduler asks of the adapter tier before a sequence may run."""
+    """What the scheduler asks of the adapter tier before a sequence may run, by the
+    sequence's adapter id (NO_ADAPTER for the base model)."""
 
-    def can_admit(self, seq: Sequence, kv_blocks: int) -> bool: ...
+    def is_ready(self, adapter_id: int) -> bool:
+        """Whether the adapter's weights are in memory (else they are being read)."""
+        ...
 
-    def is_resident(self, seq: Sequence) -> bool: ...
+    def can_admit(self, adapter_id: int, kv_blocks: int) -> bool: ...
 
-    def admit(self, seq: Sequence) -> None: ...
+    def is_resident(self, adapter_id: int) -> bool: ...
 
-    def release(self, seq: Sequence) -> None: ...
+    def admit(self, adapter_id: int) -> None: ...
 
-    def prefetch(self, waiting: Iterable[Sequence]) -> None: ...
+    def release(self, adapter_id: int) -> None: ...
+
+    def prefetch(self, waiting: Iterable[int]) -> None: ...
 
 
 @dataclass
@@ -101,8 +106,8 @@ class Scheduler:
                 i += 1
         if not out.preempted:
             budget = self._admit_waiting(budget, out)
-        if self.adapters is not None and self.waiting:
-            self.adapters.prefetch(self.waiting)
+        if self.adapters is not None:
+            self.adapters.prefetch(s.adapter_id for s in self.waiting)
         return out
 
     def _make_room(self, seq: Sequence, n: int, out: SchedulerOutput) -> bool:
@@ -116,9 +121,10 @@ class Scheduler:
         return True
 
     def _admit_waiting(self, budget: int, out: SchedulerOutput) -> int:
-        """First come, first served, except that a request waiting for room for its adapter
-        lets requests whose adapters are already resident (or that use none) go ahead; no
-        later request may bring in a new adapter past it."""
+        """First come, first served, except that a request whose adapter is still being read
+        into host memory lets every request behind it go ahead, and a request waiting for room
+        for its adapter lets requests whose adapters are already resident (or that use none)
+        go ahead; no later request may bring in a new adapter past the latter."""
         adapter_blocked = False
         i = 0
         while (
@@ -128,6 +134,9 @@ class Scheduler:
             and len(self.running) < self.max_num_seqs
         ):
             seq = self.waiting[i]
+            if self.adapters is not None and not self.adapters.is_ready(seq.adapter_id):
+                i += 1  # its weights are being read: never on the step thread
+                continue
             # Cached blocks found now are held from here: the checks below see them as the
             # sequence's own, no longer as reclaimable room.
             hit = self.kv.match_prefix(seq)
@@ -136,14 +145,15 @@ class Scheduler:
                 self.kv.unmatch(seq)
                 break
             if self.adapters is not None:
-                if not self.adapters.can_admit(seq, self.kv.blocks_needed(seq, n)) or (
-                    adapter_blocked and not self.adapters.is_resident(seq)
+                kv_blocks = self.kv.blocks_needed(seq, n)
+                if not self.adapters.can_admit(seq.adapter_id, kv_blocks) or (
+                    adapter_blocked and not self.adapters.is_resident(seq.adapter_id)
                 ):
                     self.kv.unmatch(seq)
                     adapter_blocked = True
                     i += 1
                     continue
-                self.adapters.admit(seq)
+                self.adapters.admit(seq.adapter_id)
             if self.kv.prefix is not None:
                 self.kv.prefix.record_hit(seq, hit)
             if seq.first_scheduled_time is None:
@@ -160,7 +170,7 @@ class Scheduler:
         logger.debug("preempting %s (%d tokens) for recompute", seq.request_id, seq.num_tokens)
         self.kv.free(seq)
         if self.adapters is not None:
-            self.adapters.release(seq)
+            self.adapters.release(seq.adapter_id)
         seq.reset_for_recompute()
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
@@ -176,7 +186,7 @@ class Scheduler:
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
             if self.adapters is not None:
-                self.adapters.release(seq)
+                self.adapters.release(seq.adapter_id)
         elif seq.status is SequenceStatus.WAITING:
             self.waiting.remove(seq)
         self.kv.free(seq)

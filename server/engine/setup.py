@@ -13,7 +13,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from server.config import DEFAULT_CPU_POOL_MB, ConfigError, EngineConfig
+from server.engine.backends import KernelBackend
 from server.engine.memory_budget import activation_bytes, split_memory
+from server.lora.batch import LoRAOps
 from server.lora.residency import DeviceAdapterCache
 from server.memory.page_pool import PageGeometry, PagePool
 from server.memory.prefix_cache import PrefixCache
@@ -80,18 +82,15 @@ def with_quantize_chosen(config: EngineConfig) -> EngineConfig:
     return dataclasses.replace(config, quantize=chosen)
 
 
-def build_model(config: EngineConfig, model_dir: Path) -> LlamaForCausalLM:
-    """Load the checkpoint, quantize it if asked, and put it on the device."""
+def build_model(config: EngineConfig, model_dir: Path, kernels: KernelBackend) -> LlamaForCausalLM:
+    """Load the checkpoint, quantize it if asked, put it on the device and bind the kernels."""
     start = time.perf_counter()
     config = with_quantize_chosen(config)
     model = load_model(model_dir, config.torch_dtype)
     if config.quantize == "nf4":
         quantize_nf4(model, config.torch_dtype, config.torch_device)
     model.to(config.torch_device)
-    if config.quantize == "nf4" and kernel_backend(config) == "triton":
-        from server.kernels.nf4_linear import use_nf4_kernel
-
-        use_nf4_kernel(model)  # bitsandbytes quantized it; our kernel multiplies
+    kernels.adapt(model)
     cfg = model.config
     logger.info(
         "loaded %s from %s in %.1fs: %d layers, %.1fM parameters, weights %.1f MiB (%s, %s, %s)",
@@ -106,27 +105,6 @@ def build_model(config: EngineConfig, model_dir: Path) -> LlamaForCausalLM:
         config.torch_device,
     )
     return model
-
-
-def lora_backend(device: torch.device, choice: str = "auto", feature: str = "batched LoRA") -> str:
-    """Triton kernels on CUDA when Triton is installed, the torch path otherwise."""
-    if choice != "auto":
-        return choice
-    if device.type != "cuda":
-        return "torch"
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        logger.warning("Triton is not installed; %s falls back to the torch path", feature)
-        return "torch"
-    return "triton"
-
-
-def kernel_backend(config: EngineConfig) -> str:
-    """Where the NF4 matmul and paged attention run: "triton" kernels or the "torch" path."""
-    return lora_backend(
-        config.torch_device, config.kernel_backend, "NF4 matmul and paged attention"
-    )
 
 
 def open_registry(
@@ -222,7 +200,7 @@ def pool_tenants(
     pool: PagePool,
     cfg: ModelConfig,
     registry: AdapterRegistry | None,
-    device: torch.device,
+    lora: LoRAOps,
 ) -> PoolTenants:
     """The adapter residency (when adapters are served) and the prefix cache (unless turned
     off), both evicted by one PoolReclaimer (server.memory.reclaim)."""
@@ -236,7 +214,7 @@ def pool_tenants(
             cfg,
             config.max_loras,
             config.max_lora_rank,
-            lora_backend(device, config.lora_backend),
+            lora,
             clock=clock,
         )
         sources.append(adapters)

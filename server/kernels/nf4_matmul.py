@@ -3,28 +3,61 @@
 The weight stays as bitsandbytes quantized it: two 4-bit codes per byte (high nibble first) in
 row-major [N, K] order, one absmax per block of 64 values, and with double quantization the
 absmax itself as uint8 codes into `state2.code`, scaled per block of 256 absmaxes and shifted
-by `offset`. Each program dequantizes the tile it is about to multiply, in registers, so the
-only weight traffic is the packed bytes and their scales (about 0.52 bytes per parameter).
+by `offset`. The kernels (server.kernels.nf4_kernels) dequantize each tile in registers, so
+the only weight traffic is the packed bytes and their scales (about 0.52 bytes per parameter).
 
-One entry point serves every token count. Up to SMALL_M rows (decode), one row tile holds all
-tokens and K is split across programs whose fp32 partial sums meet through atomics, so a step
-with a handful of tokens still spreads the weight read over the whole GPU (GEMV-style). Larger
-M (prefill) uses plain output tiles over M and N.
+One launch per linear up to DEQUANT_ONCE_M rows, writing y in x's dtype with the bias added:
+no zeroing, no conversion, no bias launch. Decode-sized M keeps every token in one row tile
+(each dequantized weight serves all of them) and narrow column tiles, so a handful of tokens
+still spreads the weight read over the whole GPU. From DEQUANT_ONCE_M rows (prefill chunks) the
+weight is dequantized once, a bounded slab of rows at a time, and multiplied by torch's GEMM.
 
 Block sizes are untuned: no GPU was available when this kernel was written.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 from dataclasses import dataclass
 
 import torch
 import triton
-import triton.language as tl
 
-SMALL_M = 32  # up to this many rows, the split-K path
-_TARGET_PROGRAMS = 264  # split K until about this many programs run (~2x an H100's 132 SMs)
+from server.kernels import nf4_kernels as kernels
+
+SMALL_M = 64  # up to this many rows, one row tile holds every token
+DEQUANT_ONCE_M = 512  # from this many rows, dequantize once and multiply with torch's GEMM
+# Decode tiles are 32 weight rows wide while that still gives about every SM of an H100 (132)
+# a program (a 4096-wide output: 128): by the SASS, 32 rows cost 8-9 instructions per weight
+# against 11-14 for 16 (fixed costs per tile: x fragments, addresses, scales).
+_MIN_PROGRAMS = 128
+_SLAB_ELEMENTS = 1 << 25  # dequantized rows at a time on the GEMM path: 64 MiB at 16 bits
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # read when triton is, at import
+
+
+NF4_CODE = torch.tensor(kernels.NF4_VALUES, dtype=torch.float32)
+
+
+def _table_bits(dtype: torch.dtype) -> tuple[int, ...]:
+    return tuple(int(b) & 0xFFFF for b in NF4_CODE.to(dtype).view(torch.int16).tolist())
+
+
+# The "prmt" lookup's PTX, the NF4 table in the activations' 16-bit dtype as immediates.
+_PRMT_ASM = {
+    torch.float16: kernels.prmt_lookup_asm(_table_bits(torch.float16), bf16=False),
+    torch.bfloat16: kernels.prmt_lookup_asm(_table_bits(torch.bfloat16), bf16=True),
+}
+
+
+@functools.lru_cache(maxsize=16)
+def _table_words(device: torch.device, dtype: torch.dtype | None) -> torch.Tensor:
+    """The table words the "prmt" PTX takes in registers, on the device ([4] int32; zeros,
+    unread, for "select": dtype None). Made on the first launch (a decode graph's warm-up
+    run, before capture) and kept, so no launch copies from the host."""
+    words = kernels.prmt_lookup_words(_table_bits(dtype)) if dtype is not None else [0] * 4
+    return torch.tensor(words, dtype=torch.int32, device=device)
 
 
 @dataclass(frozen=True)
@@ -48,9 +81,11 @@ class NF4Weight:
 
     @classmethod
     def from_bnb(cls, weight: torch.Tensor, quant_state) -> NF4Weight:  # type: ignore[no-untyped-def]
-        """From a Params4bit's data and its QuantState (reads the offset once, at load)."""
+        """From a Params4bit's data and its QuantState (reads the offset and checks the code
+        table once, at load: the kernels hold the NF4 table in registers, not `code`)."""
         s = quant_state
         assert s.quant_type == "nf4", f"only NF4 is supported, got {s.quant_type}"
+        assert torch.equal(s.code.float().cpu(), NF4_CODE), "not bitsandbytes' NF4 code table"
         out_features, in_features = s.shape
         if s.nested:
             absmax2, code2 = s.state2.absmax, s.state2.code
@@ -82,105 +117,17 @@ class NF4Weight:
         return w.view(self.out_features, self.in_features)
 
 
-@triton.jit
-def _nf4_matmul_kernel(
-    x_ptr,  # x: [M, K]
-    w_ptr,  # packed: [N_all * K // 2] uint8
-    absmax_ptr,  # [N_all * K // BLOCKSIZE] uint8 (NESTED) or float32
-    absmax2_ptr,  # [*] float32 (NESTED)
-    code2_ptr,  # [256] float32 (NESTED)
-    code_ptr,  # [16] float32
-    bias_ptr,  # [N_all] (HAS_BIAS)
-    y_ptr,  # y: [M, N] in x's dtype, or float32 zeroed when SPLIT_K > 1
-    M,
-    N,
-    K,
-    row_start,
-    offset,
-    stride_xm,
-    stride_ym,
-    BLOCKSIZE: tl.constexpr,
-    BLOCKSIZE2: tl.constexpr,
-    NESTED: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    """One [BLOCK_M, BLOCK_N] output tile, or its share of K when SPLIT_K > 1.
-
-    Semantics: y = x @ W[row_start:row_start + N].T (+ bias[row_start:row_start + N]), where
-    W.view(-1, BLOCKSIZE)[b] = code[nibbles of block b] * absmax[b], and with NESTED
-    absmax[b] = code2[absmax_u8[b]] * absmax2[b // BLOCKSIZE2] + offset.
-    Grid: (M tiles, N tiles, SPLIT_K). K is a multiple of BLOCK_K (the launcher picks it so).
-    Even and odd columns of a tile come from the high and low nibbles of the same bytes, so the
-    tile is two half-width dots against x's even and odd columns: no interleave needed.
-    """
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    HALF_K: tl.constexpr = BLOCK_K // 2
-    BLOCKS_PER_TILE: tl.constexpr = BLOCK_K // BLOCKSIZE
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_b = tl.max_contiguous(tl.multiple_of(tl.arange(0, HALF_K), HALF_K), HALF_K)
-    offs_kb = tl.arange(0, BLOCKS_PER_TILE)
-    m_mask = offs_m < M
-    n_mask = offs_n < N
-    rows = (row_start + offs_n).to(tl.int64)  # weight rows; N * K can exceed 2**31
-    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
-    w_rows = w_ptr + rows[:, None] * (K // 2)
-    blocks_per_row = K // BLOCKSIZE
-
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
-        # bytes: [BLOCK_N, HALF_K] -> even (high nibble) and odd (low nibble) columns
-        packed = tl.load(w_rows + (k0 // 2 + offs_b)[None, :], mask=n_mask[:, None], other=0)
-        w_even = tl.load(code_ptr + (packed >> 4).to(tl.int32))
-        w_odd = tl.load(code_ptr + (packed & 0xF).to(tl.int32))
-
-        # scales: [BLOCK_N, BLOCKS_PER_TILE] -> one per byte, [BLOCK_N, HALF_K]
-        block = rows[:, None] * blocks_per_row + (k0 // BLOCKSIZE + offs_kb)[None, :]
-        if NESTED:
-            q = tl.load(absmax_ptr + block, mask=n_mask[:, None], other=0).to(tl.int32)
-            group = tl.load(absmax2_ptr + block // BLOCKSIZE2, mask=n_mask[:, None], other=0.0)
-            scale = tl.load(code2_ptr + q) * group + offset
-        else:
-            scale = tl.load(absmax_ptr + block, mask=n_mask[:, None], other=0.0)
-        scale = tl.broadcast_to(scale[:, :, None], (BLOCK_N, BLOCKS_PER_TILE, BLOCKSIZE // 2))
-        scale = tl.reshape(scale, (BLOCK_N, HALF_K))
-        # Rounded to x's dtype before the product, as bitsandbytes' dequantize + matmul does.
-        w_even = (w_even * scale).to(x_ptr.dtype.element_ty)
-        w_odd = (w_odd * scale).to(x_ptr.dtype.element_ty)
-
-        x_cols = x_rows + (k0 + 2 * offs_b)[None, :]
-        x_even = tl.load(x_cols, mask=m_mask[:, None], other=0.0)
-        x_odd = tl.load(x_cols + 1, mask=m_mask[:, None], other=0.0)
-        acc = tl.dot(x_even, tl.trans(w_even), acc, input_precision=DOT_PRECISION)
-        acc = tl.dot(x_odd, tl.trans(w_odd), acc, input_precision=DOT_PRECISION)
-
-    y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
-    mask = m_mask[:, None] & n_mask[None, :]
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + rows, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
-    else:
-        tl.atomic_add(y_ptrs, acc, mask=mask)
-
-
 @dataclass(frozen=True)
 class NF4MatmulConfig:
-    """Tile sizes of one launch."""
+    """Tiles of one launch; dequantize_once: the GEMM path (block_n x block_k slabs)."""
 
     block_m: int
     block_n: int
     block_k: int
-    split_k: int = 1
     num_warps: int = 4
+    num_stages: int = 3
+    dequantize_once: bool = False
+    lookup: str | None = None  # "prmt" | "select"; None: prmt for 16-bit x on CUDA
 
 
 def _block_k(in_features: int, blocksize: int, cap: int) -> int:
@@ -192,17 +139,20 @@ def _block_k(in_features: int, blocksize: int, cap: int) -> int:
 
 
 def nf4_matmul_config(num_tokens: int, out_features: int, weight: NF4Weight) -> NF4MatmulConfig:
-    """Untuned tiles: small M splits K over programs; large M tiles M and N."""
-    k = weight.in_features
+    """Untuned tiles: decode holds all tokens in one row tile over narrow column tiles;
+    mid-sized M tiles M and N; from DEQUANT_ONCE_M rows, dequantize once then GEMM."""
+    k, blocksize = weight.in_features, weight.blocksize
+    if num_tokens >= DEQUANT_ONCE_M:
+        return NF4MatmulConfig(0, 64, _block_k(k, blocksize, 128), dequantize_once=True)
     if num_tokens <= SMALL_M:
-        # tl.dot needs at least 16 rows; one row tile holds every token.
+        # tl.dot needs at least 16 rows and columns; narrow columns give the programs.
         block_m = max(16, triton.next_power_of_2(num_tokens))
-        block_n, block_k = 64, _block_k(k, weight.blocksize, 256)
-        n_tiles = triton.cdiv(out_features, block_n)
-        split = min(k // block_k, max(1, _TARGET_PROGRAMS // n_tiles))
-        # A power of two, since every distinct SPLIT_K compiles another kernel.
-        return NF4MatmulConfig(block_m, block_n, block_k, 1 << (split.bit_length() - 1))
-    return NF4MatmulConfig(64, 64, _block_k(k, weight.blocksize, 128), 1, num_warps=4)
+        block_n = 32 if triton.cdiv(out_features, 32) >= _MIN_PROGRAMS else 16
+        # At 64 rows, 128 columns of K keep the tile in registers and the pipeline's x
+        # stages in a quarter of the shared memory.
+        cap = 128 if block_m == 64 else 256
+        return NF4MatmulConfig(block_m, block_n, _block_k(k, blocksize, cap), num_stages=4)
+    return NF4MatmulConfig(64, 64, _block_k(k, blocksize, 128))
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -237,6 +187,32 @@ def _check(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None, rows: tuple
         assert bias.device == x.device, "bias and x must share a device"
 
 
+def _lookup(x: torch.Tensor, cfg: NF4MatmulConfig) -> tuple[str, str, torch.Tensor]:
+    """(LOOKUP, its PTX, its table words) for x: the register table in PTX for 16-bit x, else
+    selects (fp32 keeps the exact table; Triton's interpreter runs no inline assembly)."""
+    lookup = cfg.lookup
+    if lookup is None:
+        lookup = "select" if x.dtype == torch.float32 or _INTERPRETED else "prmt"
+    assert lookup in ("prmt", "select"), f"unknown lookup {lookup}"
+    assert lookup == "select" or x.dtype != torch.float32, "fp32 needs the exact table"
+    if lookup == "select":
+        return lookup, "", _table_words(x.device, None)
+    return lookup, _PRMT_ASM[x.dtype], _table_words(x.device, x.dtype)
+
+
+def _weight_args(weight: NF4Weight) -> tuple[torch.Tensor, ...]:
+    """packed, absmax, absmax2, code2 as the kernels take them (unused slots get `code`)."""
+    nested = weight.nested
+    absmax2 = weight.absmax2 if nested else weight.code
+    code2 = weight.code2 if nested else weight.code
+    assert absmax2 is not None and code2 is not None
+    return weight.packed, weight.absmax, absmax2, code2
+
+
+def _weight_constexprs(weight: NF4Weight) -> dict[str, object]:
+    return dict(BLOCKSIZE=weight.blocksize, BLOCKSIZE2=weight.blocksize2, NESTED=weight.nested)
+
+
 def nf4_matmul(
     x: torch.Tensor,
     weight: NF4Weight,
@@ -253,47 +229,90 @@ def nf4_matmul(
     start, stop = rows if rows is not None else (0, weight.out_features)
     _check(x, weight, bias, (start, stop))
     num_tokens, num_out = x.shape[0], stop - start
+    y = torch.empty(num_tokens, num_out, dtype=x.dtype, device=x.device)
+    if num_tokens == 0:
+        return y
     cfg = config or nf4_matmul_config(num_tokens, num_out, weight)
     assert weight.in_features % cfg.block_k == 0 and cfg.block_k % weight.blocksize == 0
-    out_dtype = x.dtype if cfg.split_k == 1 else torch.float32
-    make = torch.empty if cfg.split_k == 1 else torch.zeros  # split-K partial sums add up
-    y = make(num_tokens, num_out, dtype=out_dtype, device=x.device)
-    if num_tokens == 0:
-        return y.to(x.dtype)
-    grid = (
-        triton.cdiv(num_tokens, cfg.block_m),
-        triton.cdiv(num_out, cfg.block_n),
-        cfg.split_k,
-    )
-    _nf4_matmul_kernel[grid](
+    lookup, asm, words = _lookup(x, cfg)
+    if cfg.dequantize_once:
+        _dequantize_then_gemm(x, weight, bias, (start, stop), y, cfg)
+        return y
+    grid = (triton.cdiv(num_out, cfg.block_n), triton.cdiv(num_tokens, cfg.block_m))
+    kernels.nf4_matmul_kernel[grid](
         x,
-        weight.packed,
-        weight.absmax,
-        weight.absmax2 if weight.nested else weight.absmax,
-        weight.code2 if weight.nested else weight.code,
-        weight.code,
+        *_weight_args(weight),
+        words,
         bias if bias is not None else weight.code,
         y,
         num_tokens,
         num_out,
-        weight.in_features,
+        weight.in_features // 2,
         start,
         weight.offset,
         x.stride(0),
         y.stride(0),
-        BLOCKSIZE=weight.blocksize,
-        BLOCKSIZE2=weight.blocksize2,
-        NESTED=weight.nested,
+        **_weight_constexprs(weight),
         HAS_BIAS=bias is not None,
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k,
-        SPLIT_K=cfg.split_k,
+        LOOKUP=lookup,
+        LOOKUP_ASM=asm,
         DOT_PRECISION=_dot_precision(x.dtype),
         num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
-    if cfg.split_k == 1:
-        return y
-    if bias is not None:
-        y += bias[start:stop].float()
-    return y.to(x.dtype)
+    return y
+
+
+def nf4_dequantize(
+    weight: NF4Weight, rows: tuple[int, int], out: torch.Tensor, config: NF4MatmulConfig
+) -> None:
+    """out: [stop - start, K] = the rows' dequantized weight in out's dtype, by the kernel."""
+    start, stop = rows
+    num_rows, k = out.shape
+    assert k == weight.in_features and num_rows == stop - start and out.stride(1) == 1
+    lookup, asm, words = _lookup(out, config)
+    grid = (triton.cdiv(num_rows, config.block_n), k // config.block_k)
+    kernels.nf4_dequantize_kernel[grid](
+        *_weight_args(weight),
+        words,
+        out,
+        num_rows,
+        k // 2,
+        start,
+        weight.offset,
+        out.stride(0),
+        **_weight_constexprs(weight),
+        BLOCK_N=config.block_n,
+        BLOCK_K=config.block_k,
+        LOOKUP=lookup,
+        LOOKUP_ASM=asm,
+        num_warps=config.num_warps,
+    )
+
+
+def _dequantize_then_gemm(
+    x: torch.Tensor,
+    weight: NF4Weight,
+    bias: torch.Tensor | None,
+    rows: tuple[int, int],
+    y: torch.Tensor,
+    cfg: NF4MatmulConfig,
+) -> None:
+    """y = x @ W[rows].T (+ bias): a slab of at most _SLAB_ELEMENTS weights dequantized at a
+    time, multiplied by torch's GEMM straight into y's columns (no copy of y)."""
+    start, stop = rows
+    k = weight.in_features
+    slab_rows = max(cfg.block_n, _SLAB_ELEMENTS // k // cfg.block_n * cfg.block_n)
+    slab = torch.empty(min(slab_rows, stop - start), k, dtype=x.dtype, device=x.device)
+    for first in range(start, stop, slab_rows):
+        last = min(first + slab_rows, stop)
+        w = slab[: last - first]
+        nf4_dequantize(weight, (first, last), w, cfg)
+        out = y[:, first - start : last - start]
+        if bias is None:
+            torch.mm(x, w.T, out=out)
+        else:
+            torch.addmm(bias[first:last], x, w.T, out=out)

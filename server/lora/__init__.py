@@ -1,5 +1,8 @@
-"""Batched LoRA: adapter residency in the page pool (slots, slot tables, placement, LRU,
-prefetch, the admission gate, the pool's reclaimer), per-step metadata, layer wrappers, ops.
+"""Batched LoRA: adapter residency in the page pool (slots, slot tables, placement, the
+admission gate, prefetch, eviction under the pool's one policy), the loader that reads
+adapters off the step thread, per-step metadata (segments), layer wrappers, and the torch and
+Triton implementations of the ops.
 
-Depends on server.memory (the generic page pool); server.memory never imports this package.
+Depends on server.memory (the generic page pool) and server.model; neither imports this
+package (tests/import_graph.py's LAYERS).
 """

@@ -1,16 +1,18 @@
 """Module swaps that make the plain model adapter-aware for serving.
 
-Each wrapper runs the base module, then applies whatever the step's LoRABatch says about the
+Each wrapper segments the base module, then applies whatever the step's LoRABatch says about the
 tokens' adapters. Without a LoRABatch in the forward context (no adapter in the step, or
 training) they cost one context lookup.
 """
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 
-from server.lora.batch import LoRABatch
+from server.lora.batch import Linear, LoRABatch
 from server.lora.layout import LORA_MODULES
 from server.model.config import ModelConfig, PackedSlices
 from server.model.context import get_context
@@ -20,7 +22,8 @@ from server.model.llama import LlamaForCausalLM
 
 def _lora_batch() -> LoRABatch | None:
     ctx = get_context()
-    return ctx.lora if ctx is not None else None
+    # The model runner puts the step's LoRABatch there; the model layer keeps it opaque.
+    return cast("LoRABatch | None", ctx.lora) if ctx is not None else None
 
 
 class LoRALinear(nn.Module):
@@ -29,16 +32,13 @@ class LoRALinear(nn.Module):
     def __init__(self, base: nn.Module, layer: int, module: int, slices: PackedSlices) -> None:
         super().__init__()
         self.base = base
-        self.layer = layer
-        self.module = module
-        self.slice_widths = slices.widths
-        self.slice_offsets = slices.offsets
+        self.linear = Linear(layer, module, slices)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
         lora = _lora_batch()
         if lora is not None:
-            lora.add_lora(x, out, self.layer, self.module, self.slice_offsets, self.slice_widths)
+            lora.add_lora(x, out, self.linear)
         return out
 
 
@@ -52,12 +52,12 @@ class AdapterRMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lora = _lora_batch()
-        runs = lora.norm_runs(self.name) if lora is not None else []
-        if not runs:
+        segments = lora.norm_segments(self.name) if lora is not None else []
+        if not segments:
             return self.base(x)
         normed = self.base.normalize(x)  # x: [T, hidden]
         out = self.base.weight * normed
-        for start, length, weight in runs:
+        for start, length, weight in segments:
             out[start : start + length] = weight * normed[start : start + length]
         return out
 
@@ -80,13 +80,13 @@ class AdapterEmbedding(nn.Module):
             return out
         hidden = out.shape[-1]
         cols = torch.arange(hidden, device=ids.device)
-        for run in lora.embed_runs():
-            w = run.adapter.weights
+        for seg in lora.embed_segments():
+            w = seg.weights
             chunks = w.embed_chunk_offsets  # [chunks] on the device since the adapter loaded
             assert chunks is not None
-            tok = ids[run.start : run.end]
+            tok = ids[seg.start : seg.end]
             rows = chunks[tok // w.embed_rows_per_chunk] + (tok % w.embed_rows_per_chunk) * hidden
-            out[run.start : run.end] = lora.pool[rows[:, None] + cols[None, :]]
+            out[seg.start : seg.end] = lora.pool[rows[:, None] + cols[None, :]]
         return out
 
 

@@ -8,9 +8,10 @@ so an adapter's cost in pages grows with its rank, never padded to a maximum ran
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
-from server.model.config import PACKED_LINEARS
+from server.model.config import PACKED_LINEARS, ModelConfig
 
 # Packed linear (module index) -> the checkpoint modules feeding its slices, in column order.
 LORA_MODULES: tuple[tuple[str, tuple[str, ...]], ...] = tuple(PACKED_LINEARS.items())
@@ -63,3 +64,11 @@ def plan_layout(
         placements.append(Placement(key, page, free[page], numel))
         free[page] = min(page_numel, _aligned(free[page] + numel))
     return Layout(len(free), tuple(placements), rows_per_chunk)
+
+
+def offset_alignment(cfg: ModelConfig, page_numel: int) -> int:
+    """What every LoRA matrix offset in the pool is a multiple of: placements start at ALIGN
+    multiples within a page, pages at page_numel multiples, and the slices of a stacked A at
+    multiples of its row length (an in_features)."""
+    in_features = {shape[0] for shape in cfg.linear_shapes().values()}
+    return math.gcd(ALIGN, page_numel, *in_features)

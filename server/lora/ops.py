@@ -1,4 +1,4 @@
-"""Batched LoRA over tokens grouped into runs of one adapter, reading weights from the page pool.
+"""Batched LoRA over a batch's segments (tokens of one adapter), weights read from the page pool.
 
 Semantics, for each segment g (tokens [start_g, start_g + len_g) of one adapter) and slice s
 of a packed linear (q/k/v or gate/up), with A_gs: [rank_gs, in] and Bt_gs: [rank_gs, width_s]
@@ -15,6 +15,7 @@ copy no weights.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -33,7 +34,7 @@ class SliceWeights:
 
 @dataclass(frozen=True)
 class Segment:
-    """A run of consecutive tokens using one adapter, with that adapter's weights per slice."""
+    """Consecutive tokens using one adapter, with that adapter's weights per slice."""
 
     start: int
     length: int
@@ -101,16 +102,16 @@ class ModuleWeights:
 def lora_apply(
     x: torch.Tensor,
     out: torch.Tensor,
-    runs: Sequence[tuple[int, int, ModuleWeights]],
+    segments: Sequence[tuple[int, int, ModuleWeights]],
     slice_offsets: Sequence[int],
     slice_widths: Sequence[int],
 ) -> None:
-    """The same semantics as lora_ref, for the CPU: one matmul shrinks all slices of a run,
+    """The same semantics as lora_ref, for the CPU: one matmul shrinks all slices of a segment,
     one addmm per slice expands in place, and no weight is sliced out of the pool per step.
 
-    runs: (start, length, weights) per segment.
+    segments: (start, length, weights) per segment.
     """
-    for start, length, w in runs:
+    for start, length, w in segments:
         rows = slice(start, start + length)
         h = x[rows] @ w.a.T  # [n, sum of ranks]
         for s, r0, bt, scaling in w.slices:
@@ -131,11 +132,16 @@ class SegmentTensors:
     scalings: torch.Tensor  # [G, S] float32
     max_rank: int
     max_seg_len: int
+    # Every a/b offset is a multiple of this many elements (the pool layout's promise, which
+    # kernels take as an alignment hint); 1 promises nothing.
+    offset_align: int = 1
 
     @classmethod
     def from_segments(
         cls, segments: Sequence[Segment], num_slices: int, device: torch.device
     ) -> SegmentTensors:
+        weights = [w for seg in segments for w in seg.slices if w is not None]
+
         def column(get, dtype):  # type: ignore[no-untyped-def]
             rows = [[get(w) if w else 0 for w in seg.slices] for seg in segments]
             return torch.tensor(rows, dtype=dtype, device=device).view(len(segments), num_slices)
@@ -149,4 +155,5 @@ class SegmentTensors:
             scalings=column(lambda w: w.scaling, torch.float32),
             max_rank=max((w.rank for s in segments for w in s.slices if w), default=0),
             max_seg_len=max((s.length for s in segments), default=0),
+            offset_align=math.gcd(*(o for w in weights for o in (w.a_offset, w.b_offset))) or 1,
         )

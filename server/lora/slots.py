@@ -15,8 +15,13 @@ class SlotTables:
     rows of the slots it uses.
     """
 
-    def __init__(self, num_layers: int, max_loras: int, device: torch.device) -> None:
+    def __init__(
+        self, num_layers: int, max_loras: int, device: torch.device, offset_align: int = 1
+    ) -> None:
         shape = (num_layers, len(LORA_MODULES), max_loras, MAX_SLICES)
+        # Every offset written is a multiple of this (layout.offset_alignment): kernels take it
+        # as an alignment hint, so fill() refuses an offset that breaks it.
+        self.offset_align = offset_align
         self.a_offsets = torch.zeros(shape, dtype=torch.int64, device=device)
         self.b_offsets = torch.zeros(shape, dtype=torch.int64, device=device)
         self.ranks = torch.zeros(shape, dtype=torch.int32, device=device)
@@ -31,6 +36,8 @@ class SlotTables:
         for (layer, module), per_slice in slices.items():
             for s, w in enumerate(per_slice):
                 if w is not None:
+                    assert w.a_offset % self.offset_align == 0, "A offset breaks the alignment"
+                    assert w.b_offset % self.offset_align == 0, "Bt offset breaks the alignment"
                     host["a_offsets"][layer, module, s] = w.a_offset
                     host["b_offsets"][layer, module, s] = w.b_offset
                     host["ranks"][layer, module, s] = w.rank

@@ -1,12 +1,9 @@
-"""Triton SGMV kernels for batched LoRA: shrink and expand over segments, weights in the page pool.
+"""Launchers of the batched LoRA kernels (server.kernels.lora_sgmv): tiles, checks, two launches.
 
-The semantics are exactly those of `server.lora.ops` (`shrink_ref`, `expand_ref`, `lora_ref`).
-Each program handles one tile of one segment (a run of tokens of one adapter) and one slice of a
-packed linear; it reads that adapter's A or Bt at its own offsets in the flat pool, so adapters
-need not be contiguous with each other. Work follows each adapter's own rank: shrink programs
-whose rank tile lies past the rank exit at once (S-LoRA), and expand loops over the rank in
-BLOCK_R steps up to that rank. Nothing is padded to the batch's maximum rank except the rounding
-of a rank up to one tile (tl.dot needs tiles of at least 16).
+`lora_triton` is the engine's entry point (LoRABatch.add_lora): a shrink writing each K split's
+partial sums into a scratch and an expand adding them up into `out`, with no zeroing launch.
+`lora_shrink` and `lora_expand` run one half each, with the semantics of `server.lora.ops`
+(`shrink_ref`, `expand_ref`), for tests and benchmarks.
 
 Block sizes are untuned: no GPU was available when these kernels were written.
 """
@@ -14,167 +11,24 @@ Block sizes are untuned: no GPU was available when these kernels were written.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import triton
-import triton.language as tl
 
+from server.kernels import lora_sgmv
 from server.lora.ops import SegmentTensors
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_GRID_YZ = 65535  # CUDA's limit on grid dimensions 1 and 2 (segments, slices)
 # Shrink splits K until about this many programs run: a decode step with a few adapters
 # otherwise leaves most SMs idle while one program walks all of K (untuned guess, ~2x 132 SMs).
-# The split partial sums meet in h through fp32 atomics, so h can differ in the last bits from
-# run to run; that is the usual price of split-K and harmless for inference.
+# Each split writes its own partial sums and the expand adds them up, so nothing needs zeroing
+# and the result does not depend on the order programs finish in.
 _TARGET_PROGRAMS = 256
-
-
-@triton.jit
-def _shrink_kernel(
-    x_ptr,  # x: [T, in]
-    pool_ptr,  # pool: [P]
-    h_ptr,  # h: [S, T, max_rank] float32, zeroed
-    seg_starts_ptr,  # [G] int64
-    seg_lens_ptr,  # [G] int64
-    a_offsets_ptr,  # [G, S] int64
-    ranks_ptr,  # [G, S] int32
-    scalings_ptr,  # [G, S] float32
-    in_features,
-    max_rank,
-    num_slices,
-    stride_xt,
-    stride_hs,
-    stride_ht,
-    BLOCK_M: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    """Shrink one row tile and rank tile of one (segment, slice), or a K share of it.
-
-    Semantics: h[s, rows, :rank] = scaling * x[rows] @ pool[a_off:][: rank * K].view(rank, K).T
-    Grid: (m tiles * SPLIT_K * rank tiles, segments, slices); the rank tile varies fastest, so
-    programs reading the same x rows run together and share them through L2.
-    """
-    pid = tl.program_id(0)
-    g = tl.program_id(1)
-    s = tl.program_id(2)
-    num_r_tiles = tl.cdiv(max_rank, BLOCK_R)
-    r_tile = pid % num_r_tiles
-    k_split = (pid // num_r_tiles) % SPLIT_K
-    m_tile = pid // (num_r_tiles * SPLIT_K)
-
-    gs = g * num_slices + s
-    seg_len = tl.load(seg_lens_ptr + g)
-    # Clamped so inconsistent metadata can never index past h's last column.
-    rank = tl.minimum(tl.load(ranks_ptr + gs), max_rank)
-    if m_tile * BLOCK_M >= seg_len:
-        return
-    if r_tile * BLOCK_R >= rank:
-        return
-    seg_start = tl.load(seg_starts_ptr + g)
-    a_offset = tl.load(a_offsets_ptr + gs)
-    scaling = tl.load(scalings_ptr + gs)
-
-    offs_m = m_tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_r = r_tile * BLOCK_R + tl.arange(0, BLOCK_R)
-    offs_k = k_split * BLOCK_K + tl.arange(0, BLOCK_K)
-    m_mask = offs_m < seg_len
-    r_mask = offs_r < rank
-    rows = seg_start + offs_m  # int64, like every offset below: the pool can exceed 2**31
-    # xt: [BLOCK_M, BLOCK_K] of x; at: [BLOCK_K, BLOCK_R] of A.T (A rows are contiguous in K)
-    x_ptrs = x_ptr + rows[:, None] * stride_xt + offs_k[None, :]
-    a_ptrs = pool_ptr + a_offset + offs_r[None, :].to(tl.int64) * in_features + offs_k[:, None]
-    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(0, in_features, BLOCK_K * SPLIT_K):
-        k_mask = offs_k + k0 < in_features
-        xt = tl.load(x_ptrs + k0, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        at = tl.load(a_ptrs + k0, mask=k_mask[:, None] & r_mask[None, :], other=0.0)
-        acc = tl.dot(xt, at, acc, input_precision=DOT_PRECISION)
-    acc = acc * scaling
-
-    h_ptrs = h_ptr + s.to(tl.int64) * stride_hs + rows[:, None] * stride_ht + offs_r[None, :]
-    mask = m_mask[:, None] & r_mask[None, :]
-    if SPLIT_K == 1:
-        tl.store(h_ptrs, acc, mask=mask)
-    else:
-        tl.atomic_add(h_ptrs, acc, mask=mask)
-
-
-@triton.jit
-def _expand_kernel(
-    h_ptr,  # h: [S, T, R] float32
-    pool_ptr,  # pool: [P]
-    out_ptr,  # out: [T, N]
-    seg_starts_ptr,  # [G] int64
-    seg_lens_ptr,  # [G] int64
-    b_offsets_ptr,  # [G, S] int64
-    ranks_ptr,  # [G, S] int32
-    slice_offsets_ptr,  # [S] int64
-    slice_widths_ptr,  # [S] int64
-    max_rank,
-    max_width,
-    num_slices,
-    stride_hs,
-    stride_ht,
-    stride_ot,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    """Expand one row tile and column tile of one (segment, slice) into out.
-
-    Semantics: out[rows, off:off + W] += h[s, rows, :rank] @ pool[b_off:][: rank * W].view(rank, W)
-    Grid: (m tiles * n tiles, segments, slices); each output element belongs to one program,
-    so the update is a plain load-add-store.
-    """
-    pid = tl.program_id(0)
-    g = tl.program_id(1)
-    s = tl.program_id(2)
-    num_n_tiles = tl.cdiv(max_width, BLOCK_N)
-    n_tile = pid % num_n_tiles
-    m_tile = pid // num_n_tiles
-
-    gs = g * num_slices + s
-    seg_len = tl.load(seg_lens_ptr + g)
-    rank = tl.minimum(tl.load(ranks_ptr + gs), max_rank)
-    width = tl.load(slice_widths_ptr + s)
-    if rank == 0:
-        return
-    if m_tile * BLOCK_M >= seg_len:
-        return
-    if n_tile * BLOCK_N >= width:
-        return
-    seg_start = tl.load(seg_starts_ptr + g)
-    b_offset = tl.load(b_offsets_ptr + gs)
-    col_offset = tl.load(slice_offsets_ptr + s)
-
-    offs_m = m_tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_r = tl.arange(0, BLOCK_R)
-    m_mask = offs_m < seg_len
-    n_mask = offs_n < width
-    rows = seg_start + offs_m  # int64
-    # ht: [BLOCK_M, BLOCK_R] of h; bt: [BLOCK_R, BLOCK_N] of Bt
-    h_ptrs = h_ptr + s.to(tl.int64) * stride_hs + rows[:, None] * stride_ht + offs_r[None, :]
-    b_ptrs = pool_ptr + b_offset + offs_r[:, None].to(tl.int64) * width + offs_n[None, :]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(0, rank, BLOCK_R):
-        r_mask = offs_r + r0 < rank
-        ht = tl.load(h_ptrs + r0, mask=m_mask[:, None] & r_mask[None, :], other=0.0)
-        bt = tl.load(b_ptrs + r0 * width, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
-        # h is rounded to the weights' dtype first, as expand_ref does, so tensor cores apply.
-        acc = tl.dot(ht.to(bt.dtype), bt, acc, input_precision=DOT_PRECISION)
-
-    out_ptrs = out_ptr + rows[:, None] * stride_ot + (col_offset + offs_n)[None, :]
-    mask = m_mask[:, None] & n_mask[None, :]
-    base = tl.load(out_ptrs, mask=mask, other=0.0)
-    tl.store(out_ptrs, (base.to(tl.float32) + acc).to(out_ptr.dtype.element_ty), mask=mask)
+_ACTIVE_RUNS = 8  # runs a decode step is assumed to hold when sizing its split (a guess)
 
 
 def _num_segments(meta: SegmentTensors) -> int:
@@ -183,7 +37,7 @@ def _num_segments(meta: SegmentTensors) -> int:
 
 @dataclass(frozen=True)
 class ShrinkConfig:
-    """Tile sizes of one shrink launch."""
+    """Tile sizes of one shrink launch; split_k contiguous shares of K, each its own partial."""
 
     block_m: int
     block_r: int
@@ -202,30 +56,49 @@ class ExpandConfig:
     num_warps: int = 4
 
 
+def _block_m(max_seg_len: int) -> int:
+    # tl.dot wants at least 16 rows; a decode graph's bucket can hold up to 64 tokens per run.
+    return 16 if max_seg_len <= 16 else 32 if max_seg_len <= 32 else 64
+
+
+def _block_r(max_rank: int) -> int:
+    return max(16, min(64, triton.next_power_of_2(max(max_rank, 1))))
+
+
 def shrink_config(meta: SegmentTensors, in_features: int) -> ShrinkConfig:
-    """Untuned tiles: decode keeps tl.dot's minimum 16 rows and long K tiles; prefill grows M."""
-    if meta.max_seg_len <= 16:
-        block_m, block_r, block_k = 16, 16, 256
-    else:
-        block_m, block_r, block_k = 64, 32 if meta.max_rank > 16 else 16, 64
-    programs = (
-        _num_segments(meta)
-        * meta.a_offsets.shape[1]
-        * triton.cdiv(meta.max_seg_len, block_m)
-        * triton.cdiv(meta.max_rank, block_r)
-    )
-    # Each split keeps at least 2 K tiles, so the atomics stay a small share of the work.
+    """Untuned tiles: one rank tile up to 64 (each program loops over its own adapter's rank),
+    long K tiles for decode; K split until about _TARGET_PROGRAMS programs would run."""
+    block_m, block_r = _block_m(meta.max_seg_len), _block_r(meta.max_rank)
+    block_k = 256 if block_m == 16 and block_r <= 16 else 128 if block_r <= 32 else 64
+    # A decode graph's grid covers every run buffer, most of them empty in a given step: count
+    # at most _ACTIVE_RUNS runs, or the split would shrink to nothing.
+    runs = min(_num_segments(meta), _ACTIVE_RUNS)
+    programs = max(1, runs * meta.a_offsets.shape[1] * triton.cdiv(meta.max_seg_len, block_m))
+    # Each split keeps at least 2 K tiles.
     max_split = max(1, in_features // (2 * block_k))
-    split_k = min(max_split, max(1, triton.cdiv(_TARGET_PROGRAMS, max(programs, 1))))
-    # A power of two, since every distinct SPLIT_K compiles another kernel.
-    return ShrinkConfig(block_m, block_r, block_k, 1 << (split_k.bit_length() - 1))
+    return ShrinkConfig(
+        block_m, block_r, block_k, min(max_split, triton.cdiv(_TARGET_PROGRAMS, programs))
+    )
 
 
 def expand_config(meta: SegmentTensors) -> ExpandConfig:
-    """Untuned tiles: decode keeps tl.dot's minimum 16 rows; prefill grows M and the rank step."""
-    if meta.max_seg_len <= 16:
-        return ExpandConfig(block_m=16, block_n=128, block_r=16)
-    return ExpandConfig(block_m=64, block_n=128, block_r=32 if meta.max_rank > 16 else 16)
+    """Untuned tiles: rows as the shrink's, 128 columns (64 at 64 rows, to stay in registers)."""
+    block_m = _block_m(meta.max_seg_len)
+    return ExpandConfig(block_m, 64 if block_m == 64 else 128, min(32, _block_r(meta.max_rank)))
+
+
+def _rank_columns(meta: SegmentTensors) -> int:
+    # h's rank columns, padded to 16 so each row of h starts 64-byte aligned (vector loads)
+    # and its strides are multiples of 16 whatever the rank (one kernel variant).
+    return triton.cdiv(meta.max_rank, 16) * 16
+
+
+def _pow2_divisor(values: Sequence[int], cap: int = 16) -> int:
+    """The largest power of two up to cap dividing every value (an alignment hint)."""
+    align = cap
+    while align > 1 and any(v % align for v in values):
+        align //= 2
+    return align
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -269,27 +142,18 @@ def _check_inputs(x: torch.Tensor, pool: torch.Tensor, meta: SegmentTensors) -> 
     _check_meta(meta, x.device)
 
 
-def lora_shrink(
-    x: torch.Tensor, pool: torch.Tensor, meta: SegmentTensors, config: ShrinkConfig | None = None
-) -> torch.Tensor:
-    """x: [T, in], pool: [P] -> h: [S, T, max_rank] float32, zero where no LoRA applies."""
-    _check_inputs(x, pool, meta)
-    num_tokens, in_features = x.shape
-    num_slices = meta.a_offsets.shape[1]
-    # h: [S, T, R]; zeroed because the kernel writes only segment rows and columns below rank
-    h = torch.zeros(num_slices, num_tokens, meta.max_rank, dtype=torch.float32, device=x.device)
-    if _num_segments(meta) == 0 or meta.max_rank == 0 or num_tokens == 0:
-        return h
-    assert meta.max_seg_len <= num_tokens, "a segment is longer than the batch"
-    cfg = config or shrink_config(meta, in_features)
+def _shrink_into(
+    x: torch.Tensor, pool: torch.Tensor, meta: SegmentTensors, h: torch.Tensor, cfg: ShrinkConfig
+) -> None:
+    """Launch the shrink: h [split_k, S, T, R] receives each K share's partial sums."""
+    in_features = x.shape[1]
+    k_per_split = triton.cdiv(triton.cdiv(in_features, cfg.split_k), cfg.block_k) * cfg.block_k
     grid = (
-        triton.cdiv(meta.max_seg_len, cfg.block_m)
-        * cfg.split_k
-        * triton.cdiv(meta.max_rank, cfg.block_r),
+        triton.cdiv(meta.max_seg_len, cfg.block_m) * cfg.split_k,
         _num_segments(meta),
-        num_slices,
+        meta.a_offsets.shape[1],
     )
-    _shrink_kernel[grid](
+    lora_sgmv.shrink_kernel[grid](
         x,
         pool,
         h,
@@ -300,18 +164,38 @@ def lora_shrink(
         meta.scalings,
         in_features,
         meta.max_rank,
-        num_slices,
+        meta.a_offsets.shape[1],
+        cfg.split_k,
+        k_per_split,
         x.stride(0),
         h.stride(0),
         h.stride(1),
+        h.stride(2),
         BLOCK_M=cfg.block_m,
         BLOCK_R=cfg.block_r,
         BLOCK_K=cfg.block_k,
-        SPLIT_K=cfg.split_k,
+        OFFSET_ALIGN=_pow2_divisor([meta.offset_align]),
         DOT_PRECISION=_dot_precision(x.dtype),
         num_warps=cfg.num_warps,
     )
-    return h
+
+
+def lora_shrink(
+    x: torch.Tensor, pool: torch.Tensor, meta: SegmentTensors, config: ShrinkConfig | None = None
+) -> torch.Tensor:
+    """x: [T, in], pool: [P] -> h: [S, T, max_rank] float32, zero where no LoRA applies."""
+    _check_inputs(x, pool, meta)
+    num_tokens, in_features = x.shape
+    num_slices = meta.a_offsets.shape[1]
+    if _num_segments(meta) == 0 or meta.max_rank == 0 or num_tokens == 0:
+        return torch.zeros(num_slices, num_tokens, meta.max_rank, device=x.device)
+    assert meta.max_seg_len <= num_tokens, "a segment is longer than the batch"
+    cfg = config or shrink_config(meta, in_features)
+    # Zeroed: the kernel writes only segment rows and columns below each rank, and this
+    # function's contract (as shrink_ref's) is zeros elsewhere. lora_triton needs no zeros.
+    h = torch.zeros(cfg.split_k, num_slices, num_tokens, _rank_columns(meta), device=x.device)
+    _shrink_into(x, pool, meta, h, cfg)
+    return (h[0] if cfg.split_k == 1 else h.sum(0))[..., : meta.max_rank]
 
 
 def _check_slices(
@@ -324,6 +208,50 @@ def _check_slices(
         assert width > 0 and offset >= end, f"slices overlap or are empty: {spans}"
         end = offset + width
     assert end <= out_width, f"slices end at column {end}, past out's {out_width} columns"
+
+
+def _expand_from(
+    h: torch.Tensor,
+    pool: torch.Tensor,
+    meta: SegmentTensors,
+    out: torch.Tensor,
+    slices: tuple[Sequence[int], Sequence[int]],
+    cfg: ExpandConfig,
+) -> None:
+    """Launch the expand: out += (sum over h's first dimension) @ Bt, per segment and slice."""
+    slice_offsets, slice_widths = slices
+    max_width = max(slice_widths)
+    grid = (
+        triton.cdiv(meta.max_seg_len, cfg.block_m) * triton.cdiv(max_width, cfg.block_n),
+        _num_segments(meta),
+        meta.a_offsets.shape[1],
+    )
+    lora_sgmv.expand_kernel[grid](
+        h,
+        pool,
+        out,
+        meta.seg_starts,
+        meta.seg_lens,
+        meta.b_offsets,
+        meta.ranks,
+        _slice_tensor(tuple(slice_offsets), out.device),
+        _slice_tensor(tuple(slice_widths), out.device),
+        meta.max_rank,
+        max_width,
+        meta.a_offsets.shape[1],
+        h.shape[0],
+        h.stride(0),
+        h.stride(1),
+        h.stride(2),
+        out.stride(0),
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        BLOCK_R=cfg.block_r,
+        OFFSET_ALIGN=_pow2_divisor([meta.offset_align]),
+        WIDTH_ALIGN=_pow2_divisor([*slice_offsets, *slice_widths]),
+        DOT_PRECISION=_dot_precision(pool.dtype),
+        num_warps=cfg.num_warps,
+    )
 
 
 def lora_expand(
@@ -354,34 +282,7 @@ def lora_expand(
         return
     assert meta.max_seg_len <= out.shape[0], "a segment is longer than the batch"
     cfg = config or expand_config(meta)
-    max_width = max(slice_widths)
-    grid = (
-        triton.cdiv(meta.max_seg_len, cfg.block_m) * triton.cdiv(max_width, cfg.block_n),
-        _num_segments(meta),
-        num_slices,
-    )
-    _expand_kernel[grid](
-        h,
-        pool,
-        out,
-        meta.seg_starts,
-        meta.seg_lens,
-        meta.b_offsets,
-        meta.ranks,
-        _slice_tensor(tuple(slice_offsets), out.device),
-        _slice_tensor(tuple(slice_widths), out.device),
-        meta.max_rank,
-        max_width,
-        num_slices,
-        h.stride(0),
-        h.stride(1),
-        out.stride(0),
-        BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n,
-        BLOCK_R=cfg.block_r,
-        DOT_PRECISION=_dot_precision(pool.dtype),
-        num_warps=cfg.num_warps,
-    )
+    _expand_from(h[None], pool, meta, out, (slice_offsets, slice_widths), cfg)
 
 
 def lora_triton(
@@ -391,11 +292,35 @@ def lora_triton(
     out: torch.Tensor,
     slice_offsets: Sequence[int],
     slice_widths: Sequence[int],
+    workspace: torch.Tensor | None = None,
 ) -> None:
-    """Shrink then expand: out += the LoRA delta of each token's adapter (as ops.lora_ref)."""
+    """Shrink then expand: out += the LoRA delta of each token's adapter (as ops.lora_ref).
+
+    Two launches: the shrink writes each K split's partial sums into a scratch the expand
+    adds up, so nothing is zeroed first. workspace: an optional flat float32 scratch of at
+    least lora_workspace_numel(...) elements; allocated (not cleared) per call when None.
+    """
     _check_inputs(x, pool, meta)
+    assert out.dim() == 2 and out.stride(1) == 1, "out must be [T, N] with contiguous rows"
     assert out.shape[0] == x.shape[0], f"out has {out.shape[0]} rows, x has {x.shape[0]}"
+    assert out.dtype == pool.dtype, f"out is {out.dtype} but pool is {pool.dtype}"
+    num_slices = meta.a_offsets.shape[1]
+    _check_slices(slice_offsets, slice_widths, num_slices, out.shape[1])
     if _num_segments(meta) == 0 or meta.max_rank == 0 or x.shape[0] == 0:
         return
-    h = lora_shrink(x, pool, meta)  # h: [S, T, max_rank] float32
-    lora_expand(h, pool, meta, out, slice_offsets, slice_widths)
+    assert meta.max_seg_len <= x.shape[0], "a segment is longer than the batch"
+    shrink = shrink_config(meta, x.shape[1])
+    shape = (shrink.split_k, num_slices, x.shape[0], _rank_columns(meta))
+    if workspace is None:
+        h = torch.empty(shape, dtype=torch.float32, device=x.device)
+    else:
+        assert workspace.dtype == torch.float32 and workspace.device == x.device
+        h = workspace[: math.prod(shape)].view(shape)
+    _shrink_into(x, pool, meta, h, shrink)
+    _expand_from(h, pool, meta, out, (slice_offsets, slice_widths), expand_config(meta))
+
+
+def lora_workspace_numel(meta: SegmentTensors, num_tokens: int, in_features: int) -> int:
+    """Float32 elements of lora_triton's scratch for this batch."""
+    shrink = shrink_config(meta, in_features)
+    return shrink.split_k * meta.a_offsets.shape[1] * num_tokens * _rank_columns(meta)

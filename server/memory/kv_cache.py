@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from server.engine.sequence import Sequence
 from server.memory.page_pool import KV, PagePool, Reclaimer
 from server.memory.prefix_cache import PrefixCache
+from server.memory.sequence import KVSequence
 
 
 class KVCacheManager:
@@ -24,15 +24,15 @@ class KVCacheManager:
         self.prefix = prefix
         self.block_size = pool.geometry.block_size
 
-    def blocks_needed(self, seq: Sequence, num_new_tokens: int) -> int:
+    def blocks_needed(self, seq: KVSequence, num_new_tokens: int) -> int:
         total = seq.num_computed_tokens + num_new_tokens
         return max(0, -(-total // self.block_size) - len(seq.block_table))
 
-    def can_allocate(self, seq: Sequence, num_new_tokens: int, reserve: int = 0) -> bool:
+    def can_allocate(self, seq: KVSequence, num_new_tokens: int, reserve: int = 0) -> bool:
         needed = self.blocks_needed(seq, num_new_tokens) + reserve
         return needed <= self.pool.available(self.reclaimer)
 
-    def allocate(self, seq: Sequence, num_new_tokens: int) -> None:
+    def allocate(self, seq: KVSequence, num_new_tokens: int) -> None:
         needed = self.blocks_needed(seq, num_new_tokens)
         if needed:
             pages = self.pool.allocate(needed, KV, self.reclaimer)
@@ -42,7 +42,7 @@ class KVCacheManager:
             self.pool.clear(pages)
             seq.block_table.extend(pages)
 
-    def match_prefix(self, seq: Sequence) -> int:
+    def match_prefix(self, seq: KVSequence) -> int:
         """Give a sequence with no cache yet its longest cached prefix; the tokens found."""
         if self.prefix is None or seq.block_table:
             return 0
@@ -52,13 +52,13 @@ class KVCacheManager:
         seq.num_computed_tokens = len(pages) * self.block_size
         return seq.num_computed_tokens
 
-    def unmatch(self, seq: Sequence) -> None:
+    def unmatch(self, seq: KVSequence) -> None:
         """Undo match_prefix for a sequence that was not admitted after all."""
         self.free(seq)
         seq.num_computed_tokens = 0
         seq.num_cached_blocks = 0
 
-    def commit(self, seq: Sequence) -> None:
+    def commit(self, seq: KVSequence) -> None:
         """After a step: the blocks seq has filled become findable by later requests."""
         if self.prefix is None:
             return
@@ -67,7 +67,7 @@ class KVCacheManager:
             self.prefix.insert(seq, seq.num_cached_blocks, full)
             seq.num_cached_blocks = full
 
-    def free(self, seq: Sequence) -> None:
+    def free(self, seq: KVSequence) -> None:
         if seq.block_table:
             pages = seq.block_table
             if self.prefix is not None:

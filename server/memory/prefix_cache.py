@@ -22,9 +22,9 @@ import struct
 from array import array
 from dataclasses import dataclass
 
-from server.engine.sequence import Sequence
 from server.memory.page_pool import KV, PagePool
 from server.memory.reclaim import EvictionClock
+from server.memory.sequence import KVSequence
 
 _ROOT = b"\0" * 16
 
@@ -37,6 +37,9 @@ class CachedBlock:
     tokens: tuple[int, ...]
     refcount: int = 1
     key: tuple[float, int] | None = None  # eviction priority while evictable
+    # Its adapter version was deleted or reloaded while sequences held it: no longer findable,
+    # and its page is freed when the last of them lets go (not made evictable).
+    dropped: bool = False
 
 
 @dataclass
@@ -80,10 +83,7 @@ class PrefixCache:
         """Cached blocks no sequence holds (pages that are KV but reclaimable)."""
         return self._num_evictable
 
-    def is_cached(self, page: int) -> bool:
-        return page in self._by_page
-
-    def hashes(self, seq: Sequence, num_blocks: int) -> list[bytes]:
+    def hashes(self, seq: KVSequence, num_blocks: int) -> list[bytes]:
         """The hashes of seq's first num_blocks full blocks (computed once per sequence)."""
         done = seq.block_hashes
         bs = self.block_size
@@ -98,7 +98,7 @@ class PrefixCache:
 
     # ---- sequences ----------------------------------------------------------------------
 
-    def acquire(self, seq: Sequence) -> list[int]:
+    def acquire(self, seq: KVSequence) -> list[int]:
         """The pages of seq's longest cached prefix, now held by seq. Never the block of its
         last token: that token is computed again, so the step has logits to sample from."""
         limit = (seq.num_tokens - 1) // self.block_size
@@ -119,7 +119,7 @@ class PrefixCache:
             pages.append(blk.page)
         return pages
 
-    def insert(self, seq: Sequence, first: int, last: int) -> None:
+    def insert(self, seq: KVSequence, first: int, last: int) -> None:
         """seq's blocks [first, last) are now full and computed: make them findable. A block
         another sequence computed first under the same hash stays the cached one."""
         bs = self.block_size
@@ -147,7 +147,11 @@ class PrefixCache:
                 continue
             assert blk.refcount > 0, f"cached block on page {page} released too often"
             blk.refcount -= 1
-            if blk.refcount == 0:
+            if blk.refcount == 0 and blk.dropped:
+                del self._by_page[page]
+                private.append(page)
+                self.stats.dropped_blocks += 1
+            elif blk.refcount == 0:
                 blk.key = self.clock.stamp(cost)
                 heapq.heappush(self._evictable, (*blk.key, page))
                 self._num_evictable += 1
@@ -156,21 +160,25 @@ class PrefixCache:
 
     def drop_adapter(self, adapter_id: int) -> int:
         """Forget every block computed under an adapter version (deleted or reloaded): idle
-        ones are freed now, held ones when their sequences let go. Returns blocks freed now."""
+        ones are freed now, held ones when the last sequence holding them lets go (a block
+        several sequences share stays theirs until then). Returns blocks freed now."""
         freed = []
         for page in self._by_adapter.pop(adapter_id, set()):
-            blk = self._by_page.pop(page)
+            blk = self._by_page[page]
             del self._by_hash[blk.hash]
             if blk.refcount == 0:
+                del self._by_page[page]
                 blk.key = None
                 self._num_evictable -= 1
                 freed.append(page)
+            else:
+                blk.dropped = True
         if freed:
             self.pool.free(freed, KV)
         self.stats.dropped_blocks += len(freed)
         return len(freed)
 
-    def record_hit(self, seq: Sequence, hit_tokens: int) -> None:
+    def record_hit(self, seq: KVSequence, hit_tokens: int) -> None:
         self.stats.queried_tokens += seq.num_tokens
         self.stats.hit_tokens += hit_tokens
 

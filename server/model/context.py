@@ -12,12 +12,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
-
-if TYPE_CHECKING:
-    from server.lora.batch import LoRABatch
 
 
 @dataclass
@@ -63,7 +59,9 @@ class ForwardContext:
     """Everything a serving forward reads besides token ids and positions."""
 
     attn: AttentionMetadata | None = None
-    lora: LoRABatch | None = None  # set when a token of the step uses an adapter
+    # The step's server.lora.batch.LoRABatch when a token uses an adapter. Opaque here: the
+    # plain model never reads it, only the LoRA module swaps do (server.lora.layers).
+    lora: object | None = None
     # [T] float32 per-token linear RoPE factor (LongLoRA adapters); None when all are 1.
     rope_scale: torch.Tensor | None = None
 

@@ -3,7 +3,10 @@ KubeRay (`import_path: server.ray.app:app`): the same deployments `loraplex serv
 
 from __future__ import annotations
 
-from server.cli import build_parser
-from server.ray.cli import application
+import argparse
 
-app, _ = application(build_parser().parse_args(["serve-ray"]))
+from server.ray.cli import add_flags, application
+
+_parser = argparse.ArgumentParser(prog="loraplex serve-ray")
+add_flags(_parser)
+app, _, _ = application(_parser.parse_args([]))

@@ -64,9 +64,7 @@ class EngineReplica:
         and routes their requests to it; the engine's own caches decide what stays on the
         device and in host memory.
         """
-        reg = self.state.registry.get(adapter)
-        if reg is not None:  # off the event loop: a first use fetches from the shared store
-            await asyncio.to_thread(self.state.registry.warm, reg.adapter_id)
+        await self.state.adapters.warm(adapter)
         return adapter
 
     async def forward(self, request: ForwardedRequest) -> AsyncIterator[ResponseStart | bytes]:

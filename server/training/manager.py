@@ -20,14 +20,14 @@ import re
 import time
 from multiprocessing.process import BaseProcess
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from adapters.faults import DiskFullError
 from server.model.config import ModelConfig
 from server.redact import without_paths
 from server.training.data import DataError, count_examples
 from server.training.hparams import HParams, HParamsError, canonical_overrides, hparams_for
-from server.training.jobs import ACTIVE, Job, JobStore, new_id
+from server.training.jobs import Job, JobStore, new_id
 from server.training.lora import adapter_spec
 from server.training.memory import (
     MemoryBudget,
@@ -37,11 +37,13 @@ from server.training.memory import (
     estimate,
     no_device_memory,
 )
-from server.training.publish import CheckpointPublisher, RemoveAdapter, fine_tuned_name
+from server.training.publish import (
+    CheckpointPublisher,
+    RemoveAdapter,
+    ServedAdapters,
+    fine_tuned_name,
+)
 from server.training.worker import run_job
-
-if TYPE_CHECKING:
-    from adapters import AdapterRegistry
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +82,7 @@ class JobManager:
     def __init__(
         self,
         store: JobStore,
-        registry: AdapterRegistry,
+        adapters: ServedAdapters,
         model_name: str,
         model_dir: str | Path,
         device: str,
@@ -92,14 +94,14 @@ class JobManager:
         memory: MemoryBudget | None = None,
     ) -> None:
         self.store = store
-        self.registry = registry
+        self.adapters = adapters
         self.model_name = model_name
         self.model_dir = str(model_dir)
         self.device = device
         self.threads = threads
         self.max_concurrent = max_concurrent
         self.max_queued = max_queued
-        self.publisher = CheckpointPublisher(store, registry, remove_adapter)
+        self.publisher = CheckpointPublisher(store, adapters, remove_adapter)
         device_memory = cuda_memory() if device == "cuda" else no_device_memory
         limit = memory_limit_mb * 2**20 if memory_limit_mb is not None else None
         self.memory = memory or MemoryBudget.at_start(limit, device_memory)
@@ -152,14 +154,14 @@ class JobManager:
             hp = hparams_for(kind, overrides)
         except (HParamsError, TypeError, ValueError) as exc:
             raise JobRequestError(str(exc), "method.hyperparameters") from exc
-        if hp.r > self.registry.max_lora_rank:
+        if hp.r > self.adapters.max_lora_rank:
             raise JobRequestError(
                 f"rank {hp.r} exceeds the server's --max-lora-rank "
-                f"{self.registry.max_lora_rank}; the adapter could not be served",
+                f"{self.adapters.max_lora_rank}; the adapter could not be served",
                 "method.hyperparameters.r",
             )
         try:
-            adapter_spec(hp, self.registry.base)  # target_modules must match the served model
+            adapter_spec(hp, self.adapters.base)  # target_modules must match the served model
             if self.memory.limit_bytes is not None or self.memory.capacity_bytes is not None:
                 self.memory.check_fits(self.estimate(hp))
         except (HParamsError, MemoryBudgetError) as exc:
@@ -280,7 +282,7 @@ class JobManager:
             self._model_config = ModelConfig.from_dir(self.model_dir)
         cfg = self._model_config
         max_seq_len = hp.max_seq_len or hp.target_context(cfg.max_position_embeddings)
-        spec = adapter_spec(hp, self.registry.base)
+        spec = adapter_spec(hp, self.adapters.base)
         return estimate(cfg, hp, spec, max_seq_len, cuda=self.device == "cuda")
 
     def _memory_grant(self, job: Job) -> tuple[int | None, str | None]:
@@ -349,7 +351,7 @@ class JobManager:
 
         name = fine_tuned_name(job)
         try:
-            self.registry.register_dir(name, Path(result["adapter_dir"]), source="training")
+            self.adapters.register_dir(name, Path(result["adapter_dir"]), source="training")
         except AdapterExistsError:
             logger.info("adapter %s was registered before a restart", name)
         except AdapterError as exc:
@@ -393,7 +395,3 @@ class JobManager:
         else:
             error = fields.get("error") or {}
             self.store.add_event(job.id, f"The job failed: {error.get('message')}", level="error")
-
-    @property
-    def active_jobs(self) -> int:
-        return len(self.store.jobs_with_status(*ACTIVE))

@@ -15,18 +15,35 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol, cast
 
 from adapters.errors import AdapterError, AdapterExistsError
 from server.training.checkpoint import ADAPTER_DIR
 from server.training.jobs import Checkpoint, Job, JobStore
 
 if TYPE_CHECKING:
-    from adapters import AdapterRegistry
+    from adapters import AdapterRegistry, BaseModelInfo, RegisteredAdapter
 
 logger = logging.getLogger(__name__)
 
 RemoveAdapter = Callable[[str], Awaitable[None]]  # raises while requests use the adapter
+
+
+class ServedAdapters(Protocol):
+    """What fine-tuning needs of the served adapters: the server's AdapterService (jobs never
+    touch the registry or the engine themselves), or a bare AdapterRegistry without one."""
+
+    @property
+    def max_lora_rank(self) -> int: ...
+
+    @property
+    def base(self) -> BaseModelInfo: ...
+
+    def list(self) -> list[RegisteredAdapter]: ...
+
+    def register_dir(self, name: str, path: Path, source: str = ...) -> RegisteredAdapter:
+        """Validate, store and register a PEFT directory (blocking)."""
+        ...
 
 
 def fine_tuned_name(job: Job) -> str:
@@ -48,10 +65,10 @@ class CheckpointPublisher:
     """Keeps a job's published checkpoint adapters equal to its kept checkpoints."""
 
     def __init__(
-        self, store: JobStore, registry: AdapterRegistry, remove: RemoveAdapter | None
+        self, store: JobStore, adapters: ServedAdapters, remove: RemoveAdapter | None
     ) -> None:
         self.store = store
-        self.registry = registry
+        self.adapters = adapters
         # Without an engine (tests of the manager alone) nothing can be using an adapter.
         self._remove = remove or self._unregister
 
@@ -60,7 +77,7 @@ class CheckpointPublisher:
         kept = await asyncio.to_thread(self._publish_new, job)
         live = {c.fine_tuned_model_checkpoint for c in kept}
         prefix = checkpoint_prefix(job)
-        for reg in self.registry.list():
+        for reg in self.adapters.list():
             if reg.name.startswith(prefix) and reg.name not in live:
                 try:
                     await self._remove(reg.name)
@@ -78,7 +95,7 @@ class CheckpointPublisher:
                 continue
             name = checkpoint_name(job, ckpt.step)
             try:
-                self.registry.register_dir(name, Path(ckpt.path) / ADAPTER_DIR, "training")
+                self.adapters.register_dir(name, Path(ckpt.path) / ADAPTER_DIR, "training")
             except AdapterExistsError:
                 logger.info("checkpoint adapter %s was registered before a restart", name)
             except (AdapterError, OSError) as exc:
@@ -92,4 +109,5 @@ class CheckpointPublisher:
         return kept
 
     async def _unregister(self, name: str) -> None:
-        await asyncio.to_thread(self.registry.unregister, name)
+        registry = cast("AdapterRegistry", self.adapters)  # no engine: a bare registry
+        await asyncio.to_thread(registry.unregister, name)

@@ -31,6 +31,8 @@ from server.lora.triton_ops import (
     lora_expand,
     lora_shrink,
     lora_triton,
+    lora_workspace_numel,
+    shrink_config,
 )
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -265,6 +267,26 @@ def test_other_tile_sizes_match_reference(shrink: ShrinkConfig, expand: ExpandCo
     lora_expand(h, batch.pool, batch.meta, out, batch.slice_offsets, batch.widths, expand)
     lora_ref(batch.x, batch.pool, batch.segments, expected, batch.slice_offsets, batch.widths)
     assert_close(out, expected, torch.float16)
+
+
+@pytest.mark.parametrize("lengths", ["decode", "prefill"])
+def test_expand_reads_only_the_partial_sums_the_shrink_wrote(lengths: str) -> None:
+    """lora_triton's scratch is not cleared: every entry the expand reads is one the shrink
+    wrote (each K split's partial sums, over each segment's rows and rank), even across
+    several splits; a NaN-filled scratch shows any other read."""
+    case = make_case("mixed", 3, lengths)
+    case = Case(case.seg_lens, case.ranks, case.widths, 1024, case.adapters)  # K worth splitting
+    batch = make_batch(case, torch.float32)
+    num_tokens, in_features = batch.x.shape
+    if lengths == "decode":
+        assert shrink_config(batch.meta, in_features).split_k > 1
+    numel = lora_workspace_numel(batch.meta, num_tokens, in_features)
+    workspace = torch.full((numel + 64,), float("nan"), device=DEVICE)
+    out, expected = batch.out.clone(), batch.out.clone()
+    lora_triton(batch.x, batch.pool, batch.meta, out, batch.slice_offsets, batch.widths, workspace)
+    lora_ref(batch.x, batch.pool, batch.segments, expected, batch.slice_offsets, batch.widths)
+    assert not out.isnan().any()
+    assert_close(out, expected, torch.float32)
 
 
 def test_expand_into_row_strided_view_touches_only_its_columns() -> None:

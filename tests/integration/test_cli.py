@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from server.cli import build_parser, server_config
+from server.cli import build_parser
+from server.options import server_config
 
 
 def test_serve_flags_default_to_their_loraplex_environment_variables(

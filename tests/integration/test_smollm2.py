@@ -69,7 +69,8 @@ def _openai(server: LiveServer) -> OpenAI:
 
 
 def test_the_default_model_is_smollm2_converted_from_its_gguf(smollm2_dir: Path) -> None:
-    from server.cli import build_parser, engine_config
+    from server.cli import build_parser
+    from server.options import engine_config
 
     args = build_parser().parse_args(["serve", "--dtype", "float32", "--device", "cpu"])
     assert Path(str(engine_config(args).model)) == smollm2_dir

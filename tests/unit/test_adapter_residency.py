@@ -80,7 +80,7 @@ def test_thousand_adapters_through_a_pool_of_a_few(thousand, make_engine, tmp_pa
 def test_a_request_that_could_never_fit_beside_its_adapter_is_refused(
     tiny_model_dir, make_engine, tmp_path
 ):  # type: ignore[no-untyped-def]
-    from server.engine.sampling_params import InvalidRequestError
+    from server.engine.errors import InvalidRequestError
     from server.model.config import ModelConfig
 
     base = tiny_model_dir("llama")

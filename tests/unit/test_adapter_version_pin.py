@@ -16,7 +16,7 @@ def test_a_pinned_request_runs_on_the_version_it_was_prepared_for(engines, adapt
     old = engine.registry.get("attn").adapter_id
     old_text = engine.generate([prompt], GREEDY, ["attn"])[0].token_ids
     engine.registry.reload_dir("attn", adapter_dirs["attn2"])  # old version still held
-    seq = engine.make_sequence(prompt, GREEDY, adapter_name="attn", adapter_id=old)
+    seq = engine.requests.make(prompt, GREEDY, adapter_name="attn", adapter_id=old)
     assert seq.adapter_id == old
     engine.add_sequence(seq)
     final = None
@@ -31,11 +31,11 @@ def test_a_pinned_request_runs_on_the_version_it_was_prepared_for(engines, adapt
 def test_a_pinned_request_fails_clearly_once_its_version_is_gone(engines, adapter_dirs):  # noqa: F811
     engine = engines(True)
     old = engine.registry.get("attn").adapter_id
-    made = engine.make_sequence(_turn(3), GREEDY, adapter_name="attn", adapter_id=old)
+    made = engine.requests.make(_turn(3), GREEDY, adapter_name="attn", adapter_id=old)
     _, retired = engine.registry.reload_dir("attn", adapter_dirs["attn2"])
     engine.retire_adapter(retired.adapter_id)  # no request uses it: freed at once
     with pytest.raises(AdapterVersionGoneError, match="reloaded while this request"):
-        engine.make_sequence(_turn(3), GREEDY, adapter_name="attn", adapter_id=old)
+        engine.requests.make(_turn(3), GREEDY, adapter_name="attn", adapter_id=old)
     with pytest.raises(AdapterVersionGoneError):
         engine.add_sequence(made)
     assert engine.num_requests == 0

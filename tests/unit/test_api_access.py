@@ -14,8 +14,9 @@ from server.api.app import create_app
 from server.api.hosts import host_allowed, host_name
 from server.api.metrics_port import metrics_app
 from server.api.state import ServerState
-from server.config import ConfigError, EngineConfig, ServerConfig
+from server.config import ConfigError, ServerConfig
 from server.engine.llm_engine import LLMEngine
+from server.engine.snapshot import EngineFacts, EngineSnapshot, PoolUse
 from server.metrics import Metrics
 
 MODEL_PATH = "/srv/models/base-7b"
@@ -31,34 +32,38 @@ def _state(**config: Any) -> ServerState:
     return ServerState(ServerConfig(**config), _never_loads, "base-7b", Metrics("base-7b"))
 
 
-class _NoAdapters(list):
-    def list(self) -> list:
-        return []
-
-
 def _with_engine(state: ServerState) -> ServerState:
     """Just enough of a loaded engine for /info and /v1/models."""
-    pool = SimpleNamespace(
-        num_pages=4,
-        page_bytes=8,
-        geometry=SimpleNamespace(block_size=16),
-        used_by_kind={"kv": 1, "adapter": 0},
-        num_free=3,
-    )
-    llm = SimpleNamespace(
-        model_config=SimpleNamespace(
-            architecture="LlamaForCausalLM", num_layers=2, hidden_size=64, num_params=1000
-        ),
-        config=EngineConfig(model=MODEL_PATH, quantize="none", dtype="float32", device="cpu"),
-        pool=pool,
+    facts = EngineFacts(
+        model_path=MODEL_PATH,
+        architecture="LlamaForCausalLM",
+        num_layers=2,
+        hidden_size=64,
+        num_parameters=1000,
+        quantize="none",
+        dtype="float32",
         device="cpu",
         max_model_len=128,
-        adapter_cache=None,
-        registry=_NoAdapters(),
-        kv=SimpleNamespace(num_cached_idle=0),
-        prefix_cache=None,
+        max_num_seqs=64,
+        max_lora_rank=64,
+        max_loras=32,
+        host_cache_mb=2048,
+        lora_backend=None,
+        kernel_backend="torch",
+        num_pages=4,
+        page_bytes=8,
+        block_size=16,
+        cache_dtype="float32",
+        prefix_caching=False,
     )
-    state.engine = SimpleNamespace(engine=llm, running=True)  # type: ignore[assignment]
+    pool = PoolUse(kv=1, kv_cached=0, adapter=0, free=3, kv_usage=0.25)
+    now = EngineSnapshot(facts, 0, 0, pool, None, None, (), ())
+
+    async def snapshot() -> EngineSnapshot:
+        return now
+
+    state.engine = SimpleNamespace(facts=facts, snapshot=snapshot, running=True)  # type: ignore[assignment]
+    state._adapters = SimpleNamespace(list=lambda: [])  # type: ignore[assignment]
     return state
 
 

@@ -7,7 +7,8 @@ import asyncio
 import pytest
 
 from server.engine.async_engine import AsyncLLMEngine
-from server.engine.sampling_params import InvalidRequestError, SamplingParams
+from server.engine.errors import InvalidRequestError
+from server.engine.sampling_params import SamplingParams
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 PROMPTS = [[1, 5, 9, 33, 70], [1, 100, 4], list(range(3, 30))]

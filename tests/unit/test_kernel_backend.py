@@ -13,8 +13,8 @@ import torch
 pytest.importorskip("triton")
 
 from server.config import ConfigError, EngineConfig
+from server.engine.backends import Backends
 from server.engine.sampling_params import SamplingParams
-from server.engine.setup import kernel_backend
 from server.kernels.nf4_linear import TritonNF4Linear
 from server.kernels.paged_attention import paged_attention_layer
 from server.model.quant import is_nf4
@@ -64,7 +64,7 @@ def test_stale_nan_in_the_pool_never_reaches_the_tokens(tiny_model_dir, make_eng
 def test_auto_picks_the_torch_path_on_cpu():
     config = EngineConfig(device="cpu")
     assert config.kernel_backend == "auto"
-    assert kernel_backend(config) == "torch"
+    assert Backends.choose(config).kernels.name == "torch"
 
 
 def test_an_unknown_backend_is_refused_naming_the_flag():

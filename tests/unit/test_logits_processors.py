@@ -9,9 +9,10 @@ import jsonschema
 import pytest
 import torch
 
+from server.engine.errors import InvalidRequestError
 from server.engine.grammar import Grammar, Utf8Guard, check_schema
 from server.engine.logits_processors import LogitsState, accept_token, apply_logits_processors
-from server.engine.sampling_params import InvalidRequestError, SamplingParams
+from server.engine.sampling_params import SamplingParams
 from server.engine.sequence import Sequence
 
 SCHEMA = {
@@ -192,7 +193,7 @@ def test_invalid_logits_options_are_refused(engine) -> None:  # type: ignore[no-
     with pytest.raises(InvalidRequestError, match="min_tokens cannot be combined"):
         SamplingParams(min_tokens=1, grammar=Grammar("json_object"))
     with pytest.raises(InvalidRequestError, match="token ids in"):
-        engine.make_sequence([1, 2], SamplingParams(logit_bias={10**6: 1.0}))
+        engine.requests.make([1, 2], SamplingParams(logit_bias={10**6: 1.0}))
 
 
 @pytest.mark.parametrize(

@@ -89,7 +89,7 @@ def test_triton_backend_gives_the_same_tokens_as_the_torch_path(
         for name, path in dirs.items():
             registry.register_dir(name, path)
         engine = make_engine(base, registry=registry, max_lora_rank=16, lora_backend=backend)
-        assert engine.adapter_cache.backend == backend
+        assert engine.adapter_cache.lora_ops.name == backend
         requests = [(n, PROMPTS[i % len(PROMPTS)]) for i, n in enumerate([None, *names])]
         small = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
         result = engine.generate([p for _, p in requests], small, [a for a, _ in requests])

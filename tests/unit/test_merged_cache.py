@@ -5,55 +5,35 @@ after a source is reloaded or deleted."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 import torch
 
 from adapters import AdapterRegistry, AdapterStore
 from adapters.merge import MergeParams, merge_adapters
-from server.api.errors import BadRequest
-from server.api.merged import MergedAdapterCache
 from server.api.schemas.lorax import MergedAdapters
-from server.engine.errors import AdapterBusyError, UnknownAdapterError
+from server.engine.errors import AdapterBusyError, InvalidRequestError, UnknownAdapterError
+from server.serving.merges import MergedAdapterCache
 from tests.unit.adapter_fixtures import MAX_RANK, tiny_base, tiny_files
 
-T = TypeVar("T")
 FIELD = "merged_adapters"
 
 
 class FakeEngine:
-    """LLMEngine.remove_adapter's contract: refused while requests use the adapter."""
+    """AsyncLLMEngine.remove_adapter's contract: refused while requests use the adapter."""
 
     def __init__(self, registry: AdapterRegistry) -> None:
         self.registry = registry
         self.busy: set[str] = set()
 
-    def remove_adapter(self, name: str) -> None:
+    async def remove_adapter(self, name: str) -> None:
         if self.registry.get(name) is None:
             raise UnknownAdapterError(f"adapter {name!r} does not exist", "name")
         if name in self.busy:
             raise AdapterBusyError(name, 1)
         self.registry.forget(name)
-
-
-class FakeAsyncEngine:
-    async def call(self, fn: Callable[[], T]) -> T:
-        return fn()
-
-
-class FakeState:
-    """What the cache uses of ServerState."""
-
-    def __init__(self, registry: AdapterRegistry) -> None:
-        self.registry = registry
-        self.llm = FakeEngine(registry)
-        self.async_engine = FakeAsyncEngine()
-
-    def check_serving(self, num_requests: int = 1) -> None:
-        pass
 
 
 @pytest.fixture
@@ -64,8 +44,11 @@ def registry(tmp_path: Path) -> AdapterRegistry:
     return reg
 
 
-def make_cache(registry: AdapterRegistry, **kwargs: Any) -> MergedAdapterCache:
-    return MergedAdapterCache(FakeState(registry), **kwargs)  # type: ignore[arg-type]
+def make_cache(
+    registry: AdapterRegistry, engine: FakeEngine | None = None, **kwargs: Any
+) -> MergedAdapterCache:
+    engine = engine or FakeEngine(registry)
+    return MergedAdapterCache(registry, engine.remove_adapter, **kwargs)
 
 
 def spec(*ids: str, weights: tuple[float, ...] | None = None, **kw: Any) -> MergedAdapters:
@@ -131,9 +114,10 @@ def test_least_recently_used_idle_merge_is_evicted_beyond_the_bound(
 
 
 def test_busy_or_just_used_merges_are_not_evicted(registry: AdapterRegistry) -> None:
-    cache = make_cache(registry, max_entries=1, grace_s=0.0)
+    engine = FakeEngine(registry)
+    cache = make_cache(registry, engine, max_entries=1, grace_s=0.0)
     busy = asyncio.run(cache.resolve(spec("src-0"), FIELD))
-    cache.state.llm.busy.add(busy)  # type: ignore[attr-defined]
+    engine.busy.add(busy)
     asyncio.run(cache.resolve(spec("src-1"), FIELD))
     assert registry.get(busy) is not None and len(cache) == 2
     patient = make_cache(registry, max_entries=1, grace_s=60.0)
@@ -159,7 +143,7 @@ def test_a_deleted_source_drops_its_merges(registry: AdapterRegistry) -> None:
     registry.unregister("src-2")
     asyncio.run(cache.drop_stale())
     assert registry.get(merged) is None and len(cache) == 0
-    with pytest.raises(BadRequest, match="'src-2' does not exist") as err:
+    with pytest.raises(InvalidRequestError, match="'src-2' does not exist") as err:
         asyncio.run(cache.resolve(spec("src-0", "src-2"), FIELD))
     assert err.value.param == "merged_adapters.ids"
 
@@ -167,17 +151,17 @@ def test_a_deleted_source_drops_its_merges(registry: AdapterRegistry) -> None:
 def test_a_merge_cannot_name_another_merge(registry: AdapterRegistry) -> None:
     cache = make_cache(registry)
     merged = asyncio.run(cache.resolve(spec("src-0"), FIELD))
-    with pytest.raises(BadRequest, match="does not exist"):
+    with pytest.raises(InvalidRequestError, match="does not exist"):
         asyncio.run(cache.resolve(spec(merged), FIELD))
 
 
 def test_a_refused_merge_registers_nothing(registry: AdapterRegistry) -> None:
     registry.register_files("rank-4", tiny_files(rank=4, seed=5))
     cache = make_cache(registry)
-    with pytest.raises(BadRequest, match="same LoRA rank") as err:
+    with pytest.raises(InvalidRequestError, match="same LoRA rank") as err:
         asyncio.run(cache.resolve(spec("src-0", "rank-4"), FIELD))
     assert err.value.param == "merged_adapters.ids"
-    with pytest.raises(BadRequest, match="exceed") as err:
+    with pytest.raises(InvalidRequestError, match="exceed") as err:
         asyncio.run(cache.resolve(spec("src-0", weights=(1e12,)), FIELD))
     assert err.value.param == "merged_adapters.weights"
     assert len(cache) == 0 and cache.num_merges == 0

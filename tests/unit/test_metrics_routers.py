@@ -11,6 +11,7 @@ from adapters import AdapterWeights, write_adapter
 from adapters.format import lora_config_dict
 from server.config import ConfigError, ServerConfig
 from server.engine.llm_engine import LLMEngine
+from server.engine.observe import adapter_levels, engine_facts, snapshot
 from server.engine.sampling_params import SamplingParams
 from server.engine.setup import open_registry
 from server.metrics import OTHER_ADAPTERS, Metrics
@@ -41,6 +42,12 @@ def engine(tiny_model_dir, make_engine, tmp_path) -> LLMEngine:  # type: ignore[
     return make_engine(base, registry=registry, max_lora_rank=8)
 
 
+def observe_scrape(metrics: Metrics, engine: LLMEngine) -> None:
+    """What a scrape does (server/api/routes/ops.py), on this thread."""
+    now = snapshot(engine, engine_facts(engine))
+    metrics.observe_scrape(now, adapter_levels(engine) if metrics.wants_levels(now) else None)
+
+
 def scrape(metrics: Metrics) -> Scrape:
     return Scrape(generate_latest(metrics.registry).decode())
 
@@ -54,7 +61,7 @@ def residency(metrics: Metrics) -> dict[str, str]:
 def test_residency_names_each_adapters_level(engine: LLMEngine) -> None:
     engine.generate([[1, 7, 3]], GREEDY, ["a1"])
     metrics = Metrics("m")
-    metrics.observe_scrape(engine)
+    observe_scrape(metrics, engine)
     levels = residency(metrics)
     assert levels["a1"] == "gpu"
     assert set(levels) == {f"a{i}" for i in range(NUM_ADAPTERS)}
@@ -65,10 +72,10 @@ def test_residency_names_each_adapters_level(engine: LLMEngine) -> None:
 def test_residency_follows_an_eviction_without_stale_series(engine: LLMEngine) -> None:
     engine.generate([[1, 7, 3]], GREEDY, ["a2"])
     metrics = Metrics("m")
-    metrics.observe_scrape(engine)
+    observe_scrape(metrics, engine)
     assert residency(metrics)["a2"] == "gpu"
     engine.remove_adapter("a2")
-    metrics.observe_scrape(engine)
+    observe_scrape(metrics, engine)
     assert "a2" not in residency(metrics)
     assert len(scrape(metrics).labels("loraplex_lora_adapter_residency")) == NUM_ADAPTERS - 1
 
@@ -76,7 +83,7 @@ def test_residency_follows_an_eviction_without_stale_series(engine: LLMEngine) -
 def test_residency_series_are_bounded_with_device_adapters_first(engine: LLMEngine) -> None:
     engine.generate([[1, 7, 3]], GREEDY, ["a4"])
     metrics = Metrics("m", max_adapters=2)
-    metrics.observe_scrape(engine)
+    observe_scrape(metrics, engine)
     levels = residency(metrics)
     assert len(levels) == 2
     assert levels["a4"] == "gpu"
@@ -86,7 +93,7 @@ def test_request_counters_past_the_bound_go_under_other(engine: LLMEngine) -> No
     metrics = Metrics("m", max_adapters=2)
     for name in ("a0", "a1", "a2", "a3", "a0"):
         engine.generate([[1, 7, 3]], GREEDY, [name])
-        metrics.observe_step(engine, [])
+        metrics.observe_step(engine.take_stats(), snapshot(engine, engine_facts(engine)))
     s = scrape(metrics)
     counts = {
         labels["adapter"]: s.value("loraplex_adapter_requests_total", **labels)
@@ -98,8 +105,8 @@ def test_request_counters_past_the_bound_go_under_other(engine: LLMEngine) -> No
 def test_no_per_adapter_series_with_a_bound_of_zero(engine: LLMEngine) -> None:
     metrics = Metrics("m", max_adapters=0)
     engine.generate([[1, 7, 3]], GREEDY, ["a0"])
-    metrics.observe_step(engine, [])
-    metrics.observe_scrape(engine)
+    metrics.observe_step(engine.take_stats(), snapshot(engine, engine_facts(engine)))
+    observe_scrape(metrics, engine)
     s = scrape(metrics)
     assert s.labels("loraplex_lora_adapter_residency") == []
     assert [x["adapter"] for x in s.labels("loraplex_adapter_requests_total")] == [OTHER_ADAPTERS]
@@ -107,7 +114,7 @@ def test_no_per_adapter_series_with_a_bound_of_zero(engine: LLMEngine) -> None:
 
 def test_cache_config_info_describes_the_pool(engine: LLMEngine) -> None:
     metrics = Metrics("m")
-    metrics.observe_scrape(engine)
+    observe_scrape(metrics, engine)
     (labels,) = scrape(metrics).labels("loraplex_cache_config_info")
     assert int(labels["block_size"]) == engine.pool.geometry.block_size
     assert int(labels["num_gpu_blocks"]) == engine.pool.num_pages
@@ -120,8 +127,8 @@ def test_cache_config_info_describes_the_pool(engine: LLMEngine) -> None:
 def test_vllm_names_repeat_the_router_metrics_with_the_same_values(engine: LLMEngine) -> None:
     metrics = Metrics("m", vllm_names=True)
     engine.generate([[1, 7, 3]], GREEDY, ["a0"])
-    metrics.observe_step(engine, [])
-    metrics.observe_scrape(engine)
+    metrics.observe_step(engine.take_stats(), snapshot(engine, engine_facts(engine)))
+    observe_scrape(metrics, engine)
     s = scrape(metrics)
     for ours, theirs in VLLM_NAMES.items():
         for name in theirs:
@@ -138,7 +145,7 @@ def test_vllm_names_repeat_the_router_metrics_with_the_same_values(engine: LLMEn
 
 def test_vllm_names_are_off_by_default(engine: LLMEngine) -> None:
     metrics = Metrics("m")
-    metrics.observe_scrape(engine)
+    observe_scrape(metrics, engine)
     assert all(name.startswith("loraplex_") for name in scrape(metrics).families)
 
 

@@ -140,6 +140,8 @@ def test_adapter_overflowing_to_inf_fails_alone_and_later_requests_are_unaffecte
     expected = _solo_runs(solo, PROMPTS, ADAPTERS)
 
     engine = engine_with_adapters()
+    for name in {*ADAPTERS, "huge"} - {None}:  # in host memory: all admitted at the first step
+        engine.registry.warm(engine.registry.get(name).adapter_id)
     ids = [
         engine.add_request(p, GREEDY, adapter_name=a)
         for p, a in zip(PROMPTS, ADAPTERS, strict=True)
@@ -169,10 +171,10 @@ def test_an_idle_adapters_pages_are_no_room_for_the_kv_of_the_request_that_pins_
     engine = engine_with_adapters(num_pages=10, max_model_len=128)
     engine.generate([PROMPTS[0]], GREEDY, ["mlp"])  # now resident, idle, reclaimable
     cache = engine.adapter_cache
-    seq = engine.make_sequence(PROMPTS[1], GREEDY, adapter_name="mlp")
+    seq = engine.requests.make(PROMPTS[1], GREEDY, adapter_name="mlp")
     # Room for KV blocks other than the adapter's own pages: free and cached-idle pages.
     free = engine.pool.available(engine.reclaimer) - cache.reclaimable_pages()
 
     assert cache.reclaimable_pages() > 0
-    assert cache.can_admit(seq, free)
-    assert not cache.can_admit(seq, free + 1)
+    assert cache.can_admit(seq.adapter_id, free)
+    assert not cache.can_admit(seq.adapter_id, free + 1)

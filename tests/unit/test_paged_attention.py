@@ -13,6 +13,7 @@ import torch
 pytest.importorskip("triton")
 
 from server.kernels.paged_attention import (
+    decode_partitions,
     paged_attention,
     paged_attention_ref,
     store_kv,
@@ -49,6 +50,40 @@ def test_matches_sdpa_over_the_live_keys(case, dtype):
     ref = paged_attention_ref(batch.q, batch.k_cache, batch.v_cache, batch.seqs, window)
     assert not out.isnan().any(), "a NaN outside the live slots reached the output"
     assert_close(out, ref, dtype)
+
+
+# Decodes long enough for several key tiles, so partitions hold different numbers of them
+# (some empty: the shorter sequences end, or their window starts, in an earlier partition).
+SPLIT_CASES = {
+    "gqa4-block16": ([1, 1, 1], [1, 130, 300], 16, 8, 2, 16, None),
+    "gqa3-padded-group": ([1, 1], [77, 260], 16, 6, 2, 64, None),
+    "mha-block5": ([1, 1], [3, 190], 5, 4, 4, 32, None),
+    "window": ([1, 1, 1], [40, 200, 333], 16, 8, 2, 16, 50),
+}
+
+
+@pytest.mark.parametrize("num_parts", [None, 1, 2, 7])
+@pytest.mark.parametrize("case", list(SPLIT_CASES))
+def test_split_keys_decode_matches_sdpa(case, num_parts):
+    """Split-KV: partitions of each decode's keys, combined by the reduce kernel (None: the
+    launcher's own choice, which splits these; 1: one program per sequence and KV head)."""
+    q_lens, ctx_lens, block, heads, kv_heads, dim, window = SPLIT_CASES[case]
+    batch = paged_batch(q_lens, ctx_lens, block, heads, kv_heads, dim, torch.float32, DEVICE)
+    if num_parts is None:
+        keys = batch.seqs.block_tables.shape[1] * block
+        assert decode_partitions(len(q_lens), kv_heads, keys, 64, 132)[0] > 1
+    args = (batch.q, batch.k_cache, batch.v_cache, batch.seqs, window)
+    out = paged_attention(*args, num_parts=num_parts)
+    assert not out.isnan().any(), "a NaN outside the live slots reached the output"
+    assert_close(out, paged_attention_ref(*args), torch.float32)
+
+
+def test_few_decodes_split_their_keys_and_many_do_not():
+    block_n, sms = 64, 132
+    assert decode_partitions(1, 8, 4096, block_n, sms) == (32, 128)  # 256 programs: ~2 per SM
+    assert decode_partitions(4, 8, 4096, block_n, sms) == (8, 512)
+    assert decode_partitions(32, 8, 4096, block_n, sms) == (1, 4096)  # 256 programs already
+    assert decode_partitions(1, 8, 40, block_n, sms) == (1, 64)  # one key tile: nothing to split
 
 
 def test_decode_never_reads_keys_before_its_window():

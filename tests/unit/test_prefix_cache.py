@@ -266,3 +266,19 @@ def test_the_cheaper_item_to_rebuild_goes_first_among_items_idle_since_the_same_
     clock.value = 12.0
     cheap.key = clock.stamp(0.5)
     assert reclaimer.reclaim(1) == 2 and dear.key is None and cheap.key is not None
+
+
+def test_a_block_two_sequences_share_stays_theirs_when_its_adapter_version_is_dropped():
+    pool, cache, _ = _cache()
+    first = _filled(pool, cache, list(range(8)))  # two blocks, cached, held by `first`
+    second = Sequence("r2", [*range(8), 50], GREEDY)
+    shared = cache.acquire(second)
+    assert shared == first.block_table  # both hold both blocks
+    free_before = pool.num_free
+    assert cache.drop_adapter(first.adapter_id) == 0  # held: nothing freed yet
+    assert cache.acquire(Sequence("r3", [*range(8), 60], GREEDY)) == []  # not findable
+    assert cache.release(first.block_table) == []  # `second` still reads these pages
+    assert pool.num_free == free_before
+    assert cache.release(shared) == shared  # the last holder: the caller frees them
+    pool.free(shared, KV)
+    assert pool.num_free == free_before + 2 and cache.num_evictable == 0

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 
+from server.engine.errors import InvalidRequestError
 from server.engine.grammar import check_schema
 from server.engine.regex_bounds import MAX_GROUP_DEPTH, MAX_REPEAT, check_regex_bounds
-from server.engine.sampling_params import InvalidRequestError
 
 
 def refusal(pattern: str) -> InvalidRequestError:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from server.engine.sampling_params import InvalidRequestError, SamplingParams
+from server.engine.errors import InvalidRequestError
+from server.engine.sampling_params import SamplingParams
 
 
 @pytest.fixture

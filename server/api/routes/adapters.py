@@ -14,7 +14,6 @@ from starlette.datastructures import FormData, UploadFile
 
 from adapters import AdapterError, RegisteredAdapter, extract_adapter_files, sources
 from adapters.format import CONFIG_FILE, WEIGHTS_FILE
-from adapters.registered import is_virtual
 from server.api.auth import require_admin_key, require_api_key
 from server.api.errors import BadRequest, Forbidden, NotFound
 from server.api.schemas.admin import (
@@ -26,6 +25,7 @@ from server.api.schemas.admin import (
     UnloadLoraAdapterRequest,
 )
 from server.api.state import ServerState
+from server.serving.adapters import AdapterService
 
 router = APIRouter(tags=["adapters"])
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
@@ -36,16 +36,10 @@ def _state(request: Request) -> ServerState:
     return request.app.state.server
 
 
-def adapter_info(state: ServerState, reg: RegisteredAdapter, active: int | None) -> AdapterInfo:
+def adapter_info(
+    reg: RegisteredAdapter, parent: str, residency: Residency | None = None
+) -> AdapterInfo:
     spec, rec = reg.spec, reg.record
-    cache = state.llm.adapter_cache
-    residency = None
-    if active is not None:
-        residency = Residency(
-            host=state.registry.is_host_resident(reg.adapter_id),
-            device=cache is not None and cache.get(reg.adapter_id) is not None,
-            active_requests=active,
-        )
     return AdapterInfo(
         id=reg.name,
         rank=spec.rank,
@@ -59,11 +53,29 @@ def adapter_info(state: ServerState, reg: RegisteredAdapter, active: int | None)
         sha256=rec.sha256,
         created=int(rec.created_at),
         source=rec.source,
-        parent=state.model_name,
+        parent=parent,
         version=reg.version,
         has_chat_template=spec.chat_template is not None,
         residency=residency,
     )
+
+
+async def _with_residency(state: ServerState, regs: list[RegisteredAdapter]) -> list[AdapterInfo]:
+    """Each adapter's info with where its weights are and how many requests use it now."""
+    adapters = state.adapters
+    usage = await adapters.usage(regs)
+    return [
+        adapter_info(
+            reg,
+            state.model_name,
+            Residency(
+                host=adapters.is_host_resident(reg),
+                device=u.on_device,
+                active_requests=u.active_requests,
+            ),
+        )
+        for reg, u in zip(regs, usage, strict=True)
+    ]
 
 
 async def _files_from_form(form: FormData, max_bytes: int) -> dict[str, bytes]:
@@ -114,14 +126,13 @@ def _multipart_body(required: list[str]) -> dict[str, Any]:
 async def upload_adapter(request: Request) -> AdapterInfo:
     """Register an adapter from adapter_config.json + adapter_model.safetensors, or an archive."""
     state = _state(request)
-    registry = state.registry  # 503 while the model loads, before reading the body
+    adapters = state.adapters  # 503 while the model loads, before reading the body
     form = await request.form()
     name = form.get("name")
     if not isinstance(name, str) or not name:
         raise BadRequest("the form field 'name' is required", "name")
     files = await _files_from_form(form, state.config.max_upload_mb * 2**20)
-    reg = await asyncio.to_thread(registry.register_files, name, files, "upload")
-    return adapter_info(state, reg, 0)
+    return _fresh(adapters, await adapters.upload(name, files), state.model_name)
 
 
 @router.put(
@@ -134,19 +145,18 @@ async def reload_adapter(name: str, request: Request) -> AdapterInfo:
     """Replace an adapter's weights in place (files or an archive, as for POST): running
     requests finish on the old weights, new requests get the new ones."""
     state = _state(request)
-    registry = state.registry  # 503 while the model loads, before reading the body
-    if is_virtual(name) or registry.get(name) is None:
-        raise NotFound(f"adapter {name!r} does not exist; upload it with POST first", "name")
+    adapters = state.adapters  # 503 while the model loads, before reading the body
+    adapters.check_reloadable(name)
     form = await request.form()
     files = await _files_from_form(form, state.config.max_upload_mb * 2**20)
-    new, old = await asyncio.to_thread(registry.reload_files, name, files, "upload")
-    await _retire(state, old)
-    return adapter_info(state, new, 0)
+    return _fresh(adapters, await adapters.reload(name, files), state.model_name)
 
 
-async def _retire(state: ServerState, old: RegisteredAdapter) -> None:
-    """Hand a replaced version to the step thread, which frees it after its last request."""
-    await state.async_engine.call(lambda: state.llm.retire_adapter(old.adapter_id))
+def _fresh(adapters: AdapterService, reg: RegisteredAdapter, parent: str) -> AdapterInfo:
+    """A version just registered: no request uses it yet, nor is it on the device (a new
+    adapter id never is)."""
+    host = adapters.is_host_resident(reg)
+    return adapter_info(reg, parent, Residency(host=host, device=False, active_requests=0))
 
 
 @router.get("/v1/adapters", response_model=AdapterList, dependencies=[Depends(require_api_key)])
@@ -159,9 +169,9 @@ async def list_adapters(
     """In registration order. Without parameters: every adapter, `residency` null. With any of
     `limit`, `after`, `search`: a page (default 50) whose items carry residency and requests."""
     state = _state(request)
-    registered = state.registry.list()
+    registered = state.adapters.list()
     if limit is None and after is None and search is None:
-        return AdapterList(data=[adapter_info(state, r, None) for r in registered])
+        return AdapterList(data=[adapter_info(r, state.model_name) for r in registered])
     if search:
         needle = search.lower()
         registered = [r for r in registered if needle in r.name.lower()]
@@ -173,14 +183,10 @@ async def list_adapters(
         start = names.index(after) + 1
     limit = limit or DEFAULT_PAGE
     page = registered[start : start + limit]
-    ids = [r.adapter_id for r in page]
-    active = await state.async_engine.call(lambda: [state.llm.requests_for_adapter(i) for i in ids])
     history = request.app.state.stats_history
-    data = []
-    for reg, n in zip(page, active, strict=True):
-        info = adapter_info(state, reg, n)
-        info.requests_served = history.requests_served(reg.name)
-        data.append(info)
+    data = await _with_residency(state, page)
+    for info in data:
+        info.requests_served = history.requests_served(info.id)
     return AdapterList(data=data, has_more=start + limit < len(registered), total=len(registered))
 
 
@@ -189,11 +195,11 @@ async def list_adapters(
 )
 async def get_adapter(name: str, request: Request) -> AdapterInfo:
     state = _state(request)
-    reg = None if is_virtual(name) else state.registry.get(name)
+    reg = state.adapters.get(name)
     if reg is None:
         raise NotFound(f"adapter {name!r} does not exist", "name")
-    active = await state.async_engine.call(lambda: state.llm.requests_for_adapter(reg.adapter_id))
-    return adapter_info(state, reg, active)
+    (info,) = await _with_residency(state, [reg])
+    return info
 
 
 @router.delete(
@@ -203,18 +209,8 @@ async def get_adapter(name: str, request: Request) -> AdapterInfo:
 )
 async def delete_adapter(name: str, request: Request) -> DeletedAdapter:
     """Remove an adapter; 409 while requests use it."""
-    await _remove(_state(request), name)
+    await _state(request).adapters.remove(name)
     return DeletedAdapter(id=name)
-
-
-async def _remove(state: ServerState, name: str) -> None:
-    """Unregister on the step thread (quick, and never racing a step), then delete the files
-    off it; merges that used the adapter go too."""
-    if is_virtual(name):  # merges are internal: a client cannot name one
-        raise NotFound(f"adapter {name!r} does not exist", "name")
-    await state.async_engine.call(lambda: state.llm.remove_adapter(name))
-    await asyncio.to_thread(state.registry.store.delete, name)
-    await state.merged.drop_stale()
 
 
 @router.post(
@@ -226,7 +222,7 @@ async def load_lora_adapter(body: LoadLoraAdapterRequest, request: Request) -> s
     """vLLM's route: register an adapter from a path, file://, s3:// or hf:// URI that falls
     under one of --adapter-roots."""
     state = _state(request)
-    registry = state.registry  # 503 while the model loads
+    adapters = state.adapters  # 503 while the model loads
     roots = state.config.adapter_roots
     if not roots:
         raise Forbidden("loading adapters from paths is disabled: start with --adapter-roots")
@@ -243,15 +239,14 @@ async def load_lora_adapter(body: LoadLoraAdapterRequest, request: Request) -> s
         raise BadRequest(f"lora_path {uri!r} is not usable: {exc}", "lora_path") from exc
     if not is_dir:
         raise BadRequest(f"lora_path {uri!r} is not a directory", "lora_path")
-    if body.load_inplace and registry.get(body.lora_name) is not None:
-        _, old = await asyncio.to_thread(state.reload_adapter_uri, body.lora_name, uri, "path")
-        await _retire(state, old)
+    if body.load_inplace and adapters.get(body.lora_name) is not None:
+        await adapters.reload_from(body.lora_name, uri)
         return f"Success: LoRA adapter '{body.lora_name}' reloaded in place."
-    if registry.get(body.lora_name) is not None:
+    if adapters.get(body.lora_name) is not None:
         raise BadRequest(
             f"the lora adapter {body.lora_name!r} has already been loaded", "lora_name"
         )
-    await asyncio.to_thread(state.load_adapter_uri, body.lora_name, uri, "path")
+    await adapters.load(body.lora_name, uri)
     return f"Success: LoRA adapter '{body.lora_name}' added successfully."
 
 
@@ -261,8 +256,8 @@ async def load_lora_adapter(body: LoadLoraAdapterRequest, request: Request) -> s
     dependencies=[Depends(require_admin_key)],
 )
 async def unload_lora_adapter(body: UnloadLoraAdapterRequest, request: Request) -> str:
-    state = _state(request)
-    if state.registry.get(body.lora_name) is None:
+    adapters = _state(request).adapters
+    if adapters.get(body.lora_name) is None:
         raise NotFound(f"the lora adapter {body.lora_name!r} cannot be found", "lora_name")
-    await _remove(state, body.lora_name)
+    await adapters.remove(body.lora_name)
     return f"Success: LoRA adapter '{body.lora_name}' removed successfully."

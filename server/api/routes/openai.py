@@ -43,26 +43,26 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):  # ty
 @router.get("/v1/models", response_model=ModelList)
 async def models(request: Request) -> ModelList:
     state = _state(request)
-    llm = state.llm
+    facts = state.async_engine.facts
     created = int(state.started)
     # vLLM's root is the model's path: a server path, so for admin rights only.
-    root = str(llm.config.model) if has_admin_rights(request) else state.model_name
+    root = facts.model_path if has_admin_rights(request) else state.model_name
     cards = [
         ModelCard(
             id=state.model_name,
             created=created,
             root=root,
-            max_model_len=llm.max_model_len,
+            max_model_len=facts.max_model_len,
         )
     ]
-    for reg in state.registry.list():
+    for reg in state.adapters.list():
         cards.append(
             ModelCard(
                 id=reg.name,
                 created=int(reg.record.created_at),
                 root=reg.name,
                 parent=state.model_name,
-                max_model_len=llm.max_model_len,
+                max_model_len=facts.max_model_len,
             )
         )
     return ModelList(data=cards)

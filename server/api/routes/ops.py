@@ -13,6 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from server import __version__
 from server.api.auth import has_admin_rights, require_api_key
 from server.api.state import ServerState
+from server.engine.async_engine import AsyncLLMEngine
 
 router = APIRouter(tags=["ops"])
 SCRAPE_REFRESH_TIMEOUT_S = 2.0  # a stuck step loop must not hang scrapes too
@@ -49,37 +50,37 @@ async def ready(request: Request) -> JSONResponse:
 async def info(request: Request) -> dict:
     """The model, engine settings and pool use; server paths only for admin rights."""
     state = _state(request)
-    llm = state.llm
-    cfg, ecfg, pool = llm.model_config, llm.config, llm.pool
-    paths = {"model_path": ecfg.model, "data_dir": state.config.data_dir}
+    engine = state.async_engine
+    facts, now = engine.facts, await engine.snapshot()
+    paths = {"model_path": facts.model_path, "data_dir": state.config.data_dir}
     return {
         "version": __version__,
         "model": state.model_name,
         **(paths if has_admin_rights(request) else {}),
-        "architecture": cfg.architecture,
-        "num_layers": cfg.num_layers,
-        "hidden_size": cfg.hidden_size,
-        "num_parameters": cfg.num_params,
-        "quantize": ecfg.quantize,
-        "dtype": str(ecfg.torch_dtype).removeprefix("torch."),
-        "device": str(llm.device),
-        "max_model_len": llm.max_model_len,
-        "max_num_seqs": ecfg.max_num_seqs,
-        "max_lora_rank": ecfg.max_lora_rank,
-        "max_loras": ecfg.max_loras,
-        "lora_backend": llm.adapter_cache.backend if llm.adapter_cache else None,
-        "adapters_registered": len(state.registry),
+        "architecture": facts.architecture,
+        "num_layers": facts.num_layers,
+        "hidden_size": facts.hidden_size,
+        "num_parameters": facts.num_parameters,
+        "quantize": facts.quantize,
+        "dtype": facts.dtype,
+        "device": facts.device,
+        "max_model_len": facts.max_model_len,
+        "max_num_seqs": facts.max_num_seqs,
+        "max_lora_rank": facts.max_lora_rank,
+        "max_loras": facts.max_loras,
+        "lora_backend": facts.lora_backend,
+        "adapters_registered": now.adapters.registered if now.adapters else 0,
         "pool": {
-            "pages": pool.num_pages,
-            "page_bytes": pool.page_bytes,
-            "block_size": pool.geometry.block_size,
+            "pages": facts.num_pages,
+            "page_bytes": facts.page_bytes,
+            "block_size": facts.block_size,
             # One budget: KV blocks requests hold, cached prefix blocks none holds (given
             # back on demand, like idle adapters), adapter weights, free pages.
-            "kv_pages": pool.used_by_kind["kv"] - llm.kv.num_cached_idle,
-            "cached_kv_pages": llm.kv.num_cached_idle,
-            "adapter_pages": pool.used_by_kind["adapter"],
-            "free_pages": pool.num_free,
-            "prefix_caching": llm.prefix_cache is not None,
+            "kv_pages": now.pool.kv,
+            "cached_kv_pages": now.pool.kv_cached,
+            "adapter_pages": now.pool.adapter,
+            "free_pages": now.pool.free,
+            "prefix_caching": facts.prefix_caching,
         },
     }
 
@@ -91,14 +92,19 @@ async def metrics(request: Request) -> Response:
 
 
 async def scrape(state: ServerState) -> Response:
-    """The metrics; gauges are refreshed first, so an idle server reports its state."""
+    """The metrics; gauges are refreshed first from a fresh engine snapshot, so an idle server
+    reports its state."""
     engine = state.engine
     if engine is not None and engine.running:
-        # On the step thread, between steps: the scheduler's queues are not thread-safe.
         with contextlib.suppress(TimeoutError):
-            refresh = engine.call(lambda: state.metrics.observe_scrape(engine.engine))
-            await asyncio.wait_for(refresh, timeout=SCRAPE_REFRESH_TIMEOUT_S)
+            await asyncio.wait_for(_refresh(state, engine), timeout=SCRAPE_REFRESH_TIMEOUT_S)
     return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+async def _refresh(state: ServerState, engine: AsyncLLMEngine) -> None:
+    now = await engine.snapshot()
+    levels = await engine.adapter_levels() if state.metrics.wants_levels(now) else None
+    state.metrics.observe_scrape(now, levels)
 
 
 # FastAPI's own /openapi.json and /docs are turned off in create_app: these take a key.

@@ -3,7 +3,8 @@ merged once, off the event loop, and served as a virtual adapter from a bounded 
 
 A spec's key hashes its sources' current adapter ids with the weights and strategy, so a
 reloaded or deleted-and-re-added source gives a new merge; entries whose sources are no
-longer current are dropped at the next merged request or adapter deletion. DARE's seed
+longer current are dropped at the next merged request and whenever an adapter is removed or
+reloaded (server.serving.adapters). DARE's seed
 hashes the sources' contents instead (name, weights file sha256, config), so one spec gives
 the same merged weights across restarts and replicas.
 """
@@ -16,18 +17,14 @@ import json
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-from adapters import AdapterExistsError, AdapterNotFoundError, RegisteredAdapter
+from adapters import AdapterExistsError, AdapterNotFoundError, AdapterRegistry, RegisteredAdapter
 from adapters.merge import MergeError, MergeParams, merge_adapters, merged_spec
 from adapters.registered import VIRTUAL_PREFIX, is_virtual
-from server.api.errors import BadRequest
-from server.api.schemas.lorax import MergedAdapters
-from server.engine.errors import AdapterBusyError, UnknownAdapterError
-
-if TYPE_CHECKING:
-    from server.api.state import ServerState
+from server.engine.errors import AdapterBusyError, InvalidRequestError, UnknownAdapterError
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +32,16 @@ MAX_MERGED_ADAPTERS = 16  # cached merges; more only while all are in use or jus
 MAX_MERGED_IDS = 16  # source adapters in one spec
 # A merge resolved this recently may have a request on its way to the engine: not evicted.
 EVICT_GRACE_S = 30.0
+
+
+class MergeRequest(Protocol):
+    """A request's merge spec (LoRAX's merged_adapters; server.api.schemas.lorax)."""
+
+    ids: list[str]
+    weights: list[float]
+    merge_strategy: str | None
+    density: float
+    majority_sign_method: str | None
 
 
 @dataclass
@@ -49,11 +56,15 @@ class MergedAdapterCache:
 
     def __init__(
         self,
-        state: ServerState,
+        registry: AdapterRegistry,
+        remove: Callable[[str], Awaitable[None]],
         max_entries: int = MAX_MERGED_ADAPTERS,
         grace_s: float = EVICT_GRACE_S,
     ) -> None:
-        self.state = state
+        self.registry = registry
+        # Unregisters a merge on the engine's step thread; raises AdapterBusyError while
+        # requests use it (AsyncLLMEngine.remove_adapter).
+        self._remove_adapter = remove
         self.max_entries = max_entries
         self.grace_s = grace_s
         self._entries: OrderedDict[str, _Entry] = OrderedDict()  # by key, LRU first
@@ -63,15 +74,14 @@ class MergedAdapterCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    async def resolve(self, spec: MergedAdapters, field: str) -> str:
+    async def resolve(self, spec: MergeRequest, field: str) -> str:
         """The internal adapter name serving this merge, merging it first if no cached one."""
-        self.state.check_serving()  # a full queue refuses before any merge work
         params = _params(spec, field)
         sources = tuple(self._source(name, f"{field}.ids") for name in spec.ids)
         try:  # ranks and targets are checked before any weights are read
             merged_spec([s.name for s in sources], [s.spec for s in sources])
         except MergeError as exc:
-            raise BadRequest(f"{field}.{exc.field}: {exc}", f"{field}.{exc.field}") from exc
+            raise _refused(exc, field) from exc
         await self.drop_stale()
         key = _digest([[s.name, s.adapter_id] for s in sources], params)
         if not self._is_live(key):
@@ -91,19 +101,19 @@ class MergedAdapterCache:
 
     def _is_live(self, key: str) -> bool:
         entry = self._entries.get(key)
-        return entry is not None and self.state.registry.get(entry.name) is not None
+        return entry is not None and self.registry.get(entry.name) is not None
 
     def _source(self, name: str, field: str) -> RegisteredAdapter:
-        reg = None if is_virtual(name) else self.state.registry.get(name)
+        reg = None if is_virtual(name) else self.registry.get(name)
         if reg is None:
-            raise BadRequest(f"{field}: adapter {name!r} does not exist", field)
+            raise InvalidRequestError(f"{field}: adapter {name!r} does not exist", field)
         return reg
 
     def _merge(
         self, key: str, sources: tuple[RegisteredAdapter, ...], params: MergeParams, field: str
     ) -> str:
         """Merge and register (worker thread); the virtual adapter's name."""
-        registry = self.state.registry
+        registry = self.registry
         name = f"{VIRTUAL_PREFIX}merged/{key[:32]}"
         if registry.get(name) is not None:  # registered, then its entry dropped: reuse it
             return name
@@ -112,7 +122,7 @@ class MergedAdapterCache:
             weights = [registry.weights(s.adapter_id) for s in sources]
         except AdapterNotFoundError as exc:
             message = f"{field}: a source adapter was deleted during the merge"
-            raise BadRequest(message, field) from exc
+            raise InvalidRequestError(message, field) from exc
         names = [s.name for s in sources]
         content = [[s.name, s.record.sha256, s.record.spec_json] for s in sources]
         seed = int(_digest(content, params)[:16], 16) % 2**63
@@ -121,7 +131,7 @@ class MergedAdapterCache:
                 names, [(s.spec, w) for s, w in zip(sources, weights, strict=True)], params, seed
             )
         except MergeError as exc:
-            raise BadRequest(f"{field}.{exc.field}: {exc}", f"{field}.{exc.field}") from exc
+            raise _refused(exc, field) from exc
         try:
             registry.register_virtual(name, spec, merged)
         except AdapterExistsError:  # a request that came after the lock was dropped won
@@ -138,7 +148,7 @@ class MergedAdapterCache:
 
     async def drop_stale(self) -> None:
         """Remove merges of sources that were deleted or reloaded since (busy ones: later)."""
-        registry = self.state.registry
+        registry = self.registry
         for key, entry in list(self._entries.items()):
             if any(registry.get(s.name) is not s for s in entry.sources):
                 await self._remove(key, entry)
@@ -152,9 +162,8 @@ class MergedAdapterCache:
                 await self._remove(key, entry)
 
     async def _remove(self, key: str, entry: _Entry) -> None:
-        llm = self.state.llm
         try:
-            await self.state.async_engine.call(lambda: llm.remove_adapter(entry.name))
+            await self._remove_adapter(entry.name)
         except AdapterBusyError:
             return  # requests still use it: a later pass removes it
         except UnknownAdapterError:
@@ -164,16 +173,16 @@ class MergedAdapterCache:
         logger.debug("dropped merged adapter %s", entry.name)
 
 
-def _params(spec: MergedAdapters, field: str) -> MergeParams:
+def _params(spec: MergeRequest, field: str) -> MergeParams:
     if not spec.ids:
-        raise BadRequest(f"{field}.ids must name at least one adapter", f"{field}.ids")
+        raise InvalidRequestError(f"{field}.ids must name at least one adapter", f"{field}.ids")
     if len(spec.ids) > MAX_MERGED_IDS:
-        raise BadRequest(
+        raise InvalidRequestError(
             f"{field}.ids names {len(spec.ids)} adapters; at most {MAX_MERGED_IDS} can be merged",
             f"{field}.ids",
         )
     if len(spec.weights) != len(spec.ids):
-        raise BadRequest(
+        raise InvalidRequestError(
             f"{field}.weights: {len(spec.ids)} ids but {len(spec.weights)} weights; give one "
             "weight per id",
             f"{field}.weights",
@@ -188,7 +197,12 @@ def _params(spec: MergedAdapters, field: str) -> MergeParams:
             ),
         )
     except MergeError as exc:
-        raise BadRequest(f"{field}.{exc.field}: {exc}", f"{field}.{exc.field}") from exc
+        raise _refused(exc, field) from exc
+
+
+def _refused(exc: MergeError, field: str) -> InvalidRequestError:
+    """A merge the request's spec cannot make, naming the spec field at fault."""
+    return InvalidRequestError(f"{field}.{exc.field}: {exc}", f"{field}.{exc.field}")
 
 
 def _digest(sources: list[list[object]], params: MergeParams) -> str:
