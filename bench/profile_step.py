@@ -62,15 +62,23 @@ class Machine:
     """What this machine sustains: read bandwidth and float32 GEMM throughput."""
 
     read_gb_s: float
-    gemm_gflop_s: float
+    gemm_gflop_s: float  # the faster of the two below
+    mkl_gflop_s: float  # torch's default float32 GEMM (MKL's sgemm)
+    onednn_gflop_s: float  # oneDNN over a prepacked weight (server/model/prepacked.py)
 
     @classmethod
     def measure(cls) -> Machine:
         x = torch.ones(2**27)  # 512 MiB, far past any cache
         read = min(_timed(lambda: x.sum()) for _ in range(5))
         a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-        gemm = min(_timed(lambda: a @ b) for _ in range(5))
-        return cls(x.numel() * 4 / read / 1e9, 2 * 2048**3 / gemm / 1e9)
+        mkl = min(_timed(lambda: a @ b) for _ in range(5))
+        packed = torch.ops.mkldnn._reorder_linear_weight(b, 2048)
+        dnn = min(
+            _timed(lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], ""))
+            for _ in range(5)
+        )
+        flops = 2 * 2048**3 / 1e9
+        return cls(x.numel() * 4 / read / 1e9, flops / min(mkl, dnn), flops / mkl, flops / dnn)
 
 
 def _timed(fn) -> float:  # type: ignore[no-untyped-def]
@@ -274,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     machine = Machine.measure()
     print(
         f"model {model_dir.name}, {args.threads} threads, torch {torch.__version__}; measured "
-        f"here: read {machine.read_gb_s:.1f} GB/s, float32 GEMM {machine.gemm_gflop_s:.0f} GFLOP/s"
+        f"here: read {machine.read_gb_s:.1f} GB/s, float32 GEMM {machine.mkl_gflop_s:.0f} "
+        f"GFLOP/s (MKL), {machine.onednn_gflop_s:.0f} GFLOP/s (oneDNN, prepacked)"
     )
     gen = torch.Generator().manual_seed(0)
     with tempfile.TemporaryDirectory() as data:
