@@ -1,9 +1,9 @@
 """Linears whose weights oneDNN reorders once into its blocked layout: the CPU's GEMM path.
 
-PyTorch's default float32 GEMM on x86 is MKL's sgemm, which on this project's CPUs (AMD EPYC
-with AVX-512) runs at about 180 GFLOP/s on two cores at SmolLM2's shapes; oneDNN's matmul over
-a weight prepacked for it runs 2-2.5x faster at the same shapes, from one token to a 2,048-token
-prefill (`bench/profile_step.py` measures both). vLLM's CPU build multiplies the same way. The
+PyTorch's default float32 GEMM on x86 is MKL's sgemm over the weight as stored; oneDNN's
+matmul over a weight reordered once for it ran 1.8-2.7x faster at SmolLM2's shapes from 2 to
+64 rows (equal at one row) on this project's CPUs (AMD EPYC, AVX-512; `bench/profile_step.py`
+measures both). vLLM's CPU build multiplies the same way. The
 swap is a transform of the built serving model made by the torch kernels backend's adapt()
 (server/engine/backends.py), like NF4 and LoRA; the model's code never sees it, and training
 builds its own model (PrepackedLinear has no backward).
