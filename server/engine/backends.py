@@ -17,6 +17,7 @@ from server.config import EngineConfig
 from server.lora.backends import LORA_OPS
 from server.lora.batch import LoRAOps
 from server.model.llama import LlamaForCausalLM
+from server.model.prepacked import prepack_linears
 
 logger = logging.getLogger(__name__)
 
@@ -35,13 +36,14 @@ class KernelBackend(Protocol):
 
 
 class TorchKernels:
-    """bitsandbytes' NF4 matmul and PyTorch's SDPA: the model as built."""
+    """bitsandbytes' NF4 matmul, PyTorch's SDPA, and on a CPU oneDNN's GEMM over prepacked
+    float weights (server/model/prepacked.py)."""
 
     name = "torch"
     reads_block_tables = False
 
     def adapt(self, model: LlamaForCausalLM) -> None:
-        pass
+        prepack_linears(model)  # swaps nothing on a GPU or for NF4 modules
 
 
 class TritonKernels:

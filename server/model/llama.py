@@ -38,11 +38,13 @@ class LlamaAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         # x: [..., hidden]  cos, sin: [..., head_dim]
-        q, k, v = self.qkv_proj(x).split(self.qkv_widths, dim=-1)
-        lead = x.shape[:-1]
-        q = apply_rope(q.view(*lead, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rope(k.view(*lead, self.num_kv_heads, self.head_dim), cos, sin)
-        v = v.view(*lead, self.num_kv_heads, self.head_dim)
+        qkv = self.qkv_proj(x)
+        lead, q_k_width = x.shape[:-1], self.qkv_widths[0] + self.qkv_widths[1]
+        # RoPE on q and k in one pass: [..., heads + kv_heads, head_dim]
+        heads = self.num_heads + self.num_kv_heads
+        q_k = apply_rope(qkv[..., :q_k_width].view(*lead, heads, self.head_dim), cos, sin)
+        q, k = q_k.split((self.num_heads, self.num_kv_heads), dim=-2)
+        v = qkv[..., q_k_width:].view(*lead, self.num_kv_heads, self.head_dim)
         return self.o_proj(self.attn(q, k, v))
 
 
