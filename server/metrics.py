@@ -229,8 +229,9 @@ class Metrics:
                 ("reclaimed", self.prefix_reclaimed),
             ):
                 last = self._last_prefix[key]
+                series = metric.labels(m)  # exported from the first scrape, at 0 until it moves
                 if counts[key] > last:
-                    metric.labels(m).inc(counts[key] - last)
+                    series.inc(counts[key] - last)
                     self._last_prefix[key] = counts[key]
         if not self._cache_info_set:
             self.cache_info.labels(m, *cache_info(state.facts)).set(1)
