@@ -179,6 +179,12 @@ class ServerConfig:
     max_concurrent_requests: int = option(
         512, "requests in flight before 503 (/health, /ready, /metrics excepted)"
     )
+    # Default: 3/4 of --max-concurrent-requests (rounded up), so other tenants keep a quarter.
+    max_key_concurrent_requests: int | None = option(
+        None,
+        "requests one API key (or keyless client) may have in flight before 429; "
+        "default: 3/4 of --max-concurrent-requests",
+    )
     send_timeout_s: float = option(
         30.0, "time a response may wait for its client to read before the client is dropped"
     )
@@ -201,6 +207,13 @@ class ServerConfig:
     training_memory_mb: int | None = None
     max_file_mb: int = option(512, "largest file accepted by /v1/files")
     data_quota_mb: int | None = option(None, "files + adapters + job outputs in --data-dir")
+
+    @property
+    def key_concurrent_requests(self) -> int:
+        """Requests one tenant may have in flight (--max-key-concurrent-requests resolved)."""
+        if self.max_key_concurrent_requests is not None:
+            return self.max_key_concurrent_requests
+        return -(-self.max_concurrent_requests * 3 // 4)
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -245,6 +258,11 @@ class ServerConfig:
             raise ConfigError(f"--send-timeout-s must be > 0, got {self.send_timeout_s}")
         if self.max_waiting < 1:
             raise ConfigError(f"--max-waiting must be >= 1, got {self.max_waiting}")
+        if self.max_key_concurrent_requests is not None and self.max_key_concurrent_requests < 1:
+            raise ConfigError(
+                "--max-key-concurrent-requests must be >= 1, got "
+                f"{self.max_key_concurrent_requests}"
+            )
         if self.max_key_sequences < 1:
             raise ConfigError(f"--max-key-sequences must be >= 1, got {self.max_key_sequences}")
         if self.max_key_prompt_tokens < 1:

@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from server import __version__
 from server.api.csrf import CrossSiteProtection
 from server.api.errors import install_handlers
+from server.api.fairness import slot_tenant
 from server.api.hosts import AllowedHosts
 from server.api.limits import BodyLimit, ConcurrencyLimit, RequestLimits, SendTimeout
 from server.api.metrics_port import MetricsListener
@@ -71,11 +72,13 @@ def create_app(state: ServerState) -> FastAPI:
         max_upload_bytes=cfg.max_upload_mb * 2**20,
         body_timeout_s=cfg.request_body_timeout_s,
         max_concurrent=cfg.max_concurrent_requests,
+        max_key_concurrent=cfg.key_concurrent_requests,
         send_timeout_s=cfg.send_timeout_s,
     )
     app.add_middleware(BodyLimit, limits=limits)
     app.add_middleware(SendTimeout, limits=limits)  # inside: a dropped client frees its slot
-    app.add_middleware(ConcurrencyLimit, limits=limits)  # refuses before reading
+    # Refuses before reading.
+    app.add_middleware(ConcurrencyLimit, limits=limits, tenant_of=slot_tenant)
     app.add_middleware(CrossSiteProtection, trusted_origins=cfg.csrf_trusted_origins)
     if cfg.allowed_hosts:
         app.add_middleware(AllowedHosts, allowed=cfg.allowed_hosts)  # outermost: first check

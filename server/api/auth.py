@@ -96,6 +96,12 @@ def tenant(request: Request) -> str:
     return "inference" if _inference_keys(config) else ""
 
 
+def presents_a_key(request: Request) -> bool:
+    """Whether the request presents one of the configured keys (False on a keyless server)."""
+    keys = _inference_keys(request.app.state.server.config)
+    return bool(keys) and _matches(_presented_key(request), keys)
+
+
 def has_admin_rights(request: Request) -> bool:
     """Whether this request would pass `require_admin_key` (for replies that redact)."""
     keys = _admin_keys(request.app.state.server.config)

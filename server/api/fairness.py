@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from fastapi import Request
 
+from server.api.auth import presents_a_key
 from server.api.auth import tenant as key_tenant
 from server.api.errors import BadRequest, Overloaded
 
@@ -23,6 +24,19 @@ def fairness_tenant(request: Request) -> str:
     key = key_tenant(request)
     if key:
         return f"key:{key}"
+    return _client(request)
+
+
+def slot_tenant(request: Request) -> str:
+    """The tenant a request's concurrency slot counts against: fairness_tenant, except that
+    on a keyed server a request without a valid key counts as its client's address (it is
+    refused with 401 once routed, and until then must not take a key's share)."""
+    if key_tenant(request) and not presents_a_key(request):
+        return _client(request)
+    return fairness_tenant(request)
+
+
+def _client(request: Request) -> str:
     client = request.client
     return f"client:{client.host if client else '?'}"
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from starlette.requests import Request
@@ -19,6 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from server.api.errors import (
     APIError,
     BodyRefused,
+    Overloaded,
     PayloadTooLarge,
     RequestTimeout,
     ServerBusy,
@@ -41,6 +44,7 @@ class RequestLimits:
     max_upload_bytes: int  # POST /v1/adapters and /v1/files, PUT /v1/adapters/{name}
     body_timeout_s: float  # whole body, from the request's start (--request-body-timeout-s)
     max_concurrent: int  # requests in flight (--max-concurrent-requests)
+    max_key_concurrent: int  # one tenant's requests in flight (--max-key-concurrent-requests)
     send_timeout_s: float  # one write waiting for the client to read (--send-timeout-s)
 
 
@@ -116,12 +120,18 @@ class BodyLimit:
 
 class ConcurrencyLimit:
     """503 with Retry-After once --max-concurrent-requests requests are in flight (a streaming
-    request counts until its stream ends); probes and scrapes are exempt."""
+    request counts until its stream ends), 429 once one tenant (server.api.fairness) has
+    --max-key-concurrent-requests of them, so one key's or client's requests, idle or slow,
+    cannot take every slot; probes and scrapes are exempt."""
 
-    def __init__(self, app: ASGIApp, limits: RequestLimits) -> None:
+    def __init__(
+        self, app: ASGIApp, limits: RequestLimits, tenant_of: Callable[[Request], str]
+    ) -> None:
         self.app = app
         self.limits = limits
+        self.tenant_of = tenant_of
         self.in_flight = 0
+        self.tenants: Counter[str] = Counter()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in UNLIMITED_PATHS:
@@ -135,11 +145,25 @@ class ConcurrencyLimit:
             )
             await _answer(scope, receive, send, error)
             return
+        tenant = self.tenant_of(Request(scope))
+        held = self.tenants[tenant]
+        if held >= self.limits.max_key_concurrent:
+            error = Overloaded(
+                f"this key (or client) already has {held} requests in flight, the limit of "
+                "--max-key-concurrent-requests; retry when one ends",
+                headers={"Retry-After": "1"},
+            )
+            await _answer(scope, receive, send, error)
+            return
         self.in_flight += 1
+        self.tenants[tenant] += 1
         try:
             await self.app(scope, receive, send)
         finally:
             self.in_flight -= 1
+            self.tenants[tenant] -= 1
+            if not self.tenants[tenant]:
+                del self.tenants[tenant]  # no entry kept for a tenant with nothing in flight
 
 
 class _SendTimedOut(Exception):

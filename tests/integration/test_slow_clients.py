@@ -33,6 +33,8 @@ def slot_server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
         **{**ENGINE_FLAGS, "max_model_len": 512, "max_num_seqs": 160, "pool_mb": 96},
         served_model_name=MODEL_NAME,
         max_concurrent_requests=MAX_CONCURRENT,
+        # All the test's clients share one address (one tenant): the global slots are tested.
+        max_key_concurrent_requests=MAX_CONCURRENT,
         send_timeout_s=SEND_TIMEOUT_S,
     )
     data = tmp_path_factory.mktemp("slow-clients") / "data"
