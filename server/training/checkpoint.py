@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from adapters.faults import disk_full_as_error, fault_point
 from adapters.format import AdapterWeights, write_adapter
+from adapters.versions import fsync_path
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ def save_checkpoint(
             if final.exists():  # a rerun of the same step after a crash that followed the rename
                 shutil.rmtree(final)
             os.rename(tmp, final)
-            fsync_dir(root)
+            fsync_path(root)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     fault_point("checkpoint.renamed")
@@ -145,7 +146,7 @@ def write_adapter_atomically(
             if adapter_dir.exists():
                 shutil.rmtree(adapter_dir)
             os.rename(tmp, adapter_dir)
-            fsync_dir(adapter_dir.parent)
+            fsync_path(adapter_dir.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -156,12 +157,3 @@ def fsync_tree(directory: Path) -> None:
         if path.is_file():
             with path.open("rb") as f:
                 os.fsync(f.fileno())
-
-
-def fsync_dir(directory: Path) -> None:
-    """Make a rename or a new entry in `directory` durable."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from adapters.faults import disk_full_as_error, fault_point
-from server.training.checkpoint import TEMP_PREFIX, fsync_dir, list_checkpoints
+from adapters.versions import fsync_path
+from server.training.checkpoint import TEMP_PREFIX, list_checkpoints
 
 logger = logging.getLogger(__name__)
 
@@ -196,7 +197,7 @@ class JobStore:
             fault_point("files.before_rename")
             staged.rename(path)
             try:
-                fsync_dir(self.files_dir)
+                fsync_path(self.files_dir)
                 fault_point("files.before_index")
                 self._run("INSERT INTO files VALUES (?, ?, ?, ?, ?, ?)", _file_row(rec))
             except BaseException:
