@@ -25,7 +25,9 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from server.api.app import build_state, create_app
+    from server.model.cpu_runtime import tune_allocator
 
+    tune_allocator()
     server, engine = serve_configs(args)
     app = create_app(build_state(server, engine))
     logger.info(

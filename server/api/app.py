@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -23,6 +24,9 @@ from server.config import EngineConfig, ServerConfig
 from server.engine.llm_engine import LLMEngine
 from server.engine.setup import open_registry
 from server.metrics import Metrics
+from server.model.cpu_runtime import TransientThreadExecutor
+
+DEFAULT_WORKERS = min(32, (os.cpu_count() or 1) + 4)  # asyncio's own default
 
 
 def create_app(state: ServerState) -> FastAPI:
@@ -30,6 +34,10 @@ def create_app(state: ServerState) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # asyncio.to_thread's threads (the model's build, adapter reads, merges) end when
+        # idle, so none keeps an OpenMP team beside the step thread's.
+        loop = asyncio.get_running_loop()
+        loop.set_default_executor(TransientThreadExecutor(DEFAULT_WORKERS, "loraplex-worker"))
         metrics_listener = MetricsListener(state)
         if state.config.metrics_port is not None:
             await metrics_listener.start()

@@ -14,12 +14,13 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from adapters.format import AdapterWeights
     from adapters.registry import AdapterRegistry
+
+from server.model.cpu_runtime import TransientThreadExecutor
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +38,8 @@ class AdapterLoader:
         self._lock = threading.Lock()
         self._reading: set[int] = set()  # queued or being read
         self._held: dict[int, AdapterWeights | BaseException] = {}  # read (or failed), or cached
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loraplex-loader")
+        # A thread that ends when idle: see server.model.cpu_runtime.
+        self._executor = TransientThreadExecutor(1, "loraplex-loader")
         # Called (on the loader's thread) when a read ends: wakes a step loop that had nothing
         # to run but the requests waiting for it.
         self.on_read: Callable[[], None] | None = None

@@ -38,7 +38,9 @@ class EngineReplica:
 
     async def __init__(self, server: ServerConfig, engine: EngineConfig) -> None:
         from server.api.app import build_state, create_app
+        from server.model.cpu_runtime import tune_allocator
 
+        tune_allocator()  # this replica's process, as `loraplex serve` does
         replica_id = serve.get_replica_context().replica_id.unique_id
         self.replica_id = re.sub(r"[^A-Za-z0-9_.-]", "_", replica_id)
         # Each replica its own cache, index and job store; adapters live in the shared store.
