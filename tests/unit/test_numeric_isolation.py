@@ -133,6 +133,21 @@ def test_sampler_flags_rows_with_non_finite_logits():
     assert results[2][1] is None
 
 
+def test_sampler_tells_huge_finite_logits_from_non_finite_ones():
+    """The check is one float64 sum per row: logits near float32's largest, whose float32 sum
+    would overflow, are still finite; a lone -inf is not."""
+    logits = torch.full((3, 1000), 3.0e38)
+    logits[0, 5] = 3.3e38
+    logits[1, 7] = float("-inf")
+    logits[2, 9] = float("nan")
+    seqs = [Sequence(str(i), [1], GREEDY) for i in range(3)]
+
+    results = sample(logits.clone(), seqs)
+
+    assert [t == NON_FINITE for t, _ in results] == [False, True, True]
+    assert results[0][0] == 5
+
+
 def test_adapter_overflowing_to_inf_fails_alone_and_later_requests_are_unaffected(
     engine_with_adapters,
 ):
