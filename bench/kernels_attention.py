@@ -59,6 +59,7 @@ def decode_step(
         out_index=torch.arange(batch, device=device),
         block_tables=tables.to(device),
         mask=(k_range[None, :] <= pos[:, None]).view(batch, 1, 1, -1).to(device),
+        ctx_lens=(pos + 1).to(device),
     )
     seqs = SeqLayout(
         q_starts=torch.arange(batch, dtype=torch.int32, device=device),

@@ -37,13 +37,25 @@ class KernelBackend(Protocol):
 
 class TorchKernels:
     """bitsandbytes' NF4 matmul, PyTorch's SDPA, and on a CPU oneDNN's GEMM over prepacked
-    float weights (server/model/prepacked.py)."""
+    float weights (server/model/prepacked.py) and our C decode attention reading the KV pages
+    in place (server/kernels/cpu_kernels.py), where it compiles."""
 
     name = "torch"
     reads_block_tables = False
 
     def adapt(self, model: LlamaForCausalLM) -> None:
         prepack_linears(model)  # swaps nothing on a GPU or for NF4 modules
+        cfg, embed = model.config, model.model.embed_tokens.weight
+        if embed.device.type != "cpu":
+            return
+        from server.kernels import cpu_kernels
+
+        if not cpu_kernels.supports_attention(cfg.num_heads, cfg.num_kv_heads, embed.dtype):
+            return
+        kernels = cpu_kernels.load()
+        if kernels is not None:
+            for attn in model.attention_layers():
+                attn.decode_kernel = kernels.decode_attention
 
 
 class TritonKernels:

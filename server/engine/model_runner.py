@@ -204,4 +204,5 @@ class ModelRunner:
             out_index=q_index[q_valid].to(dev),
             block_tables=tables[:, :num_blocks].to(dev),
             mask=mask.unsqueeze(1).to(dev),
+            ctx_lens=ctx.to(dev),
         )

@@ -1,1 +1,2 @@
-"""Triton kernels for the GPU path: the NF4 matmul and paged attention."""
+"""Our kernels: Triton's for the GPU path (the NF4 matmul, paged attention, SGMV LoRA) and C for
+the CPU path (decode attention over the pages in place, short-segment LoRA: cpu_kernels.py)."""

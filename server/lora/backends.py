@@ -7,27 +7,64 @@ out += each token's adapter delta for one packed linear of one layer.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from server.lora.batch import Linear, LoRABatch, LoRAOps
 from server.lora.ops import lora_apply
+from server.model.config import PackedSlices
+
+if TYPE_CHECKING:
+    from server.kernels.cpu_kernels import CPUKernels
 
 
 class TorchLoRA:
     """Per segment, one matmul shrinks all slices through the stacked A (a view into the pool),
-    and one addmm_ per slice expands in place."""
+    and one addmm_ per slice expands in place. On a CPU in float32, segments of at most
+    SHORT_SEGMENT tokens (decodes) all go through one call of our C kernel per linear instead
+    (server/kernels/cpu/lora_segments.c): the same semantics, without a dispatch per segment
+    and slice."""
 
     name = "torch"
     graph_safe = False
+    SHORT_SEGMENT = 16
+
+    def __init__(self) -> None:
+        self._slice_tables: dict[PackedSlices, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def add(self, batch: LoRABatch, x: torch.Tensor, out: torch.Tensor, linear: Linear) -> None:
         key = (linear.layer, linear.module)
+        kernels = self._kernels(x, out)
+        short = self.SHORT_SEGMENT if kernels is not None else 0
         segments = [
             (r.start, r.length, w)
             for r in batch.segments
             if (w := r.weights.modules.get(key)) is not None
         ]
+        if short and any(length <= short for _, length, _ in segments):
+            assert kernels is not None
+            offsets, widths = self._slices(linear.slices)
+            meta = batch.segment_tensors(linear.layer, linear.module)
+            kernels.lora_short_segments(x, out, batch.pool, meta, offsets, widths, short)
+            segments = [s for s in segments if s[1] > short]
         lora_apply(x, out, segments, linear.slices.offsets, linear.slices.widths)
+
+    @staticmethod
+    def _kernels(x: torch.Tensor, out: torch.Tensor) -> CPUKernels | None:
+        cpu_f32 = x.device.type == "cpu" and x.dtype == out.dtype == torch.float32
+        if not (cpu_f32 and x.is_contiguous() and out.is_contiguous()):
+            return None
+        from server.kernels import cpu_kernels
+
+        return cpu_kernels.load()
+
+    def _slices(self, slices: PackedSlices) -> tuple[torch.Tensor, torch.Tensor]:
+        tables = self._slice_tables.get(slices)
+        if tables is None:
+            tables = (torch.tensor(slices.offsets), torch.tensor(slices.widths))
+            self._slice_tables[slices] = tables
+        return tables
 
 
 class TritonLoRA:

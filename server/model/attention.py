@@ -15,6 +15,9 @@ DenseAttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Te
 # (q, k, v, k_cache, v_cache, metadata, sliding_window) -> [T, heads * head_dim]: the serving
 # path's kernel (server.kernels.paged_attention.paged_attention_layer) when one is bound.
 PagedKernelFn = Callable[..., torch.Tensor]
+# (q [B, heads, dim], k_cache, v_cache, block_tables, ctx_lens, sliding_window) -> [B, heads,
+# dim]: one query per sequence, K/V read in place (server.kernels.cpu_kernels on a CPU).
+DecodeKernelFn = Callable[..., torch.Tensor]
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -44,6 +47,8 @@ class Attention(nn.Module):
         self.v_cache: torch.Tensor | None = None
         self.dense_attention: DenseAttentionFn = causal_attention
         self.paged_kernel: PagedKernelFn | None = None  # set by the model runner
+        # Set by the torch backend where it runs: the decode groups' attention.
+        self.decode_kernel: DecodeKernelFn | None = None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q: [..., heads, dim]  k, v: [..., kv_heads, dim]  ->  [..., heads * dim]."""
@@ -83,6 +88,17 @@ class Attention(nn.Module):
         self.v_cache[meta.slot_pages, meta.slot_offsets] = v
         out = torch.empty_like(q)
         for g in meta.groups:
+            if self.decode_kernel is not None and g.q_index.shape[1] == 1:
+                rows = g.out_index  # one query per sequence, none padded
+                out[rows] = self.decode_kernel(
+                    q[rows],
+                    self.k_cache,
+                    self.v_cache,
+                    g.block_tables,
+                    g.ctx_lens,
+                    self.sliding_window,
+                )
+                continue
             qg = q[g.q_index].transpose(1, 2)  # [B, heads, max_q, dim]
             kg = self._gather(self.k_cache, g.block_tables)  # [B, kv_heads, max_ctx, dim]
             vg = self._gather(self.v_cache, g.block_tables)

@@ -31,6 +31,7 @@ class AttentionGroup:
     # whole blocks may be read: nothing there belongs to another request.
     block_tables: torch.Tensor
     mask: torch.Tensor  # [B, 1, max_q, max_blocks * block_size] bool, True = may attend
+    ctx_lens: torch.Tensor  # [B] int64 keys each sequence sees after this step
 
 
 @dataclass

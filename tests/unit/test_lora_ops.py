@@ -67,3 +67,62 @@ def test_tokens_without_an_adapter_are_untouched():
         covered[start : start + length] = True
     assert torch.equal(got[~covered], out[~covered])
     assert not torch.equal(got[covered], out[covered])
+
+
+# ---- the C kernel for short segments (server/kernels/cpu/lora_segments.c) -------------------
+
+
+@pytest.fixture(scope="module")
+def cpu_kernels():  # type: ignore[no-untyped-def]
+    import shutil
+
+    from server.kernels import cpu_kernels as module
+
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("needs a C compiler")
+    return module.CPUKernels(module.build())
+
+
+def _tables(segments: list[Segment]):  # type: ignore[no-untyped-def]
+    from server.lora.ops import SegmentTensors
+
+    slices = (torch.tensor((0, 48, 64)), torch.tensor(WIDTHS))
+    return SegmentTensors.from_segments(segments, len(WIDTHS), torch.device("cpu")), slices
+
+
+@pytest.mark.parametrize(
+    ("ranks", "lengths"),
+    [
+        ([[4, 4, 4]], [1]),
+        ([[8, 2, 2], [1, 0, 3], [16, 16, 0]], [1, 5, 3]),
+        ([[2, 2, 2]] * 6, [1] * 6),
+        ([[64, 8, 8], [3, 5, 7]], [2, 16]),
+    ],
+)
+def test_c_kernel_matches_reference(cpu_kernels, ranks, lengths):  # type: ignore[no-untyped-def]
+    pool, x, out, segments, _ = _batch(ranks, lengths, gap=2)
+    want = out.clone()
+    lora_ref(x, pool, segments, want, (0, 48, 64), WIDTHS)
+    got = out.clone()
+    meta, (offsets, widths) = _tables(segments)
+    cpu_kernels.lora_short_segments(x, got, pool, meta, offsets, widths, max_len=16)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_c_kernel_leaves_longer_segments_and_adapterless_tokens_alone(cpu_kernels):  # type: ignore[no-untyped-def]
+    """Segments past max_len are the torch path's: together the two give the reference."""
+    pool, x, out, segments, runs = _batch([[4, 4, 4], [2, 2, 2], [8, 0, 8]], [3, 20, 1], gap=3)
+    want = out.clone()
+    lora_ref(x, pool, segments, want, (0, 48, 64), WIDTHS)
+    got = out.clone()
+    meta, (offsets, widths) = _tables(segments)
+    cpu_kernels.lora_short_segments(x, got, pool, meta, offsets, widths, max_len=16)
+    long_run = runs[1]
+    start, length = long_run[0], long_run[1]
+    assert torch.equal(got[start : start + length], out[start : start + length])
+    covered = torch.zeros(len(out), dtype=torch.bool)
+    for s, n, _ in runs:
+        covered[s : s + n] = True
+    assert torch.equal(got[~covered], out[~covered])
+    lora_apply(x, got, [long_run], (0, 48, 64), WIDTHS)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
