@@ -77,9 +77,18 @@ def test_ten_clients_that_never_read_free_their_slots_after_the_send_timeout(
                 waited = time.monotonic() - start
                 assert waited < SERVED_WITHIN_S, f"still refused after {waited:.0f} s"
                 time.sleep(0.5)
-        metrics = slot_server.metrics()
-        assert metrics.value("loraplex_num_requests_running", model_name=MODEL_NAME) == 0
-        assert metrics.value("loraplex_num_requests_waiting", model_name=MODEL_NAME) == 0
+        # The first dropped stream frees the slot just served; each of the others is dropped
+        # when its own send times out (their buffers fill at slightly different moments), and
+        # all within the bound.
+        while True:
+            metrics = slot_server.metrics()
+            running = metrics.value("loraplex_num_requests_running", model_name=MODEL_NAME)
+            waiting = metrics.value("loraplex_num_requests_waiting", model_name=MODEL_NAME)
+            if running == waiting == 0:
+                break
+            waited = time.monotonic() - start
+            assert waited < SERVED_WITHIN_S, f"{running} running, {waiting} waiting, {waited:.0f} s"
+            time.sleep(0.2)
         # Each stream had started (its first bytes sat unread in the socket) before the drop.
         for sock in socks:
             assert sock.recv(12) == b"HTTP/1.1 200"
