@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from bench.common import TARGETS, real_model, synthetic_adapter
+from server.model.cpu_runtime import tune_allocator
 
 logger = logging.getLogger("bench.profile_step")
 
@@ -275,10 +276,27 @@ def _profile(
         print("\n".join(_frame_table(raw, step_ms, args.top)))
 
 
+def _name_c_kernels() -> None:
+    """The C kernels are ctypes calls, which torch.profiler does not see: time them as named
+    ranges (their self time is the kernel's)."""
+    from server.kernels import cpu_kernels
+
+    for name in ("decode_attention", "lora_short_segments"):
+        fn = getattr(cpu_kernels.CPUKernels, name)
+
+        def named(self, *args, _fn=fn, _label=f"C {name}", **kwargs):  # type: ignore[no-untyped-def]
+            with torch.profiler.record_function(_label):
+                return _fn(self, *args, **kwargs)
+
+        setattr(cpu_kernels.CPUKernels, name, named)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
+    tune_allocator()  # as `loraplex serve` does
+    _name_c_kernels()
     model_dir, size = real_model(args.model)
     machine = Machine.measure()
     print(
