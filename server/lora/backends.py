@@ -35,7 +35,7 @@ class TorchLoRA:
 
     def add(self, batch: LoRABatch, x: torch.Tensor, out: torch.Tensor, linear: Linear) -> None:
         key = (linear.layer, linear.module)
-        kernels = self._kernels(x, out)
+        kernels = self._kernels(x, out, batch.pool)
         short = self.SHORT_SEGMENT if kernels is not None else 0
         segments = [
             (r.start, r.length, w)
@@ -51,9 +51,12 @@ class TorchLoRA:
         lora_apply(x, out, segments, linear.slices.offsets, linear.slices.widths)
 
     @staticmethod
-    def _kernels(x: torch.Tensor, out: torch.Tensor) -> CPUKernels | None:
-        cpu_f32 = x.device.type == "cpu" and x.dtype == out.dtype == torch.float32
-        if not (cpu_f32 and x.is_contiguous() and out.is_contiguous()):
+    def _kernels(x: torch.Tensor, out: torch.Tensor, pool: torch.Tensor) -> CPUKernels | None:
+        """The C kernels where they apply: float32 on a CPU, in contiguous tensors."""
+        tensors = (x, out, pool)
+        if x.device.type != "cpu" or any(t.dtype != torch.float32 for t in tensors):
+            return None
+        if not all(t.is_contiguous() for t in tensors):
             return None
         from server.kernels import cpu_kernels
 

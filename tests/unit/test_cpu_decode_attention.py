@@ -145,3 +145,21 @@ def test_without_a_compiler_the_torch_path_stays(monkeypatch, tmp_path: Path, ca
         assert cpu_kernels.load() is None
         assert cpu_kernels.load() is None  # tried once
     assert caplog.text.count("keeps torch's ops") == 1 and "does not run" in caplog.text
+
+
+def test_a_cpu_float32_engine_decodes_through_the_kernel_as_through_sdpa(
+    kernel, tiny_model_dir, make_engine
+) -> None:
+    """The torch backend binds the kernel on a CPU in float32; greedy tokens of a batch are the
+    same as with the gather + SDPA path (the engine's exactness tests run through it too)."""
+    from server.engine.sampling_params import SamplingParams
+
+    engine = make_engine(tiny_model_dir("llama"))
+    layers = engine.runner.model.attention_layers()
+    assert all(layer.decode_kernel is not None for layer in layers)
+    prompts = [[1, 5, 9, 13], [2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30, 32, 34], [7]]
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    with_kernel = [o.token_ids for o in engine.generate(prompts, params)]
+    for layer in layers:
+        layer.decode_kernel = None
+    assert [o.token_ids for o in engine.generate(prompts, params)] == with_kernel
