@@ -93,7 +93,9 @@ class TransientThreadExecutor(ThreadPoolExecutor):
             if len(self._live) < self._max_workers:
                 self._started += 1
                 name = f"{self._thread_name_prefix}_{self._started}"
-                thread = threading.Thread(target=self._work, name=name, daemon=True)
+                # Not a daemon, as ThreadPoolExecutor's workers: a write in progress (an
+                # upload's commit) finishes before the interpreter exits.
+                thread = threading.Thread(target=self._work, name=name)
                 self._live.add(thread)
                 thread.start()
         return future
