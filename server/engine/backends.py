@@ -45,12 +45,12 @@ class TorchKernels:
 
     def adapt(self, model: LlamaForCausalLM) -> None:
         prepack_linears(model)  # swaps nothing on a GPU or for NF4 modules
-        cfg, embed = model.config, model.model.embed_tokens.weight
+        embed = model.model.embed_tokens.weight
         if embed.device.type != "cpu":
             return
         from server.kernels import cpu_kernels
 
-        if not cpu_kernels.supports_attention(cfg.num_heads, cfg.num_kv_heads, embed.dtype):
+        if not cpu_kernels.supports_attention(embed.dtype):
             return
         kernels = cpu_kernels.load()
         if kernels is not None:

@@ -36,7 +36,6 @@ logger = logging.getLogger(__name__)
 
 SOURCES = sorted((Path(__file__).parent / "cpu").glob("*.c"))
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11"]
-MAX_GROUP = 64  # query heads per KV head the kernel's stack buffer holds
 _i64, _f32p = ctypes.c_int64, ctypes.c_void_p
 
 
@@ -202,9 +201,9 @@ class SegmentTables(Protocol):
     scalings: torch.Tensor  # [G, S] float32
 
 
-def supports_attention(num_heads: int, num_kv_heads: int, dtype: torch.dtype) -> bool:
-    """Whether the decode attention kernel handles a model of this shape and serving dtype."""
-    return dtype == torch.float32 and num_heads // num_kv_heads <= MAX_GROUP
+def supports_attention(dtype: torch.dtype) -> bool:
+    """Whether the decode attention kernel handles this serving dtype (any head grouping)."""
+    return dtype == torch.float32
 
 
 _loaded: dict[str, CPUKernels | None] = {}  # "kernels" -> the library, or None: it failed

@@ -35,15 +35,14 @@ class TorchLoRA:
 
     def add(self, batch: LoRABatch, x: torch.Tensor, out: torch.Tensor, linear: Linear) -> None:
         key = (linear.layer, linear.module)
-        kernels = self._kernels(x, out, batch.pool)
-        short = self.SHORT_SEGMENT if kernels is not None else 0
         segments = [
             (r.start, r.length, w)
             for r in batch.segments
             if (w := r.weights.modules.get(key)) is not None
         ]
-        if short and any(length <= short for _, length, _ in segments):
-            assert kernels is not None
+        short = self.SHORT_SEGMENT
+        kernels = self._kernels(x, out, batch.pool)
+        if kernels is not None and any(length <= short for _, length, _ in segments):
             offsets, widths = self._slices(linear.slices)
             meta = batch.segment_tensors(linear.layer, linear.module)
             kernels.lora_short_segments(x, out, batch.pool, meta, offsets, widths, short)

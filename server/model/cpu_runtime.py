@@ -60,7 +60,12 @@ def tune_allocator() -> bool:
     )
     ok = all(mallopt(param, value) == 1 for param, value in settings)
     if ok:
-        logger.debug("glibc malloc: mmap threshold %d MiB, trim threshold %d MiB", 32, 512)
+        mib = 2**20
+        logger.debug(
+            "glibc malloc: mmap threshold %d MiB, trim threshold %d MiB",
+            MMAP_THRESHOLD // mib,
+            TRIM_THRESHOLD // mib,
+        )
     return ok
 
 

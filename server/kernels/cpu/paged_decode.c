@@ -8,8 +8,8 @@
    where K[j], V[j] sit in page block_tables[b, j / block_size] at offset j % block_size. The
    torch path instead copies every sequence's pages out of the pool (index_select) and runs
    SDPA over the padded copy with a mask: it reads the K/V three times and writes them once;
-   this reads them once. Float32 throughout, two passes per (b, h) (scores, then the weighted
-   sum of V), NaN propagating as in SDPA. Built by server/kernels/cpu_kernels.py with the C
+   this reads them once. Float32 throughout, two passes per sequence (scores, then the
+   weighted sum of V), NaN propagating as in SDPA. Built by server/kernels/cpu_kernels.py with the C
    compiler and the OpenMP runtime PyTorch already uses; called through ctypes.
 
    Written for the compiler to vectorize (-O3 -march=native): dot products four keys at a
@@ -100,6 +100,7 @@ int paged_decode_attention(const float *q,       /* [B, H, D] contiguous */
                            int64_t head_dim, int64_t block_size, int64_t window, float scale,
                            float *out /* [B, H, D] contiguous */) {
   const int64_t group = num_heads / num_kv_heads;
+  const int64_t v_delta = v_cache - k_cache; /* V sits at K's page and offset */
   int failed = 0;
 #pragma omp parallel for schedule(dynamic, 1) reduction(| : failed)
   for (int64_t b = 0; b < num_seqs; b++) {
@@ -144,7 +145,7 @@ int paged_decode_attention(const float *q,       /* [B, H, D] contiguous */
       }
     }
     /* V's first rows are on their way during the softmax. */
-    for (int64_t j = 0; j < n && j < AHEAD; j++) prefetch_row(rows[j] + (v_cache - k_cache), token_stride);
+    for (int64_t j = 0; j < n && j < AHEAD; j++) prefetch_row(rows[j] + v_delta, token_stride);
     /* Softmax per query head; a NaN score makes its row NaN, as in SDPA. */
     for (int64_t h = 0; h < num_heads; h++) {
       float *restrict s = scores + h * n;
@@ -157,8 +158,7 @@ int paged_decode_attention(const float *q,       /* [B, H, D] contiguous */
       const float inv = 1.0f / sum;
       for (int64_t j = 0; j < n; j++) s[j] *= inv;
     }
-    /* Weighted sum of V: each value row read once; V sits at the same page and offset. */
-    const int64_t v_delta = v_cache - k_cache;
+    /* Weighted sum of V: each value row read once. */
     for (int64_t i = 0; i < num_heads * head_dim; i++) acc[i] = 0.0f;
     for (int64_t j = 0; j < n; j++) {
       if (j + AHEAD < n) prefetch_row(rows[j + AHEAD] + v_delta, token_stride);
