@@ -13,8 +13,9 @@
    compiler and the OpenMP runtime PyTorch already uses; called through ctypes.
 
    Written for the compiler to vectorize (-O3 -march=native): dot products four keys at a
-   time in lane arrays (independent chains, one horizontal sum per key), the exponentials
-   through a branch-free polynomial (exp_lanes), accumulators behind restrict pointers. */
+   time (independent chains, one pairwise horizontal sum per key) in GCC/Clang vector types
+   where head_dim is a multiple of 16 and in lane arrays otherwise, the exponentials through
+   a branch-free polynomial (exp_lanes), accumulators behind restrict pointers. */
 
 #include <math.h>
 #include <stdint.h>
@@ -23,12 +24,56 @@
 #define LANES 16
 #define AHEAD 16 /* rows prefetched ahead: a page boundary costs no DRAM round trip */
 
+/* GCC/Clang vector types: the compiler maps them onto the target's registers (one AVX-512
+   register, two AVX2 ones, ...), and the accumulators below stay in registers. */
+typedef float v16 __attribute__((vector_size(64)));
+typedef float v8 __attribute__((vector_size(32)));
+typedef float v4 __attribute__((vector_size(16)));
+static inline v16 load16(const float *p) {
+  v16 v;
+  __builtin_memcpy(&v, p, sizeof v);
+  return v;
+}
+static inline void store16(float *p, v16 v) { __builtin_memcpy(p, &v, sizeof v); }
+
+/* The sum of a vector's lanes, halving it (pairwise, in registers). */
+static inline float lane_sum(v16 a) {
+  union {
+    v16 whole;
+    v8 half[2];
+  } x = {.whole = a};
+  union {
+    v8 whole;
+    v4 half[2];
+  } y = {.whole = x.half[0] + x.half[1]};
+  const v4 z = y.half[0] + y.half[1];
+  return (z[0] + z[1]) + (z[2] + z[3]);
+}
+
 /* Ask for a row's cache lines ahead of use. */
 static inline void prefetch_row(const float *row, int64_t floats) {
   for (int64_t i = 0; i < floats; i += 16) __builtin_prefetch(row + i, 0, 3);
 }
 
-/* q . k for four keys at once. */
+/* q . k for four keys at once, n a multiple of 16. */
+static inline void dot4_v16(const float *restrict q, const float *restrict k0,
+                            const float *restrict k1, const float *restrict k2,
+                            const float *restrict k3, int64_t n, float *restrict out) {
+  v16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+  for (int64_t i = 0; i < n; i += 16) {
+    const v16 x = load16(q + i);
+    a0 += x * load16(k0 + i);
+    a1 += x * load16(k1 + i);
+    a2 += x * load16(k2 + i);
+    a3 += x * load16(k3 + i);
+  }
+  out[0] = lane_sum(a0);
+  out[1] = lane_sum(a1);
+  out[2] = lane_sum(a2);
+  out[3] = lane_sum(a3);
+}
+
+/* q . k for four keys at once, any n. */
 static inline void dot4(const float *restrict q, const float *restrict k0,
                         const float *restrict k1, const float *restrict k2,
                         const float *restrict k3, int64_t n, float *restrict out) {
@@ -143,8 +188,13 @@ int paged_decode_attention(const float *q,       /* [B, H, D] contiguous */
       for (int64_t h = 0; h < num_heads; h++) {
         const int64_t off = (h / group) * head_dim;
         float four[4];
-        dot4(qb + h * head_dim, rows[j] + off, rows[j + 1] + off, rows[j + 2] + off,
-             rows[j + 3] + off, head_dim, four);
+        const float *qh = qb + h * head_dim;
+        if (head_dim % 16 == 0)
+          dot4_v16(qh, rows[j] + off, rows[j + 1] + off, rows[j + 2] + off, rows[j + 3] + off,
+                   head_dim, four);
+        else
+          dot4(qh, rows[j] + off, rows[j + 1] + off, rows[j + 2] + off, rows[j + 3] + off,
+               head_dim, four);
         for (int64_t u = 0; u < 4 && j + u < n; u++) scores[h * n + j + u] = four[u] * scale;
       }
     }
