@@ -86,13 +86,20 @@ def test_a_bad_dataset_fails_the_job_and_names_the_line(server):
 
 
 def test_a_restart_mid_job_resumes_from_the_last_checkpoint(server):
-    job = _create(server, {"max_steps": 60, "checkpoint_steps": 5}, suffix="resumed")
+    # Eight micro-batches per step: the 55 steps after the first checkpoint take about 8 s
+    # here, where the restart begins within a second of it (with one, some runs were at step
+    # 30 of 60 by then, and a faster machine could finish before the restart).
+    hyperparameters = {"max_steps": 60, "checkpoint_steps": 5, "gradient_accumulation_steps": 8}
+    job = _create(server, hyperparameters, suffix="resumed")
 
     def checkpointed() -> bool:
         with server.client(admin=True) as client:
             return bool(client.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints").json()["data"])
 
     assert wait_until(checkpointed, timeout=120)
+    with server.client(admin=True) as client:
+        running = client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()
+    assert running["status"] == "running", "the job ended before the restart"
     server.restart()
     with server.client(admin=True) as client:
         final = wait_for_job(client, job["id"], timeout=300)
