@@ -22,7 +22,7 @@ from tests.peft_reference import save_peft_adapter
 MODEL_NAME = "tiny-chat"
 MAX_LORA_RANK = 8
 MAX_MODEL_LEN = 128
-LONG_MODEL_LEN = 4096  # past the tiny model's 256 positions: fine for random weights
+LONG_MODEL_LEN = 16384  # past the tiny model's 256 positions: fine for random weights
 NUM_ADAPTERS = 32
 # A minimal template in the usual shape; the tiny checkpoints ship none.
 CHAT_TEMPLATE = (

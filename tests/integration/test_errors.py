@@ -20,8 +20,9 @@ from tests.integration.conftest import ENGINE_FLAGS, MODEL_NAME, adapter_name
 from tests.integration.live_server import LiveServer, free_port, wait_until
 
 COMPLETION = {"model": MODEL_NAME, "prompt": "The quick", "max_tokens": 4, "temperature": 0}
-# A request that outlives any test unless its client leaves (see the slow_server fixture).
-ENDLESS = {**COMPLETION, "max_tokens": 4000, "ignore_eos": True, "stream": True}
+# A request that outlives any test unless its client leaves (see the slow_server fixture):
+# the reply-timeout test needs it to run past 1.5 s, and 4000 tokens took only 3.7 s here.
+ENDLESS = {**COMPLETION, "max_tokens": 16000, "ignore_eos": True, "stream": True}
 
 
 def openai_error(response: httpx.Response, status: int) -> dict[str, Any]:
