@@ -24,7 +24,7 @@ from adapters.format import CONFIG_FILE, WEIGHTS_FILE
 from tests.integration.conftest import ENGINE_FLAGS, LORA_CONFIGS, MODEL_NAME, serve_flags
 from tests.integration.fine_tuning_data import jsonl, ordering_task, wait_for_job
 from tests.integration.fine_tuning_data import upload as upload_file
-from tests.integration.live_server import LiveServer, sse_events
+from tests.integration.live_server import LiveServer, sse_events, wait_until
 from tests.peft_reference import save_peft_adapter
 
 pytest.importorskip("ray.serve", reason="ray[serve] is not installed: pip install '.[ray]'")
@@ -102,7 +102,9 @@ def test_the_cluster_serves_uploaded_adapters_like_one_server_from_the_replica_h
     for name, path in ray_adapters.items():
         assert upload(cluster, name, path).status_code == 201
         assert upload(plain, name, path).status_code == 201
-    time.sleep(3 * POLL_S)  # every replica has seen every upload
+    for name in ray_adapters:  # every replica has seen every upload (each polls the store)
+        path = f"/v1/adapters/{name}"
+        assert wait_until(lambda p=path: answered_by_every_replica(cluster, p, 200))
     expected = {n: complete(plain, n).json()["choices"][0]["text"] for n in ray_adapters}
     holders = {}
     for name in ray_adapters:  # the first request makes some replica load (hold) it
@@ -156,18 +158,19 @@ def test_an_adapter_trained_through_the_cluster_serves_from_every_replica(
         job = wait_for_job(admin, created.json()["id"], timeout=300)
     assert job["status"] == "succeeded", job
     name = job["fine_tuned_model"]
-    time.sleep(3 * POLL_S)
-    assert answered_by_every_replica(cluster, f"/v1/adapters/{name}", 200)
+    assert wait_until(lambda: answered_by_every_replica(cluster, f"/v1/adapters/{name}", 200))
     assert complete(cluster, name).status_code == 200
 
 
 def answered_by_every_replica(server: LiveServer, path: str, status: int) -> bool:
-    """GET path until every replica has answered (it goes to any); all with status."""
+    """GET path until every replica has answered (it goes to any): whether all did with
+    status (a replica whose store poll has not seen a change yet answers otherwise)."""
     answered_by = set()
     with server.client() as http:
         for _ in range(20):
             response = http.get(path)
-            assert response.status_code == status, response.text
+            if response.status_code != status:
+                return False
             answered_by.add(response.headers[REPLICA_HEADER])
             if len(answered_by) == NUM_REPLICAS:
                 return True
@@ -181,9 +184,8 @@ def test_a_delete_through_the_cluster_is_honoured_by_every_replica(
     name = list(ray_adapters)[-1]
     with cluster.client(admin=True) as http:
         assert http.delete(f"/v1/adapters/{name}").status_code == 200
-    time.sleep(3 * POLL_S)
+    assert wait_until(lambda: answered_by_every_replica(cluster, f"/v1/adapters/{name}", 404))
     assert complete(cluster, name).status_code == 404
-    assert answered_by_every_replica(cluster, f"/v1/adapters/{name}", 404)
 
 
 def test_ray_overhead_per_request(servers: tuple[LiveServer, LiveServer]) -> None:
