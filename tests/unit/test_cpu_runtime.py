@@ -13,10 +13,11 @@ import torch
 from server.model.cpu_runtime import TransientThreadExecutor, tune_allocator
 
 
-def _wait_idle(pool: TransientThreadExecutor, timeout: float = 5.0) -> None:
+def _wait(predicate, timeout: float = 5.0) -> bool:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
-    while pool.live_threads() and time.monotonic() < deadline:
+    while not predicate() and time.monotonic() < deadline:
         time.sleep(0.01)
+    return bool(predicate())
 
 
 def test_runs_tasks_and_returns_results_and_errors() -> None:
@@ -33,15 +34,17 @@ def test_threads_end_when_no_task_waits() -> None:
     team) is gone once idle, where a ThreadPoolExecutor's worker would live on."""
     pool = TransientThreadExecutor(1, "loraplex-test")
     names: list[str] = []
+    threads: list[threading.Thread] = []
 
     def work() -> float:
         names.append(threading.current_thread().name)
+        threads.append(threading.current_thread())
         return float(torch.ones(4_000_000).mul(2).sum())  # past the grain: a parallel op
 
     assert pool.submit(work).result(timeout=10) == 8_000_000.0
-    _wait_idle(pool)
-    assert pool.live_threads() == 0
-    assert not any(t.name == names[0] for t in threading.enumerate())
+    assert _wait(lambda: pool.live_threads() == 0)
+    threads[0].join(timeout=5)  # it leaves the pool's count just before it ends
+    assert not threads[0].is_alive()
     # A later task starts a fresh thread.
     assert pool.submit(work).result(timeout=10) == 8_000_000.0
     assert names[1] != names[0] and names[1].startswith("loraplex-test_")
@@ -62,7 +65,8 @@ def test_at_most_max_workers_run_at_once() -> None:
             running[0] -= 1
 
     futures = [pool.submit(task) for _ in range(6)]
-    time.sleep(0.2)
+    assert _wait(lambda: running[0] == 2)
+    time.sleep(0.1)  # room for a third to start, were the pool to allow one
     assert pool.live_threads() == 2
     release.set()
     for f in futures:
@@ -74,10 +78,15 @@ def test_at_most_max_workers_run_at_once() -> None:
 
 def test_shutdown_refuses_new_tasks_and_can_cancel_queued_ones() -> None:
     pool = TransientThreadExecutor(1, "t")
-    gate = threading.Event()
-    first = pool.submit(gate.wait, 5)
+    gate, started = threading.Event(), threading.Event()
+
+    def hold() -> bool:
+        started.set()
+        return gate.wait(5)
+
+    first = pool.submit(hold)
     queued = pool.submit(lambda: "never")
-    time.sleep(0.05)
+    assert started.wait(5)  # the first task is running; the second waits for its thread
     pool.shutdown(wait=False, cancel_futures=True)
     assert queued.cancelled()
     with pytest.raises(RuntimeError, match="after shutdown"):
