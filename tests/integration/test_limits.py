@@ -5,6 +5,7 @@ tokenized, while /health keeps answering."""
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 import threading
 import time
@@ -108,10 +109,13 @@ def test_a_48_mb_prompt_with_n_16_is_refused_at_once_while_health_answers(
     assert open_server.proc is not None
     before = rss_bytes(open_server.proc.pid)
     body = {"model": MODEL_NAME, "prompt": "The quick brown fox " * (48 * 2**20 // 20), "n": 16}
+    # Encoded before the health poller starts: 48 MB of JSON encoding in this process would
+    # hold the GIL from the poller's thread and count as the server's latency.
+    content, headers = json.dumps(body).encode(), {"content-type": "application/json"}
     with health_poller(open_server) as latencies, httpx.Client(timeout=30) as http:
         time.sleep(0.2)
         start = time.monotonic()
-        response = http.post(f"{open_server.url}/v1/completions", json=body)
+        response = http.post(f"{open_server.url}/v1/completions", content=content, headers=headers)
         elapsed = time.monotonic() - start
         time.sleep(0.2)
     assert response.status_code == 413, response.text
@@ -170,9 +174,13 @@ def test_past_the_concurrency_limit_requests_get_503_with_retry_after(
     with contextlib.ExitStack() as stack:
         for _ in range(MAX_CONCURRENT):
             stack.enter_context(stalled_body(open_server))
-        time.sleep(0.3)  # let the server take both in
         with httpx.Client(base_url=open_server.url, timeout=10) as http:
+            # Until the server has taken both in (well before their bodies time out).
+            deadline = time.monotonic() + BODY_TIMEOUT_S / 2
             response = http.get("/v1/models")
+            while response.status_code != 503 and time.monotonic() < deadline:
+                time.sleep(0.05)
+                response = http.get("/v1/models")
             assert http.get("/health").status_code == 200  # probes are never refused
     assert response.status_code == 503, response.text
     assert response.headers["retry-after"] == "1"
