@@ -281,10 +281,9 @@ def test_a_job_started_from_the_page_draws_its_loss_and_finishes(
         assert time.monotonic() < deadline, f"job still {status.get_attribute('data-status')}"
         seen.add(int(chart.get_attribute("data-train-points") or 0))
         page.wait_for_timeout(200)
-    page.wait_for_timeout(2500)  # one more poll after the final status
-    final = int(chart.get_attribute("data-train-points") or 0)
-    assert final == 240
-    assert len(seen - {0, final}) >= 1, f"the chart never grew while the job ran: {seen}"
+    # The page's next poll after the final status draws every step.
+    sync_api.expect(chart).to_have_attribute("data-train-points", "240", timeout=15_000)
+    assert len(seen - {0, 240}) >= 1, f"the chart never grew while the job ran: {seen}"
     assert int(chart.get_attribute("data-valid-points") or 0) >= 1
     sync_api.expect(page.locator("#ft-checkpoints tr").first).to_be_visible()
     sync_api.expect(page.locator("#ft-try")).to_be_visible()
@@ -377,6 +376,9 @@ def test_markup_from_the_server_shows_as_text(browser, console_server: LiveServe
 
 @pytest.mark.parametrize("width", [1280, 390])
 def test_every_page_fits_the_width(browser, console_server: LiveServer, width: int):
+    with console_server.client() as client:  # hot now, whatever ran before this test
+        body = {"model": adapter_name(1), "prompt": "Hi", "max_tokens": 2}
+        assert client.post("/v1/completions", json=body).status_code == 200
     page = open_console(browser, console_server, ADMIN_KEY, "overview", width=width)
     for name in ("overview", "adapters", "playground", "finetune"):
         page.goto(f"{console_server.url}/console/#/{name}")
@@ -386,7 +388,6 @@ def test_every_page_fits_the_width(browser, console_server: LiveServer, width: i
     page.goto(f"{console_server.url}/console/#/overview")
     sync_api.expect(page.locator("#stats-now")).to_contain_text("tokens/s")
     assert page.locator("#pool-bar rect").count() >= 3
-    # The playground test ran its adapters minutes ago at most.
     sync_api.expect(page.locator("#hot-adapters")).to_contain_text(adapter_name(1))
     screenshot(page, "overview" if width == 1280 else "overview-390")
     assert page.errors == []  # type: ignore[attr-defined]
