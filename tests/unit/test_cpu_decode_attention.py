@@ -77,7 +77,7 @@ def _both(attn: Attention, qkv, meta, kernel) -> tuple[torch.Tensor, torch.Tenso
         ([33, 7], 4, 4, 16),  # no grouping (MHA)
         ([50, 64, 2], 8, 2, 32),  # 4 query heads per KV head
         ([257], 6, 1, 128),  # MQA, a long context
-        ([20, 9, 31], 4, 2, 40),  # head_dim not a multiple of 16: the lane-array dot products
+        ([20, 9, 31], 4, 2, 40),  # head_dim not a multiple of 16: the dot products' scalar tail
     ],
 )
 def test_matches_sdpa_over_gathered_pages(kernel, ctx_lens, heads, kv_heads, dim) -> None:
