@@ -7,9 +7,9 @@
 - batched LoRA for short segments (cpu/lora_segments.c): the torch path's matmul and addmm
   per segment and slice were thousands of tiny calls per decode step with 32 adapters.
 
-They are compiled together at first use with the system's C compiler (`cc`, `-O3
--march=native -fopenmp`: the OpenMP runtime linked is the one PyTorch loaded, so a kernel runs
-on the calling thread's team) and cached under the loraplex cache folder, keyed by the
+They are compiled together at first use with the system's C compiler (`cc`, FLAGS below;
+`-fopenmp` links the OpenMP runtime PyTorch loaded, so a kernel runs on the calling thread's
+team) and cached under the loraplex cache folder, keyed by the
 sources, the compiler and this CPU. Without a compiler the torch path stays: load() says why
 and returns None.
 """
